@@ -1,0 +1,108 @@
+"""Building blocks shared by the flow head and the scale-wise transformer.
+
+Module and parameter names follow the released FlowAR checkpoints (``fc1_g``, ``fc1_x``, ``fc2``,
+``rope.freqs``, ...), so their state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32, with an optional learned gain."""
+
+    def __init__(self, dim: int, *, weight: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        out = (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out if self.weight is None else out * self.weight
+
+
+class GatedMLP(nn.Module):
+    """``fc2(GELU(fc1_g x) * fc1_x x)``: the gated MLP of FlowAR (timm's SwiGLU with GELU)."""
+
+    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0):
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.drop(F.gelu(self.fc1_g(x)) * self.fc1_x(x))
+        return self.drop(self.fc2(hidden))
+
+
+def gated_mlp_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
+    """Hidden width that keeps a gated MLP's parameters equal to a plain ``mlp_ratio`` MLP."""
+    return int(dim * mlp_ratio * 2 / 3.0)
+
+
+class Rope2D(nn.Module):
+    """EVA-style 2D rotary embedding for square token grids.
+
+    The first half of each head's channels rotates with the row, the second half with the column;
+    channels are rotated in adjacent pairs. A grid of side ``s`` has its positions stretched onto a
+    fixed ``grid``-sized canvas (``arange(s) / s * grid``), so every scale of a pyramid covers the same
+    extent. The 1x1 grid sits at position 0 and is therefore left unrotated.
+    """
+
+    def __init__(self, head_dim: int, *, grid: int = 16, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"head_dim must be a multiple of 4 for 2D RoPE, got {head_dim}")
+        axis_dim = head_dim // 2
+        self.grid = grid
+        # Persistent, because the released checkpoints store it under ``rope.freqs``.
+        self.register_buffer(
+            "freqs", 1.0 / (theta ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].float() / axis_dim))
+        )
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, sides: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables, each ``(sum(s*s), head_dim)`` float32, for grids of the given sides."""
+        key = (tuple(sides), str(device))
+        if key not in self._tables:
+            cos, sin = [], []
+            freqs = self.freqs.to(device=device, dtype=torch.float32)
+            for side in sides:
+                pos = torch.arange(side, device=device, dtype=torch.float32) / side * self.grid
+                angle = torch.repeat_interleave(torch.outer(pos, freqs), 2, dim=-1)  # (s, head_dim/2)
+                rows = angle[:, None, :].expand(side, side, -1)
+                cols = angle[None, :, :].expand(side, side, -1)
+                full = torch.cat([rows, cols], dim=-1).reshape(side * side, -1)  # (s*s, head_dim)
+                cos.append(full.cos())
+                sin.append(full.sin())
+            self._tables[key] = (torch.cat(cos), torch.cat(sin))
+        return self._tables[key]
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Map each adjacent channel pair (a, b) to (-b, a)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., L, head_dim) by tables (L, head_dim)."""
+    return x * cos + rotate_pairs(x) * sin
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (cos first, then sin) of a 1-D tensor of (possibly fractional) times."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
