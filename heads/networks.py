@@ -1,0 +1,304 @@
+"""Velocity networks for the flow-matching head: ``net(x_t, t, cond) -> v``.
+
+All heads take x_t (B, N, C) noisy tokens, t (B,) times in [0, 1] (t = 1 noise, see ``heads.path``)
+and cond (B, N, D) per-token conditions from the autoregressive transformer, and return v (B, N, C)
+in x_t's dtype.
+
+``FlowTransformerHead`` is FlowAR's head: a small transformer over the N = s*s tokens of one scale.
+Its module and parameter names equal those under ``flownet.`` in the released FlowAR checkpoints,
+so ``head.load_state_dict(sd_without_prefix, strict=True)`` works unchanged.
+``MLPHead`` is MAR's per-token MLP head (no attention): cheaper, every token independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden, timestep_embedding
+
+HEAD_KINDS = ("transformer-v1", "transformer-v2", "mlp")
+
+# The released head uses 64 channels per attention head and a 16x16 RoPE canvas.
+HEAD_DIM = 64
+ROPE_GRID = 16
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def _square_side(n: int) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"x must hold a square grid of tokens (2D RoPE), got N={n}")
+    return side
+
+
+def _check_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, token_dim: int, cond_dim: int) -> None:
+    if x.ndim != 3 or x.shape[-1] != token_dim:
+        raise ValueError(f"x must be (B, N, {token_dim}), got {tuple(x.shape)}")
+    if cond.ndim != 3 or cond.shape[:2] != x.shape[:2] or cond.shape[-1] != cond_dim:
+        raise ValueError(f"cond must be ({x.shape[0]}, {x.shape[1]}, {cond_dim}) to match x, got {tuple(cond.shape)}")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+
+
+#################################################################################
+#                               Shared pieces                                   #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds times t in [0, 1] as sinusoids of 1000 t followed by a two-layer MLP."""
+
+    def __init__(self, width: int, *, freq_dim: int = 256, quantize: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.freq_dim = freq_dim
+        # The released FlowAR head truncates 1000 t to an integer; keep that to reproduce its outputs.
+        self.quantize = quantize
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B,) -> (B, width)."""
+        steps = (t * 1000).long() if self.quantize else t * 1000
+        freq = timestep_embedding(steps, self.freq_dim)  # (B, freq_dim) float32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class AdaFinalLayer(nn.Module):
+    """DiT's final layer: norm, adaptive shift and scale from the condition, linear projection."""
+
+    def __init__(self, width: int, out_dim: int, norm: nn.Module):
+        super().__init__()
+        self.norm_final = norm
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                          FlowAR's transformer head                            #
+#################################################################################
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with 2D RoPE on queries and keys."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        # Only here so the checkpoint's ``attn.rope.freqs`` has a home; the head builds the tables once.
+        self.rope = Rope2D(width // num_heads, grid=ROPE_GRID)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, N, W), cos/sin (N, head_dim) -> (B, N, W)."""
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the head's tokens to the AR condition tokens, RoPE on both sides."""
+
+    def __init__(self, width: int, cond_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(cond_dim, 2 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.rope = Rope2D(width // num_heads, grid=ROPE_GRID)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, N, W), cond (B, N, D) -> (B, N, W). Queries and keys share one grid, so one table."""
+        B, N, W = x.shape
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.kv(cond).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class BlockV1(nn.Module):
+    """FlowAR-S head block: attention and MLP both modulated per token by SiLU(t + c)."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = SelfAttention(width, num_heads)
+        self.norm2 = RMSNorm(width)
+        self.mlp = GatedMLP(width, gated_mlp_hidden(width), drop=0.0)
+        self.ada_lin = nn.Linear(width, 6 * width)
+
+    def forward(self, x, t, c, cond, cos, sin):
+        """x (B, N, W), t (B, 1, W), c (B, N, W) embedded condition; the raw cond is unused here."""
+        # One (B, N, 6W) modulation per token; the gates carry no +1, as released.
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(F.silu(t + c)).chunk(6, dim=-1)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin) * gamma1
+        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2
+        return x
+
+
+class BlockV2(nn.Module):
+    """FlowAR-L/H head block: t-modulated self-attention, cross-attention to cond, (c + t)-modulated MLP."""
+
+    def __init__(self, width: int, cond_dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = SelfAttention(width, num_heads)
+        self.norm2_1 = RMSNorm(width, weight=True)
+        self.norm2_2 = RMSNorm(cond_dim, weight=True)
+        self.crossattn = CrossAttention(width, cond_dim, num_heads)
+        self.norm3 = RMSNorm(width)
+        self.mlp = GatedMLP(width, gated_mlp_hidden(width), drop=0.0)
+        self.ada_lin_attn = nn.Linear(width, 3 * width)
+        self.ada_lin_mlp = nn.Linear(width, 3 * width)
+
+    def forward(self, x, t, c, cond, cos, sin):
+        """x (B, N, W), t (B, 1, W), c (B, N, W) embedded condition, cond (B, N, D) raw condition."""
+        gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(t)).chunk(3, dim=-1)  # each (B, 1, W)
+        gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(c + t)).chunk(3, dim=-1)  # each (B, N, W)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin) * gamma1
+        # Keys and values come from the raw AR features, not from c: the released design.
+        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(cond), cos, sin)
+        x = x + self.mlp(modulate(self.norm3(x), shift2, scale2)) * gamma2
+        return x
+
+
+class FlowTransformerHead(nn.Module):
+    """FlowAR's flow-matching head: a small transformer over the tokens of one scale."""
+
+    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int, *, variant: str = "v1"):
+        super().__init__()
+        if variant not in ("v1", "v2"):
+            raise ValueError(f"variant must be one of ('v1', 'v2'), got {variant!r}")
+        if width % HEAD_DIM:
+            raise ValueError(f"width must be a multiple of {HEAD_DIM} (the head dim), got {width}")
+        self.token_dim, self.width, self.cond_dim, self.depth = token_dim, width, cond_dim, depth
+        self.variant = variant
+        num_heads = width // HEAD_DIM
+
+        self.time_embed = TimestepEmbedder(width, quantize=True)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        if variant == "v1":
+            blocks = [BlockV1(width, num_heads) for _ in range(depth)]
+        else:
+            blocks = [BlockV2(width, cond_dim, num_heads) for _ in range(depth)]
+        self.res_blocks = nn.ModuleList(blocks)
+        self.final_layer = AdaFinalLayer(width, token_dim, RMSNorm(width))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # Only the output is zeroed (the adaLN layers are not, unlike DiT): a fresh head predicts v = 0.
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C) with N = s*s, t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype."""
+        _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
+        side = _square_side(x.shape[1])
+        # Every block's RoPE holds the same frequencies; build the (N, head_dim) tables once per call.
+        cos, sin = self.res_blocks[0].attn.rope.tables((side,), x.device) if self.depth else (None, None)
+
+        h = self.input_proj(x)  # (B, N, W)
+        t_emb = self.time_embed(t).unsqueeze(1)  # (B, 1, W)
+        c = self.cond_embed(cond)  # (B, N, W)
+        for block in self.res_blocks:
+            h = block(h, t_emb, c, cond, cos, sin)
+        return self.final_layer(h, c + t_emb).to(x.dtype)
+
+
+#################################################################################
+#                           MAR's per-token MLP head                            #
+#################################################################################
+
+
+class ResBlock(nn.Module):
+    """MAR's residual MLP block with adaLN shift, scale and gate."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class MLPHead(nn.Module):
+    """MAR-style per-token MLP head, conditioned on t_emb + cond_emb; tokens never see each other."""
+
+    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int):
+        super().__init__()
+        self.token_dim, self.width, self.cond_dim, self.depth = token_dim, width, cond_dim, depth
+        # Continuous time: no released weights to match here, and a field that is smooth in t is
+        # what the higher-order and adaptive solvers assume.
+        self.time_embed = TimestepEmbedder(width, quantize=False)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_layer = AdaFinalLayer(width, token_dim, nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # As in MAR: every block starts as the identity and the head predicts v = 0.
+        for block in self.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C), t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype. N need not be square."""
+        _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
+        h = self.input_proj(x)  # (B, N, W)
+        y = self.time_embed(t).unsqueeze(1) + self.cond_embed(cond)  # (B, N, W)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y).to(x.dtype)
+
+
+def build_head(kind: str, *, token_dim: int, width: int, cond_dim: int, depth: int) -> nn.Module:
+    """Build a head by name: "transformer-v1" (FlowAR-S), "transformer-v2" (FlowAR-L/H) or "mlp" (MAR)."""
+    if kind == "transformer-v1":
+        return FlowTransformerHead(token_dim, width, cond_dim, depth, variant="v1")
+    if kind == "transformer-v2":
+        return FlowTransformerHead(token_dim, width, cond_dim, depth, variant="v2")
+    if kind == "mlp":
+        return MLPHead(token_dim, width, cond_dim, depth)
+    raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
