@@ -50,7 +50,8 @@ class DiffusersVAE(nn.Module):
         self.autoencoder = autoencoder
         config = autoencoder.config
         if scaling_factor is None:
-            scaling_factor = config.get("scaling_factor", 1.0)
+            scaling_factor = config.get("scaling_factor", None)
+            scaling_factor = 1.0 if scaling_factor is None else scaling_factor
         if shift_factor is None:
             shift_factor = config.get("shift_factor", None)
         self.set_scaling(scaling_factor, 0.0 if shift_factor is None else shift_factor)
