@@ -68,14 +68,14 @@ def run_config(model, args, device, precision):
         "NFE": stats.nfe,
         "head rows": stats.head_rows,
         "peak MiB": peak_memory_mib(device),
-        "TFLOP/image": flops / args.batch / 1e12,
+        "GFLOP/image": flops / args.batch / 1e9,
         "TFLOP/s": flops / seconds / 1e12,
     }
 
 
 def format_table(rows) -> str:
     cols = list(rows[0])
-    fmt = {"images/s": "{:.3f}", "ms/image": "{:.0f}", "peak MiB": "{:.0f}", "TFLOP/image": "{:.3f}",
+    fmt = {"images/s": "{:.3f}", "ms/image": "{:.0f}", "peak MiB": "{:.0f}", "GFLOP/image": "{:.1f}",
            "TFLOP/s": "{:.3f}"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
