@@ -181,17 +181,41 @@ class FlowAR(nn.Module):
         return torch.cat(inputs, dim=1)
 
     # ------------------------------------------------------------------ training
-    def forward(self, latents, class_labels=None, *, generator=None, flow_times=None, flow_noise=None):
+    def draw_randomness(self, batch_size: int, *, generator=None, device=None) -> dict:
+        """Every random draw of one training forward, per image (leading dim ``batch_size``).
+
+        A trainer draws these for the global batch and hands each process its rows, so a run gives the
+        same result however it is split over processes and accumulation steps.
+        """
+        c = self.config
+        device = self.class_emb.weight.device if device is None else device
+
+        def rand(*shape):
+            return torch.rand(shape, generator=generator, device=device)
+
+        def randn(*shape):
+            return torch.randn(shape, generator=generator, device=device)
+
+        return {
+            "drop_mask": rand(batch_size) < c.label_drop,
+            "flow_times": [rand(batch_size) for _ in c.scales],
+            "flow_noise": [randn(batch_size, s * s, c.token_dim) for s in c.scales],
+        }
+
+    def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
+                flow_noise=None):
         """Flow-matching loss of a batch of scaled VAE latents (B, C, S, S).
 
-        ``flow_times`` / ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale) replace the random
-        draws, to reproduce a reference computation exactly.
+        In training mode a share ``label_drop`` of the labels becomes the null class. ``drop_mask`` (B,),
+        ``flow_times`` and ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale; see
+        :meth:`draw_randomness`) replace the random draws, to reproduce a computation exactly.
         """
         self._check_latents(latents)
         labels = self._check_labels(class_labels, latents.shape[0], latents.device)
         if self.training and self.config.label_drop > 0 and not self.config.unconditional:
-            drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.label_drop
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            if drop_mask is None:
+                drop_mask = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.label_drop
+            labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
         pyramid = area_pyramid(latents, self.config.scales)
         class_embedding = self.class_emb(labels)  # (B, D)
         tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(pyramid))], dim=1)

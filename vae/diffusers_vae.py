@@ -140,6 +140,16 @@ class DiffusersVAE(nn.Module):
         posterior = self.autoencoder.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
         return posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
 
+    def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> the posterior's (mean, std) in scaled latent space.
+
+        ``mean + std * eps`` is then exactly a posterior sample that ``encode`` could return; caching
+        these two lets training draw fresh samples without running the encoder again.
+        """
+        self._check_images(images)
+        posterior = self.autoencoder.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
+        return (posterior.mean - self._shift_factor) * self._scaling_factor, posterior.std * self._scaling_factor
+
     def encode(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) scaled latents."""
         return (self._raw_latents(images, generator) - self._shift_factor) * self._scaling_factor

@@ -1,0 +1,107 @@
+"""Encode a dataset once with the VAE into sharded safetensors files that training reads back.
+
+    python -m train.cache_latents --data mnist --vae runs/mnist-vae --image-size 32 --out runs/mnist-latents
+
+Each item stores the posterior mean and std of the image and of its mirror image (scaled latent space),
+so training can still draw fresh posterior samples and random flips without the encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .latents import CACHE_INDEX, load_any_vae
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_cache(out_dir, shards: list[dict], *, classes: list, vae: str = "", extra: dict | None = None) -> Path:
+    """Write shard dicts (mean, std, mean_flip, std_flip, labels) and the index; the index goes last."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, shard in enumerate(shards):
+        name = f"shard-{i:05d}.safetensors"
+        _save_atomic(shard, out / name)
+        names.append(name)
+    index = {"num_items": sum(int(s["labels"].shape[0]) for s in shards), "shards": names,
+             "num_classes": len(classes), "classes": [str(c) for c in classes], "vae": vae, **(extra or {})}
+    tmp = out / f".{CACHE_INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, out / CACHE_INDEX)  # a cache without its index is never mistaken for a whole one
+    return out
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", batch_size: int = 64, shard_size: int = 50_000,
+                  progress: bool = True) -> Path:
+    """Encode every item of ``dataset`` (image in [-1, 1], label) and its flip; returns ``out_dir``."""
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    shards, current = [], {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels")}
+    count = 0
+    bar = tqdm(total=len(dataset), desc="encode", unit="img", disable=not progress)
+
+    def flush():
+        if current["labels"]:
+            shards.append({k: torch.cat(v) for k, v in current.items()})
+            for v in current.values():
+                v.clear()
+
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([img for img, _ in items])
+        mean, std = vae.encode_distribution(images)
+        mean_f, std_f = vae.encode_distribution(images.flip(-1))
+        for key, value in (("mean", mean), ("std", std), ("mean_flip", mean_f), ("std_flip", std_f)):
+            current[key].append(value.float().cpu())
+        current["labels"].append(torch.tensor([label for _, label in items], dtype=torch.long))
+        count += len(items)
+        bar.update(len(items))
+        if sum(len(x) for x in current["labels"]) >= shard_size:
+            flush()
+    flush()
+    bar.close()
+    classes = list(getattr(dataset, "classes", []))
+    extra = {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor}
+    return write_cache(out_dir, shards, classes=classes, vae=vae_path, extra=extra)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="mnist", help='"mnist" or an image folder')
+    p.add_argument("--vae", required=True, help="diffusers VAE folder / hub id, or MAR kl16.ckpt")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=50_000, help="items per safetensors shard")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    from .data import build_dataset
+
+    try:
+        dataset = build_dataset(args.data, image_size=args.image_size, split="train", train_transform=False)
+        vae = load_any_vae(args.vae).to(args.device)
+        out = cache_latents(dataset, vae, args.out, vae_path=str(args.vae), batch_size=args.batch_size,
+                            shard_size=args.shard_size)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cache_latents: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote latent cache of {len(dataset)} images (and their flips) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

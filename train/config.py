@@ -1,0 +1,132 @@
+"""Training configuration: a dataclass read from YAML, then ``key=value`` overrides, type-checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved beside its checkpoints and compared on resume."""
+
+    # data: "mnist" (bundled), an image folder, or a latent cache folder written by train.cache_latents
+    data: str = "mnist"
+    image_size: int = 32
+    latent_cache: str = ""  # when set, train on cached VAE posteriors instead of encoding online
+    vae: str = ""  # diffusers folder / hub id / MAR kl16.ckpt; needed unless latent_cache is set
+    num_workers: int = 0
+    # model: a preset plus field overrides, e.g. {"num_classes": 10, "scales": [1, 2, 4, 8]}
+    preset: str = "flowar-tiny"
+    model: dict = field(default_factory=dict)
+    # optimisation (FlowAR's recipe scaled down: AdamW (0.9, 0.95), wd 0.02, warmup + cosine, clip 3)
+    global_batch: int = 64
+    grad_accum: int = 1
+    lr: float = 0.0  # absolute learning rate; 0 means blr * global_batch / 256
+    blr: float = 5e-5
+    min_lr: float = 1e-5
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    grad_clip: float = 3.0
+    ema: float = 0.9999
+    bf16: bool = False
+    seed: int = 0
+    # output and monitoring
+    out_dir: str = "runs/flowar"
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 200
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "global_batch": self.global_batch >= 1, "grad_accum": self.grad_accum >= 1,
+            "total_steps": self.total_steps >= 1, "warmup_steps": self.warmup_steps >= 0,
+            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1,
+            "sample_every": self.sample_every >= 0, "ema": 0.0 <= self.ema < 1.0,
+            "grad_clip": self.grad_clip >= 0, "image_size": self.image_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid config values: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.global_batch % self.grad_accum:
+            raise ValueError(f"global_batch ({self.global_batch}) must be divisible by grad_accum ({self.grad_accum})")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr > 0 else self.blr * self.global_batch / 256
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def _coerce(name: str, value, annotation):
+    """Check/convert ``value`` to the field's annotated type; raise naming the key otherwise."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            if hint in (int, float) and isinstance(value, bool):
+                raise TypeError
+            return hint(value)
+        if origin is tuple:
+            items = list(value)
+            item_types = typing.get_args(hint)
+            if len(items) != len(item_types):
+                raise TypeError
+            return tuple(t(v) for t, v in zip(item_types, items))
+        if hint is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"config key {name!r} must be of type {hint}, got {value!r}")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from an optional YAML file and ``key=value`` overrides (values parsed as YAML).
+
+    Dotted keys reach into the model dict: ``model.num_classes=10``.
+    """
+    data: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file does not exist: {file}")
+        data = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {file} must hold a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        if key.startswith("model."):
+            data.setdefault("model", {})[key[len("model."):]] = value
+        else:
+            data[key] = value
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+    return TrainConfig(**{k: _coerce(k, v, None) for k, v in data.items()})

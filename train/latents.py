@@ -1,0 +1,129 @@
+"""Where training latents come from: a latent cache on disk, or a dataset encoded by the VAE online.
+
+Both give, per image, the VAE posterior (mean, std) of the image and of its mirror image, in scaled
+latent space. Each step draws fresh posterior noise and a flip per image, as FlowAR trains on
+``posterior.sample()`` of randomly flipped images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+CACHE_INDEX = "cache.json"
+
+
+class LatentSource:
+    """Base: batches of (latents, labels) for a step, from the global-batch draws of that step."""
+
+    latent_shape: tuple[int, int, int]
+    num_items: int
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def batch_indices(self, step: int, global_batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Item ids of the step's global batch: epochs of a seeded permutation, the tail dropped."""
+        per_epoch = self.num_items // global_batch
+        if per_epoch < 1:
+            raise ValueError(f"global_batch ({global_batch}) exceeds the dataset size ({self.num_items})")
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return order[position * global_batch:(position + 1) * global_batch]
+
+    def draw_randomness(self, global_batch: int, generator: torch.Generator) -> dict:
+        return {
+            "flip": torch.rand(global_batch, generator=generator) < 0.5,
+            "eps": torch.randn((global_batch, *self.latent_shape), generator=generator),
+        }
+
+    def get(self, indices: torch.Tensor, randomness: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
+        return None if self.vae is None else self.vae.decode(latents.to(self.vae.device))
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class CachedLatents(LatentSource):
+    """Posteriors written by ``train.cache_latents``, held in memory."""
+
+    def __init__(self, folder, *, seed: int = 0, vae=None):
+        super().__init__(seed)
+        self.folder = Path(folder)
+        index_file = self.folder / CACHE_INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(f"latent_cache {self.folder} has no {CACHE_INDEX}; write one with train.cache_latents")
+        self.index = json.loads(index_file.read_text())
+        parts = [load_file(str(self.folder / name)) for name in self.index["shards"]]
+        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.num_items = int(self.tensors["labels"].shape[0])
+        if self.num_items != self.index["num_items"]:
+            raise ValueError(f"latent_cache {self.folder} is incomplete: {self.num_items} of "
+                             f"{self.index['num_items']} items in its shards")
+        self.latent_shape = tuple(self.tensors["mean"].shape[1:])
+        self.vae = vae
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.index["num_classes"])
+
+    def get(self, indices, randomness):
+        flip = randomness["flip"][:, None, None, None]
+        mean = torch.where(flip, self.tensors["mean_flip"][indices], self.tensors["mean"][indices])
+        std = torch.where(flip, self.tensors["std_flip"][indices], self.tensors["std"][indices])
+        return mean + std * randomness["eps"], self.tensors["labels"][indices]
+
+    def describe(self) -> str:
+        return f"latent cache {self.folder} ({self.num_items} images, latents {self.latent_shape})"
+
+
+class OnlineLatents(LatentSource):
+    """A dataset of (image, label) encoded by the VAE at every step (no cache needed)."""
+
+    def __init__(self, dataset, vae, *, seed: int = 0):
+        super().__init__(seed)
+        self.dataset, self.vae = dataset, vae
+        image, _ = dataset[0]
+        with torch.no_grad():
+            mean, _ = vae.encode_distribution(image[None])
+        self.latent_shape = tuple(mean.shape[1:])
+        self.num_items = len(dataset)
+
+    @torch.no_grad()
+    def get(self, indices, randomness):
+        items = [self.dataset[int(i)] for i in indices]
+        images = torch.stack([img for img, _ in items])
+        images = torch.where(randomness["flip"][:, None, None, None], images.flip(-1), images)
+        mean, std = self.vae.encode_distribution(images)
+        latents = mean.float().cpu() + std.float().cpu() * randomness["eps"]
+        return latents, torch.tensor([label for _, label in items])
+
+    def describe(self) -> str:
+        return f"{type(self.dataset).__name__} ({self.num_items} images) encoded online"
+
+
+def load_any_vae(path: str):
+    from flowar.pipeline import load_vae
+
+    return load_vae(path).eval()
+
+
+def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:
+    """The cache when ``cfg.latent_cache`` is set, else the dataset ``cfg.data`` encoded by ``cfg.vae``."""
+    if cfg.latent_cache:
+        index = Path(cfg.latent_cache) / CACHE_INDEX
+        vae_path = cfg.vae or (json.loads(index.read_text()).get("vae", "") if index.is_file() else "")
+        vae = load_any_vae(vae_path).to(device) if (load_vae and vae_path) else None
+        return CachedLatents(cfg.latent_cache, seed=cfg.seed, vae=vae)
+    if not cfg.vae:
+        raise ValueError("vae must be set (a diffusers folder or kl16.ckpt) unless latent_cache is set")
+    from .data import build_dataset
+
+    dataset = build_dataset(cfg.data, image_size=cfg.image_size, split="train")
+    return OnlineLatents(dataset, load_any_vae(cfg.vae).to(device), seed=cfg.seed)

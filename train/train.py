@@ -1,0 +1,259 @@
+"""Train a FlowAR model. One file, top to bottom: setup, data, model, optimiser, resume, loop.
+
+    python -m train.train --config cfg.yaml key=value ...              # one process
+    torchrun --nproc_per_node=2 -m train.train --config cfg.yaml ...   # DDP (gloo on CPU, nccl on GPU)
+    python -m train.train --config cfg.yaml --resume                   # continue out_dir's last checkpoint
+
+Reproducibility: every random draw of a step (which samples, posterior noise, flips, label drop, flow
+times and noise) comes from a generator seeded by (seed, step) for the whole global batch, and each
+process takes its rows. A run therefore gives the same weights however it is split over processes and
+accumulation steps, and a resumed run continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from flowar import FlowAR, get_preset
+
+from .checkpoint import CheckpointManager
+from .config import TrainConfig, load_config
+from .latents import LatentSource, build_latent_source
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss is NaN or infinite; the last good checkpoint is left untouched."""
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group when started by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """FlowAR's AdamW groups: no weight decay on biases and 1-D parameters (norm gains)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then half-cosine down to min_lr at total_steps."""
+    peak = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.total_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def update_ema(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    for name, p in model.named_parameters():
+        ema[name].lerp_(p.detach().float(), 1 - decay)
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def build_model(cfg: TrainConfig) -> FlowAR:
+    return FlowAR(get_preset(cfg.preset, **cfg.model))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    micro = cfg.global_batch // cfg.grad_accum
+    if micro % world:
+        raise ValueError(f"global_batch / grad_accum ({micro}) must be divisible by the {world} processes")
+    local = micro // world
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+
+    source: LatentSource = build_latent_source(cfg, device=device, load_vae=is_main)
+    model = build_model(cfg).to(device)
+    if source.latent_shape != (model.config.token_dim, model.config.scales[-1], model.config.scales[-1]):
+        raise ValueError(f"the data's latents are {source.latent_shape} but the model expects "
+                         f"({model.config.token_dim}, {model.config.scales[-1]}, {model.config.scales[-1]}); "
+                         f"set model.token_dim / model.scales to match")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas)
+    ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    checkpoints = CheckpointManager(out_dir)
+    start_step = 0
+    if resume:
+        state = checkpoints.load_last(map_location=device)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in out_dir {out_dir}")
+        if state["config"]["model"] != cfg.to_dict()["model"] or state["config"]["preset"] != cfg.preset:
+            raise ValueError("--resume: the checkpoint's preset/model settings differ from this config's")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = {k: v.to(device) for k, v in state["ema"].items()}
+        start_step = state["step"]
+    ddp = DistributedDataParallel(model) if world > 1 else model
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step if resume else None)
+        print(f"training {cfg.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+              f"{source.describe()}, {world} process(es), global batch {cfg.global_batch} = {world} x {local} "
+              f"x {cfg.grad_accum} accumulation, steps {start_step} -> {cfg.total_steps}, out_dir {out_dir}")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
+    fixed_noise = None  # for sample grids: the same noise every time, so grids are comparable
+    bar = tqdm(total=cfg.total_steps, initial=start_step, desc="train", disable=not (is_main and cfg.progress),
+               dynamic_ncols=True)
+    model.train()
+    last_time, images_since = time.perf_counter(), 0
+    for step in range(start_step, cfg.total_steps):
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = step_generator(cfg.seed, step, "cpu")
+        indices = source.batch_indices(step, cfg.global_batch, generator)
+        data_randomness = source.draw_randomness(cfg.global_batch, generator)
+        randomness = model.draw_randomness(cfg.global_batch, generator=generator, device="cpu")
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)  # dropout masks, reproducible on resume
+        loss_sum = torch.zeros((), device=device)
+        scale_sum = torch.zeros(len(model.config.scales), device=device)
+        for accum in range(cfg.grad_accum):
+            lo = accum * micro + rank * local
+            rows = slice(lo, lo + local)
+            latents, labels = source.get(indices[rows], {k: v[rows] for k, v in data_randomness.items()})
+            mine = {k: ([t[rows].to(device) for t in v] if isinstance(v, list) else v[rows].to(device))
+                    for k, v in randomness.items()}
+            sync = contextlib.nullcontext() if (accum == cfg.grad_accum - 1 or world == 1) else ddp.no_sync()
+            with sync, autocast:
+                out = ddp(latents.to(device), None if model.config.unconditional else labels.to(device), **mine)
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach().float() / cfg.grad_accum
+            scale_sum += out.loss_per_scale.float() / cfg.grad_accum
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(scale_sum)
+            loss_sum /= world
+            scale_sum /= world
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {step}; stopping. The last good checkpoint "
+                f"({checkpoints.last_path if checkpoints.last_path.exists() else 'none yet'}) is left untouched. "
+                f"Try a lower lr, a longer warmup or bf16=false, then resume."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema)
+        done = step + 1
+        images_since += cfg.global_batch
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+        if is_main and (done % cfg.log_every == 0 or done == cfg.total_steps):
+            now = time.perf_counter()
+            writer.add_scalar("train/loss", loss_value, done)
+            for k, side in enumerate(model.config.scales):
+                writer.add_scalar(f"train/loss_scale_{side}x{side}", scale_sum[k].item(), done)
+            writer.add_scalar("train/grad_norm", float(grad_norm), done)
+            writer.add_scalar("train/lr", lr, done)
+            writer.add_scalar("train/images_per_sec", images_since / max(now - last_time, 1e-9), done)
+            last_time, images_since = now, 0
+        if is_main and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.total_steps):
+            fixed_noise = log_sample_grid(writer, model, ema, source, done, fixed_noise, device)
+        if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+            if is_main:
+                checkpoints.save({"model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
+                                  "step": done, "config": cfg.to_dict()})
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return out_dir
+
+
+@torch.no_grad()
+def log_sample_grid(writer, model: FlowAR, ema: dict, source: LatentSource, step: int, fixed_noise, device):
+    """Sample with the EMA weights from fixed noise (one row per class) and log the decoded grid."""
+    c = model.config
+    rows = min(c.num_classes, 10) if not c.unconditional else 4
+    per_row = 8
+    labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(per_row)
+    if fixed_noise is None:
+        g = torch.Generator(device).manual_seed(1234)
+        fixed_noise = [torch.randn(rows * per_row, s * s, c.token_dim, generator=g, device=device) for s in c.scales]
+    live = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.load_state_dict(ema, strict=False)
+    model.eval()
+    try:
+        latents = model.sample(labels, batch_size=rows * per_row, noise=fixed_noise)
+    finally:
+        model.load_state_dict(live, strict=False)
+        model.train()
+    images = source.decode(latents)
+    if images is not None:
+        grid = make_grid(images, per_row)
+        writer.add_image("samples/ema_grid", grid, step)
+    return fixed_noise
+
+
+def make_grid(images: torch.Tensor, per_row: int, pad: int = 2) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (3, h, w) in [0, 1], ``per_row`` images a row."""
+    b, ch, h, w = images.shape
+    rows = -(-b // per_row)
+    grid = torch.ones(ch, rows * (h + pad) + pad, per_row * (w + pad) + pad)
+    for i, img in enumerate(images.float().clamp(-1, 1).add(1).div(2).cpu()):
+        r, col = divmod(i, per_row)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    return grid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of TrainConfig keys")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (model.KEY=VALUE for model fields)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
