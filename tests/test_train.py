@@ -143,6 +143,18 @@ def test_tensorboard_logs_scalars_and_the_sample_grid(tmp_path):
     images = events.Images("samples/ema_grid")
     assert [e.step for e in images] == [2, 4] and images[0].width > 16 * 8
 
+    # export: the EMA weights (not the live ones) become a release folder that the pipeline loads
+    from flowar import FlowARPipeline
+    from train.export import export
+
+    export(tmp_path / "run", tmp_path / "release")
+    pipe = FlowARPipeline.from_pretrained(tmp_path / "release")
+    state = final_state(tmp_path / "run")
+    loaded = dict(pipe.model.named_parameters())
+    assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())
+    assert any(not torch.equal(state["model"][k], v) for k, v in state["ema"].items())
+    assert pipe([0, 1], output_type="np", steps=2).shape == (2, 16, 16, 3)
+
 
 def test_config_file_overrides_and_type_errors(tmp_path):
     file = tmp_path / "cfg.yaml"

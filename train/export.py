@@ -1,0 +1,53 @@
+"""Write a run's EMA weights as a release folder: config.json + model.safetensors (+ vae/ when known).
+
+    python -m train.export runs/flowar-mnist runs/flowar-mnist-release
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointManager
+from .config import TrainConfig
+from .latents import CACHE_INDEX, load_any_vae
+from .train import build_model
+
+
+def export(run_dir, out_dir, *, with_vae: bool = True) -> Path:
+    """Load the run's last checkpoint, put the EMA weights in the model, and save a release folder."""
+    state = CheckpointManager(run_dir).load_last()
+    if state is None:
+        raise FileNotFoundError(f"run_dir {run_dir} holds no checkpoint")
+    cfg = TrainConfig(**{**state["config"], "betas": tuple(state["config"]["betas"])})
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"], strict=False)  # EMA covers every parameter; buffers stay
+    model.save_pretrained(out_dir)
+    vae_path = cfg.vae
+    if not vae_path and cfg.latent_cache and (Path(cfg.latent_cache) / CACHE_INDEX).is_file():
+        vae_path = json.loads((Path(cfg.latent_cache) / CACHE_INDEX).read_text()).get("vae", "")
+    if with_vae and vae_path:
+        load_any_vae(vae_path).save_pretrained(Path(out_dir) / "vae")
+    return Path(out_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--no-vae", action="store_true", help="do not copy the run's VAE into out_dir/vae")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.run_dir, args.out_dir, with_vae=not args.no_vae)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported EMA weights of {args.run_dir} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
