@@ -47,10 +47,13 @@ def write_cache(out_dir, shards: list[dict], *, classes: list, vae: str = "", ex
 @torch.no_grad()
 def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", batch_size: int = 64, shard_size: int = 50_000,
                   progress: bool = True) -> Path:
-    """Encode every item of ``dataset`` (image in [-1, 1], label) and its flip; returns ``out_dir``."""
+    """Encode every item of ``dataset`` (image in [-1, 1], label), and its mirror image unless the dataset
+    says flips are wrong for it (``hflip`` False, e.g. digits); returns ``out_dir``."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    shards, current = [], {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels")}
+    flips = bool(getattr(dataset, "hflip", True))
+    keys = ("mean", "std", "mean_flip", "std_flip", "labels") if flips else ("mean", "std", "labels")
+    shards, current = [], {k: [] for k in keys}
     count = 0
     bar = tqdm(total=len(dataset), desc="encode", unit="img", disable=not progress)
 
@@ -63,9 +66,10 @@ def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", batch_size: int 
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = torch.stack([img for img, _ in items])
-        mean, std = vae.encode_distribution(images)
-        mean_f, std_f = vae.encode_distribution(images.flip(-1))
-        for key, value in (("mean", mean), ("std", std), ("mean_flip", mean_f), ("std_flip", std_f)):
+        encoded = dict(zip(("mean", "std"), vae.encode_distribution(images)))
+        if flips:
+            encoded.update(zip(("mean_flip", "std_flip"), vae.encode_distribution(images.flip(-1))))
+        for key, value in encoded.items():
             current[key].append(value.float().cpu())
         current["labels"].append(torch.tensor([label for _, label in items], dtype=torch.long))
         count += len(items)
@@ -75,7 +79,7 @@ def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", batch_size: int 
     flush()
     bar.close()
     classes = list(getattr(dataset, "classes", []))
-    extra = {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor}
+    extra = {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor, "hflip": flips}
     return write_cache(out_dir, shards, classes=classes, vae=vae_path, extra=extra)
 
 
@@ -89,10 +93,16 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=50_000, help="items per safetensors shard")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    from .data import build_dataset
+    from .data import ImageFolderDataset, MNISTDataset
 
     try:
-        dataset = build_dataset(args.data, image_size=args.image_size, split="train", train_transform=False)
+        # The training images with the deterministic (center-crop) transform: augmentation at encode
+        # time would freeze one random view per image into the cache.
+        if args.data.lower() == "mnist":
+            dataset = MNISTDataset(image_size=args.image_size, split="train")
+        else:
+            dataset = ImageFolderDataset(args.data, image_size=args.image_size, train=False)
+            print(dataset.verify())
         vae = load_any_vae(args.vae).to(args.device)
         out = cache_latents(dataset, vae, args.out, vae_path=str(args.vae), batch_size=args.batch_size,
                             shard_size=args.shard_size)

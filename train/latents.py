@@ -24,6 +24,7 @@ class LatentSource:
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.epoch = 0
 
     def batch_indices(self, step: int, global_batch: int, generator: torch.Generator) -> torch.Tensor:
         """Item ids of the step's global batch: epochs of a seeded permutation, the tail dropped."""
@@ -31,6 +32,7 @@ class LatentSource:
         if per_epoch < 1:
             raise ValueError(f"global_batch ({global_batch}) exceeds the dataset size ({self.num_items})")
         epoch, position = divmod(step, per_epoch)
+        self.epoch = epoch
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         return order[position * global_batch:(position + 1) * global_batch]
 
@@ -74,9 +76,11 @@ class CachedLatents(LatentSource):
         return int(self.index["num_classes"])
 
     def get(self, indices, randomness):
-        flip = randomness["flip"][:, None, None, None]
-        mean = torch.where(flip, self.tensors["mean_flip"][indices], self.tensors["mean"][indices])
-        std = torch.where(flip, self.tensors["std_flip"][indices], self.tensors["std"][indices])
+        mean, std = self.tensors["mean"][indices], self.tensors["std"][indices]
+        if "mean_flip" in self.tensors:  # caches of flip-invariant data hold the mirrored posteriors too
+            flip = randomness["flip"][:, None, None, None]
+            mean = torch.where(flip, self.tensors["mean_flip"][indices], mean)
+            std = torch.where(flip, self.tensors["std_flip"][indices], std)
         return mean + std * randomness["eps"], self.tensors["labels"][indices]
 
     def describe(self) -> str:
@@ -84,7 +88,10 @@ class CachedLatents(LatentSource):
 
 
 class OnlineLatents(LatentSource):
-    """A dataset of (image, label) encoded by the VAE at every step (no cache needed)."""
+    """A dataset of (image, label) encoded by the VAE at every step (no cache needed).
+
+    The dataset applies its own augmentation (random crop and flip, seeded by epoch and index).
+    """
 
     def __init__(self, dataset, vae, *, seed: int = 0):
         super().__init__(seed)
@@ -97,9 +104,10 @@ class OnlineLatents(LatentSource):
 
     @torch.no_grad()
     def get(self, indices, randomness):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
         items = [self.dataset[int(i)] for i in indices]
         images = torch.stack([img for img, _ in items])
-        images = torch.where(randomness["flip"][:, None, None, None], images.flip(-1), images)
         mean, std = self.vae.encode_distribution(images)
         latents = mean.float().cpu() + std.float().cpu() * randomness["eps"]
         return latents, torch.tensor([label for _, label in items])

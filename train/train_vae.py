@@ -1,0 +1,116 @@
+"""Train a small diffusers AutoencoderKL on the bundled MNIST digits, on the CPU, in a few minutes.
+
+    python -m train.train_vae --out runs/mnist-vae --steps 1500
+
+The result is a plain diffusers folder (``AutoencoderKL.from_pretrained`` loads it) whose config
+carries a scaling factor estimated from the training digits. Real users load SD-VAE, MAR KL-16 and the
+like instead; this VAE exists so the whole FlowAR path runs on a laptop with bundled data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from vae import DiffusersVAE
+
+from .data import build_dataset
+
+
+def small_autoencoder(latent_channels: int = 4) -> AutoencoderKL:
+    """Three levels (downsample 4): 32x32 digits -> 8x8 latents."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=16,
+        latent_channels=latent_channels,
+        sample_size=32,
+    )
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (reconstruction.clamp(-1, 1) - target).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def stack(dataset, indices) -> torch.Tensor:
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+@torch.no_grad()
+def evaluate_psnr(vae: DiffusersVAE, images: torch.Tensor, batch: int = 128) -> float:
+    vae.sample_posterior = False
+    out = [vae.decode(vae.encode(chunk)) for chunk in images.split(batch)]
+    vae.sample_posterior = True
+    return psnr(torch.cat(out), images)
+
+
+def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
+              image_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """Train, estimate the scaling factor, save; returns {"psnr": held-out dB, "scaling_factor": ...}."""
+    torch.manual_seed(seed)
+    train_set = build_dataset("mnist", image_size=image_size, split="train")
+    held_out = build_dataset("mnist", image_size=image_size, split="heldout")
+    train_images = stack(train_set, range(len(train_set)))  # 4,500 small digits fit in memory
+    autoencoder = small_autoencoder()
+    optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="vae", disable=not progress)
+    start = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:  # cosine decay keeps the end of a short run stable
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        batch = train_images[torch.randint(len(train_images), (batch_size,), generator=generator)]
+        posterior = autoencoder.encode(batch).latent_dist
+        reconstruction = autoencoder.decode(posterior.sample(generator=generator)).sample
+        recon = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = recon + kl_weight * kl
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"VAE loss is {loss.item()} at step {step}; lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(recon=f"{recon.item():.4f}")
+    autoencoder.eval()
+    vae = DiffusersVAE(autoencoder)
+    with torch.no_grad():
+        vae.set_scaling(*vae.estimate_scaling(train_images[:1000], generator=torch.Generator().manual_seed(seed)))
+    held_out_psnr = evaluate_psnr(vae, stack(held_out, range(len(held_out))))
+    vae.save_pretrained(out_dir)
+    return {"psnr": held_out_psnr, "scaling_factor": vae.scaling_factor, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output diffusers folder")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        p.error("--steps and --batch-size must be >= 1")
+    try:
+        result = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    except (ValueError, RuntimeError) as err:
+        print(f"train_vae: {err}", file=sys.stderr)
+        return 2
+    print(f"MNIST VAE: held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor "
+          f"{result['scaling_factor']:.4f}, {result['seconds']:.0f} s; saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
