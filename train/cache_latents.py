@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"cache_latents: {err}", file=sys.stderr)
         return 2
-    print(f"wrote latent cache of {len(dataset)} images (and their flips) to {out}")
+    flips = " and their mirror images" if getattr(dataset, "hflip", True) else ""
+    print(f"wrote latent cache of {len(dataset)} images{flips} to {out}")
     return 0
 
 
