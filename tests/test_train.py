@@ -170,3 +170,25 @@ def test_config_file_overrides_and_type_errors(tmp_path):
         load_config(None, ["global_batch=10", "grad_accum=3"])
     with pytest.raises(FileNotFoundError, match="config file"):
         load_config(str(tmp_path / "none.yaml"))
+
+
+def test_online_path_on_an_image_folder_with_a_corrupt_file(tmp_path):
+    """The online-encoding path: a folder with a broken file trains; the file is reported, not fatal."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                  latent_channels=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    (tmp_path / "images" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    result = run_train([f"data={tmp_path / 'images'}", f"vae={tmp_path / 'vae'}", "image_size=16", *COMMON,
+                        "total_steps=3", "checkpoint_every=3", "model.num_classes=2", f"out_dir={tmp_path / 'run'}"])
+    assert "broken.png" in result.stdout
+    state = final_state(tmp_path / "run")
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())

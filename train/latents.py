@@ -134,4 +134,8 @@ def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:
     from .data import build_dataset
 
     dataset = build_dataset(cfg.data, image_size=cfg.image_size, split="train")
+    if hasattr(dataset, "verify"):  # decode every file once; corrupt ones are pruned and reported, not fatal
+        report = dataset.verify()
+        if load_vae:  # the main process speaks
+            print(report)
     return OnlineLatents(dataset, load_any_vae(cfg.vae).to(device), seed=cfg.seed)
