@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
-from heads.layers import RMSNorm
+from heads.layers import RMSNorm, xavier_init_linears
 from heads.networks import ROPE_GRID, build_head
 from heads.path import flow_matching_loss
 from heads.solvers import SCHEDULES, SOLVERS, sample_flow
@@ -89,11 +89,7 @@ class FlowAR(nn.Module):
             nn.init.normal_(embedding, std=0.02)
         # As in the released code, xavier-uniform covers every Linear, the head's included: the head's
         # own zero-initialised output layer is overwritten too. Training from scratch matches theirs.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        xavier_init_linears(self)
 
     @property
     def null_class(self) -> int:

@@ -42,6 +42,17 @@ class GatedMLP(nn.Module):
         return self.drop(self.fc2(hidden))
 
 
+def xavier_init_linears(root: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear under ``root`` (the JAX ViT init FlowAR uses)."""
+    def init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    root.apply(init)  # children first, the order nn.Module.apply visits them in the released code
+
+
 def gated_mlp_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
     """Hidden width that keeps a gated MLP's parameters equal to a plain ``mlp_ratio`` MLP."""
     return int(dim * mlp_ratio * 2 / 3.0)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden, timestep_embedding
+from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden, timestep_embedding, xavier_init_linears
 
 HEAD_KINDS = ("transformer-v1", "transformer-v2", "mlp")
 
@@ -202,13 +202,7 @@ class FlowTransformerHead(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         # Only the output is zeroed (the adaLN layers are not, unlike DiT): a fresh head predicts v = 0.
@@ -265,13 +259,7 @@ class MLPHead(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         # As in MAR: every block starts as the identity and the head predicts v = 0.
