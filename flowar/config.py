@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from heads.networks import HEAD_KINDS
 from vae.pyramid import check_scales

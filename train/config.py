@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ class TrainConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid config values: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            raise ValueError("invalid config values: " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
         if self.global_batch % self.grad_accum:
             raise ValueError(f"global_batch ({self.global_batch}) must be divisible by grad_accum ({self.grad_accum})")
 
@@ -69,7 +68,7 @@ class TrainConfig:
         return out
 
 
-def _coerce(name: str, value, annotation):
+def _coerce(name: str, value):
     """Check/convert ``value`` to the field's annotated type; raise naming the key otherwise."""
     hint = typing.get_type_hints(TrainConfig)[name]
     origin = typing.get_origin(hint)
@@ -129,4 +128,4 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-    return TrainConfig(**{k: _coerce(k, v, None) for k, v in data.items()})
+    return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
