@@ -20,12 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from flowar import FlowAR, get_preset
+from flowar.pipeline import image_grid, to_uint8_images
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig, load_config
@@ -221,20 +223,9 @@ def log_sample_grid(writer, model: FlowAR, ema: dict, source: LatentSource, step
         model.train()
     images = source.decode(latents)
     if images is not None:
-        grid = make_grid(images, per_row)
-        writer.add_image("samples/ema_grid", grid, step)
+        grid = image_grid(to_uint8_images(images), per_row)
+        writer.add_image("samples/ema_grid", np.asarray(grid), step, dataformats="HWC")
     return fixed_noise
-
-
-def make_grid(images: torch.Tensor, per_row: int, pad: int = 2) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (3, h, w) in [0, 1], ``per_row`` images a row."""
-    b, ch, h, w = images.shape
-    rows = -(-b // per_row)
-    grid = torch.ones(ch, rows * (h + pad) + pad, per_row * (w + pad) + pad)
-    for i, img in enumerate(images.float().clamp(-1, 1).add(1).div(2).cpu()):
-        r, col = divmod(i, per_row)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
-    return grid
 
 
 def main(argv=None) -> int:
