@@ -21,11 +21,15 @@ RELEASED_ONLY_KEYS = ("mask",)
 _LISTED = 30  # keys shown per category in a mismatch report
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename, so a crash leaves no half file."""
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file in the same folder, flush it to disk, then rename it to
+    ``path``: a crash or a full disk leaves either the old file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -38,8 +42,8 @@ def save_pretrained(model: FlowAR, path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {"model_type": "flowar", **model.config.to_dict()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def load_state_strict(model: torch.nn.Module, state: dict, *, source: str) -> None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.networks import ROPE_GRID, build_head
 from heads.path import flow_matching_loss
-from heads.solvers import SCHEDULES, SOLVERS, sample_flow
+from heads.solvers import sample_flow
 from vae.pyramid import area_pyramid, next_scale_input
 
 from .attention import KVCache, ScaleBlock, scale_segments
@@ -259,7 +259,8 @@ class FlowAR(nn.Module):
         cfg: guidance weight (None: the preset's). With ``cfg_schedule="linear"`` it ramps from 1 at the
         first scale to ``cfg`` at the last, as the authors do; "constant" uses ``cfg`` everywhere.
         guidance_interval: (low, high) times in which guidance applies (t=1 noise, t=0 data).
-        steps / solver / schedule / atol / rtol: the head's ODE solve, see ``heads.solvers``.
+        steps / solver / schedule / atol / rtol: the head's ODE solve, see ``heads.solvers`` (which
+        also rejects unknown solvers and schedules).
         noise: optional initial noise per scale, (B, s*s, C) each, instead of drawing it from ``generator``.
         """
         c = self.config
@@ -271,10 +272,6 @@ class FlowAR(nn.Module):
         guidance_interval = c.default_guidance_interval if guidance_interval is None else tuple(guidance_interval)
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if cfg != 1.0 and c.unconditional:

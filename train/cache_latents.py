@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,13 +17,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from flowar.checkpoints import atomic_write
+
 from .latents import CACHE_INDEX, load_any_vae
-
-
-def _save_atomic(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def write_cache(out_dir, shards: list[dict], *, classes: list, vae: str = "", extra: dict | None = None) -> Path:
@@ -34,13 +29,13 @@ def write_cache(out_dir, shards: list[dict], *, classes: list, vae: str = "", ex
     names = []
     for i, shard in enumerate(shards):
         name = f"shard-{i:05d}.safetensors"
-        _save_atomic(shard, out / name)
+        tensors = {k: v.detach().clone().contiguous() for k, v in shard.items()}  # no shared storage
+        atomic_write(out / name, lambda tmp: save_file(tensors, str(tmp)))
         names.append(name)
     index = {"num_items": sum(int(s["labels"].shape[0]) for s in shards), "shards": names,
              "num_classes": len(classes), "classes": [str(c) for c in classes], "vae": vae, **(extra or {})}
-    tmp = out / f".{CACHE_INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, out / CACHE_INDEX)  # a cache without its index is never mistaken for a whole one
+    # The index goes last: a cache without its index is never mistaken for a whole one.
+    atomic_write(out / CACHE_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     return out
 
 
