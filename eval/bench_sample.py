@@ -1,17 +1,26 @@
-"""Sampling benchmark: images/s, ms per image, NFE, peak memory and achieved TFLOP/s.
+"""Sampling benchmark for FlowAR and the VAR baseline: images/s, ms per image, forward passes, peak memory
+and achieved TFLOP/s, every row measured in the same run.
 
     python eval/bench_sample.py --preset flowar-s --batch 4
-    python eval/bench_sample.py --preset flowar-s --batch 4 --precision fp32,bf16   # side by side
+    python eval/bench_sample.py --preset flowar-s --batch 4 --precision fp32,bf16     # precisions side by side
+    python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4                  # FlowAR beside VAR
+    python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4 --decode         # ... up to pixels
 
-Weights are random (the architecture, not the checkpoint, sets the cost). FLOPs are counted once per
-configuration with ``torch.utils.flop_counter`` on an identical sampling call; the timed calls run
-without the counter.
+Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
+final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
+scale, its token sampling and the tokenizer's ``f_hat`` accumulation. ``--decode`` adds each model's
+released decoder (FlowAR: MAR's KL-16; VAR: ``vae_ch160v4096z32``). Each model samples with its own
+defaults (FlowAR-S: cfg 4.3, 25 Euler steps; VAR: cfg 1.5, top-k 900, top-p 0.96), so both run the
+guided batch. FLOPs are counted once per row with ``torch.utils.flop_counter`` on an identical call; the
+timed calls run without the counter. Each row runs in its own spawned process, so its peak memory (CUDA:
+max allocated; CPU: peak RSS) is its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import platform
 import resource
 import time
@@ -19,7 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowar import PRESETS, FlowAR, get_preset
+from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
 from heads.solvers import SCHEDULES, SOLVERS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -31,96 +40,198 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_config(model, args, device, precision):
+def _call_in_child(queue, fn, args):
+    try:
+        queue.put(fn(*args))
+    except BaseException as err:  # report, don't leave the parent waiting
+        queue.put(err)
+
+
+def run_isolated(fn, *args):
+    """``fn(*args)`` in a fresh spawned process (``fn`` must be importable), so peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_call_in_child, args=(queue, fn, args))
+    child.start()
+    result = queue.get()
+    child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def matching_tokenizer(preset: str):
+    """The tokenizer preset whose scales, codebook and code size the VAR preset was built for
+    (``vae_ch160v4096z32`` for the released ones)."""
+    from vae.msvq import MSVQ_PRESETS
+
+    c = get_var_preset(preset)
+    for config in MSVQ_PRESETS.values():
+        if (tuple(config.scales), config.codebook_size, config.code_dim) == (c.scales, c.vocab_size, c.code_dim):
+            return config
+    raise ValueError(f"no tokenizer preset matches {preset} (scales {c.scales}, V {c.vocab_size}, "
+                     f"code_dim {c.code_dim})")
+
+
+def build_sampler(preset: str, options: dict, device: torch.device, decode: bool):
+    """The model of ``preset`` with random weights and ``sample(labels, generator)`` -> (images or latents,
+    counts), plus its parameter count (decoder included only when it runs)."""
+    torch.manual_seed(0)
+    if preset in VAR_PRESETS:
+        from vae.msvq import MultiScaleVQVAE
+
+        model = VAR(get_var_preset(preset)).to(device).eval()
+        tokenizer = MultiScaleVQVAE(matching_tokenizer(preset)).to(device).eval()
+        if not decode:  # only the quantiser (codebook and phi convs) takes part
+            tokenizer.encoder = tokenizer.decoder = None
+        kwargs = {k: options[k] for k in ("top_k", "top_p")}
+        kwargs["cfg"] = options["var_cfg"]
+
+        def sample(labels, generator):
+            out = model.sample(labels, tokenizer=tokenizer, generator=generator, **kwargs)
+            result = tokenizer.decode_f_hat(out.f_hat) if decode else out.f_hat
+            return result, {"passes": len(model.config.scales), "head NFE": "-"}
+
+        parts = [model] + ([tokenizer.post_quant_conv, tokenizer.decoder] if decode else [])
+    else:
+        model = FlowAR(get_preset(preset)).to(device).eval()
+        kwargs = {k: options[k] for k in ("cfg", "steps", "solver", "schedule", "guidance_interval")}
+        vae = None
+        if decode:
+            from diffusers import AutoencoderKL
+
+            from vae.diffusers_vae import DiffusersVAE
+            from vae.mar_kl16 import mar_kl16_config
+
+            if model.config.token_dim != 16:
+                raise ValueError(f"--decode needs a KL-16 preset (token_dim 16), {preset} has {model.config.token_dim}")
+            vae = DiffusersVAE(AutoencoderKL(**mar_kl16_config())).to(device).eval()
+
+        def sample(labels, generator):
+            out = model.sample_with_stats(labels, generator=generator, **kwargs)
+            result = vae.decode(out.latents.to(vae.dtype)) if decode else out.latents
+            return result, {"passes": len(model.config.scales), "head NFE": out.nfe}
+
+        parts = [model] + ([vae.autoencoder.post_quant_conv, vae.autoencoder.decoder] if decode else [])
+    params = sum(p.numel() for part in parts for p in part.parameters())
+    return model, sample, params
+
+
+def measure(preset: str, batch: int, precision: str, device_name: str, options: dict, decode: bool,
+            warmup: int, repeats: int) -> dict:
+    """One row: ``repeats`` timed sampling calls (the fastest counts) after ``warmup`` untimed ones."""
+    device = torch.device(device_name)
+    model, sample, params = build_sampler(preset, options, device, decode)
+    num_classes = model.config.num_classes
+    labels = torch.arange(batch, device=device) % num_classes if num_classes else None
     autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision]
                 else contextlib.nullcontext())
-    labels = torch.arange(args.batch, device=device) % max(model.config.num_classes, 1)
-    labels = None if model.config.unconditional else labels
-    kwargs = dict(batch_size=args.batch, cfg=args.cfg, steps=args.steps, solver=args.solver, schedule=args.schedule,
-                  guidance_interval=args.guidance_interval)
 
     def once(seed):
         generator = torch.Generator(device).manual_seed(seed)
-        with autocast:
-            out = model.sample_with_stats(labels, generator=generator, **kwargs)
+        with torch.inference_mode(), autocast:
+            result, counts = sample(labels, generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return out
+        if not torch.isfinite(result).all():
+            raise FloatingPointError(f"{preset} {precision} sampled non-finite values")
+        return counts
 
-    for i in range(args.warmup):
+    for i in range(warmup):
         once(i)
     counter = FlopCounterMode(display=False)
     with counter:
-        stats = once(0)
+        counts = once(0)
     flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(args.repeats):
+    for i in range(repeats):
         start = time.perf_counter()
         once(100 + i)
         times.append(time.perf_counter() - start)
     seconds = min(times)
     return {
+        "preset": preset,
+        "params (M)": params / 1e6,
         "precision": precision,
-        "images/s": args.batch / seconds,
-        "ms/image": 1000 * seconds / args.batch,
-        "NFE": stats.nfe,
-        "head rows": stats.head_rows,
+        "images/s": batch / seconds,
+        "ms/image": 1000 * seconds / batch,
+        **counts,
         "peak MiB": peak_memory_mib(device),
-        "GFLOP/image": flops / args.batch / 1e9,
+        "GFLOP/image": flops / batch / 1e9,
         "TFLOP/s": flops / seconds / 1e12,
     }
 
 
 def format_table(rows) -> str:
     cols = list(rows[0])
-    fmt = {"images/s": "{:.3f}", "ms/image": "{:.0f}", "ms/step": "{:.0f}", "peak MiB": "{:.0f}", "GFLOP/image": "{:.1f}",
-           "TFLOP/s": "{:.3f}"}
+    fmt = {"params (M)": "{:.1f}", "images/s": "{:.3f}", "ms/image": "{:.0f}", "ms/step": "{:.0f}",
+           "peak MiB": "{:.0f}", "GFLOP/image": "{:.1f}", "TFLOP/s": "{:.3f}"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(fmt.get(c, "{}").format(row[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None):
+def comma_list(p: argparse.ArgumentParser, name: str, value: str, allowed) -> list[str]:
+    """Split a comma list and check every item, naming the argument on error."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        p.error(f"{name} must name at least one of {sorted(allowed)}")
+    for item in items:
+        if item not in allowed:
+            p.error(f"{name} must be a comma list of {sorted(allowed)}, got {item!r}")
+    return items
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="flowar-s", choices=sorted(PRESETS))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="default: the preset's")
-    p.add_argument("--cfg", type=float, default=None, help="default: the preset's")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    p.add_argument("--solver", default="euler", choices=SOLVERS)
-    p.add_argument("--schedule", default="flowar", choices=SCHEDULES)
+    p.add_argument("--preset", default="flowar-s", help="comma list of FlowAR and VAR presets: "
+                   + ", ".join(sorted(PRESETS) + sorted(VAR_PRESETS)))
+    p.add_argument("--batch", type=int, default=4, help="images per sampling call, the same for every row")
     p.add_argument("--precision", default="fp32", help="comma list of " + ", ".join(PRECISIONS))
+    p.add_argument("--decode", action="store_true", help="time the decoder to pixels too")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 0 on CPU, 2 on GPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls; the fastest is reported")
+    flowar_args = p.add_argument_group("FlowAR sampling (default: the preset's)")
+    flowar_args.add_argument("--steps", type=int, default=None)
+    flowar_args.add_argument("--cfg", type=float, default=None, help="FlowAR guidance; 1 is unguided")
+    flowar_args.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    flowar_args.add_argument("--solver", default="euler", choices=SOLVERS)
+    flowar_args.add_argument("--schedule", default="flowar", choices=SCHEDULES)
+    var_args = p.add_argument_group("VAR sampling (default: the preset's)")
+    var_args.add_argument("--var-cfg", type=float, default=None, help="VAR guidance; 0 is unguided")
+    var_args.add_argument("--top-k", type=int, default=None)
+    var_args.add_argument("--top-p", type=float, default=None)
     args = p.parse_args(argv)
-    precisions = args.precision.split(",")
-    for precision in precisions:
-        if precision not in PRECISIONS:
-            p.error(f"--precision must be a comma list of {sorted(PRECISIONS)}, got {precision!r}")
+    presets = comma_list(p, "--preset", args.preset, {**PRESETS, **VAR_PRESETS})
+    precisions = comma_list(p, "--precision", args.precision, PRECISIONS)
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    if args.repeats < 1 or (args.warmup is not None and args.warmup < 0):
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     device = torch.device(args.device)
-    args.warmup = (2 if device.type == "cuda" else 0) if args.warmup is None else args.warmup
-    torch.manual_seed(0)
-    model = FlowAR(get_preset(args.preset)).to(device).eval()
-    config = model.config
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{args.preset} ({params:.1f}M params) batch {args.batch}, cfg "
-          f"{config.default_cfg if args.cfg is None else args.cfg}, steps "
-          f"{config.default_steps if args.steps is None else args.steps}, solver {args.solver}, "
-          f"device {device} [{gpu}], torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [run_config(model, args, device, precision) for precision in precisions]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was given but torch sees no CUDA device")
+    warmup = (2 if device.type == "cuda" else 0) if args.warmup is None else args.warmup
+    options = {"cfg": args.cfg, "steps": args.steps, "solver": args.solver, "schedule": args.schedule,
+               "guidance_interval": args.guidance_interval, "var_cfg": args.var_cfg, "top_k": args.top_k,
+               "top_p": args.top_p}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"sampling batch {args.batch}{' to pixels' if args.decode else ''}, device {device} [{where}], "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {warmup} warm-up + {args.repeats} timed")
+    rows = [run_isolated(measure, preset, args.batch, precision, str(device), options, args.decode, warmup,
+                         args.repeats)
+            for preset in presets for precision in precisions]
     print(format_table(rows))
     if len(rows) > 1:
-        base = rows[0]["images/s"]
-        print("speed-up vs " + rows[0]["precision"] + ": " +
-              ", ".join(f"{r['precision']} {r['images/s'] / base:.2f}x" for r in rows[1:]))
+        base = rows[0]
+        print(f"images/s relative to {base['preset']} {base['precision']}: " +
+              ", ".join(f"{r['preset']} {r['precision']} {r['images/s'] / base['images/s']:.2f}x" for r in rows[1:]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

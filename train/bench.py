@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import platform
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.bench_sample import PRECISIONS, format_table, peak_memory_mib
+from eval.bench_sample import PRECISIONS, format_table, peak_memory_mib, run_isolated
 from flowar import PRESETS, FlowAR, get_preset
 
 from .train import param_groups, update_ema
@@ -75,26 +74,6 @@ def measure(preset: str, batch: int, precision: str, device_name: str, warmup: i
     }
 
 
-def _measure_in_child(queue, *args):
-    try:
-        queue.put(measure(*args))
-    except BaseException as err:  # report, don't hang the parent
-        queue.put(err)
-
-
-def measure_isolated(*args) -> dict:
-    """``measure`` in a fresh spawned process, so each row's peak memory is its own."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_measure_in_child, args=(queue, *args))
-    child.start()
-    result = queue.get()
-    child.join()
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flowar-s", choices=sorted(PRESETS))
@@ -121,7 +100,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"training {args.preset} ({params:.1f}M params), batch {args.batch}, device {device} [{where}], "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {warmup} warm-up + {steps} timed steps")
-    rows = [measure_isolated(args.preset, args.batch, precision, str(device), warmup, steps) for precision in precisions]
+    rows = [run_isolated(measure, args.preset, args.batch, precision, str(device), warmup, steps)
+            for precision in precisions]
     print(format_table(rows))
     if len(rows) > 1:
         base = rows[0]["images/s"]

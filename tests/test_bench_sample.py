@@ -1,0 +1,65 @@
+"""The sampling benchmark times FlowAR and VAR presets side by side and reports self-consistent numbers."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eval.bench_sample import main, matching_tokenizer, measure
+from flowar import VAR, get_var_preset
+from vae.msvq import MultiScaleVQVAE
+
+FLOWAR_OPTIONS = {"cfg": None, "steps": None, "solver": "euler", "schedule": "flowar", "guidance_interval": None,
+                  "var_cfg": None, "top_k": None, "top_p": None}
+
+
+def test_var_row_counts_the_flops_of_one_sampling_call():
+    row = measure("var-tiny", 3, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
+    torch.manual_seed(0)
+    model = VAR(get_var_preset("var-tiny")).eval()
+    tokenizer = MultiScaleVQVAE(matching_tokenizer("var-tiny")).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.sample(torch.tensor([0, 1, 2]), tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
+    assert row["GFLOP/image"] * 1e9 * 3 == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert row["passes"] == len(model.config.scales) and row["head NFE"] == "-"
+    assert row["images/s"] > 0 and row["params (M)"] == pytest.approx(
+        sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def test_decoding_adds_the_decoder_to_the_cost():
+    bare = measure("var-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
+    decoded = measure("var-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, True, 0, 1)
+    assert decoded["GFLOP/image"] > bare["GFLOP/image"] and decoded["params (M)"] > bare["params (M)"]
+
+
+def test_guidance_off_halves_the_var_transformer_work():
+    guided = measure("var-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "var_cfg": 1.5}, False, 0, 1)
+    unguided = measure("var-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "var_cfg": 0.0}, False, 0, 1)
+    assert 0.4 < unguided["GFLOP/image"] / guided["GFLOP/image"] < 0.6
+
+
+def test_released_var_presets_pair_with_the_released_tokenizer():
+    config = matching_tokenizer("var-d16")
+    assert (config.codebook_size, config.code_dim, config.scales[-1]) == (4096, 32, 16)
+
+
+def test_cli_puts_flowar_and_var_in_one_table(capsys):
+    assert main(["--preset", "flowar-tiny,var-tiny", "--batch", "2", "--precision", "fp32,bf16"]) == 0
+    out = capsys.readouterr().out
+    for preset in ("flowar-tiny", "var-tiny"):
+        for precision in ("fp32", "bf16"):
+            assert f"| {preset} |" in out and f"| {precision} |" in out
+    assert "relative to flowar-tiny fp32" in out and "var-tiny bf16" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "var-d99"], "--preset"),
+    (["--preset", ","], "--preset"),
+    (["--precision", "fp16"], "--precision"),
+    (["--batch", "0"], "--batch"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
