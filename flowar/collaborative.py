@@ -31,6 +31,7 @@ from vae.pyramid import next_scale_input
 from .attention import KVCache, scale_segments
 from .labels import check_class_labels
 from .model import CFG_SCHEDULES, FlowAR, SampleOutput, from_tokens, to_tokens
+from .pipeline import OUTPUT_TYPES, autocast_context, decode_output
 from .var import VAR, VARSampleOutput, cfg_ramp
 
 # The known part of one scale, given by an editing hook: a boolean keep mask and the values to keep there.
@@ -482,8 +483,6 @@ class CollaborativePipeline:
         """Images as the member pipelines make them (``output_type`` "pil" | "pt" | "np" | "latent"); with
         ``return_stats`` a pair (images, :class:`CollaborativeStats`). sample_kwargs: see
         :func:`collaborative_sample` (``refine_kwargs`` included)."""
-        from .var_pipeline import OUTPUT_TYPES, autocast_context, decode_output
-
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         refine = self.refine_pipe
@@ -492,12 +491,10 @@ class CollaborativePipeline:
             result = collaborative_sample(
                 self.draft_pipe.model, refine.model, class_labels, draft_scales=self.draft_scales,
                 batch_size=batch_size, tokenizer=refine.tokenizer if is_var else None, **sample_kwargs)
-        if is_var:
-            images = decode_output(refine.tokenizer.decode_f_hat, result.sample.f_hat, output_type,
-                                   latent=result.sample.indices, decode_batch=decode_batch)
-        else:
-            images = decode_output(refine.vae.decode, result.sample.latents, output_type,
-                                   latent=result.sample.latents, decode_batch=decode_batch)
+        sample = result.sample
+        decodable, latent = (sample.f_hat, sample.indices) if is_var else (sample.latents, sample.latents)
+        images = decode_output(refine.autoencoder.decode, decodable, output_type, latent=latent,
+                               decode_batch=decode_batch)
         return (images, result.stats) if return_stats else images
 
 

@@ -32,8 +32,8 @@ from vae.pyramid import area_pyramid
 
 from .collaborative import FlowARScaleSampler, VARScaleSampler, resolve_labels, run_flowar, run_var
 from .model import FlowAR, SampleOutput, to_tokens
+from .pipeline import autocast_context, decode_output
 from .var import VAR, VARSampleOutput
-from .var_pipeline import autocast_context, decode_output
 
 MASK_RESIZE = ("area", "bilinear")
 
@@ -217,16 +217,11 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
     all zeros is ordinary sampling, equal to the pipeline's with the same generator.
     """
     model = getattr(pipeline, "model", None)
-    if isinstance(model, FlowAR):
-        autoencoder = pipeline.vae
-        latent_side = model.config.scales[-1]
-        side = latent_side * autoencoder.downsample
-    elif isinstance(model, VAR):
-        autoencoder = pipeline.tokenizer
-        latent_side = model.config.scales[-1]
-        side = latent_side * autoencoder.downsample
-    else:
+    if not isinstance(model, (FlowAR, VAR)):
         raise ValueError(f"pipeline must be a FlowARPipeline or a VARPipeline, got {type(pipeline).__name__}")
+    autoencoder = pipeline.autoencoder
+    latent_side = model.config.scales[-1]
+    side = latent_side * autoencoder.downsample
     images = prepare_images(image, side)
     masks = prepare_mask(mask, (side, latent_side))
     labels = None
@@ -248,9 +243,8 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
         indices = autoencoder.encode_indices(images.to(device, dtype))
         with autocast_context(device, autocast_dtype):
             out = inpaint_indices(model, autoencoder, indices, keep, labels, generator=generator, **sample_kwargs)
-    if isinstance(model, FlowAR):
-        return decode_output(autoencoder.decode, out.latents, output_type, latent=out.latents, decode_batch=decode_batch)
-    return decode_output(autoencoder.decode_f_hat, out.f_hat, output_type, latent=out.indices, decode_batch=decode_batch)
+    decodable, latent = (out.latents, out.latents) if isinstance(model, FlowAR) else (out.f_hat, out.indices)
+    return decode_output(autoencoder.decode, decodable, output_type, latent=latent, decode_batch=decode_batch)
 
 
 def box_mask(side: int, top: float, left: float, bottom: float, right: float, *, keep_inside: bool) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Model + VAE -> images: the user-facing sampling pipeline."""
+"""Model + autoencoder -> images: the user-facing sampling pipelines' shared part, and FlowAR's pipeline."""
 
 from __future__ import annotations
 
@@ -26,6 +26,32 @@ def load_vae(path, *, map_location="cpu"):
     return DiffusersVAE.from_pretrained(str(path))
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def decode_output(decode, latents: torch.Tensor, output_type: str, *, latent, decode_batch: int = 32):
+    """Decode ``latents`` in chunks with ``decode`` (-> images in [-1, 1]) into ``output_type``.
+
+    "latent" returns ``latent`` as it is (FlowAR: the latents; VAR: the list of token maps), "pt" (B, 3, H, W)
+    float in [0, 1] on the CPU, "np" (B, H, W, 3) uint8, "pil" a list of PIL images.
+    """
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if output_type == "latent":
+        return latent
+    owner = getattr(decode, "__self__", None)
+    dtype = next(owner.parameters()).dtype if isinstance(owner, torch.nn.Module) else latents.dtype
+    images = torch.cat([decode(chunk.to(dtype)).float() for chunk in latents.split(decode_batch)])
+    if output_type == "pt":
+        return ((images.clamp(-1, 1) + 1) / 2).cpu()
+    pixels = to_uint8_images(images)
+    if output_type == "np":
+        return pixels
+    return [Image.fromarray(p) for p in pixels]
+
+
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounding to nearest."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -47,27 +73,60 @@ def image_grid(images: np.ndarray, nrow: int, *, pad: int = 2) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-class FlowARPipeline:
-    """Class labels in, images out: FlowAR samples latents and the VAE decodes them."""
+class ScaleWisePipeline:
+    """What the FlowAR and VAR pipelines share: the generator, the autoencoder that decodes its samples
+    (saved in the subfolder ``autoencoder_folder``), devices, output types and editing."""
 
-    def __init__(self, model: FlowAR, vae):
-        # A pipeline is for inference: diffusers' from_pretrained leaves the VAE in training mode.
+    autoencoder_folder: str
+
+    def __init__(self, model, autoencoder):
+        # A pipeline is for inference: no dropout, no drop path, no codebook statistics updates (and
+        # diffusers' from_pretrained leaves a VAE in training mode).
         self.model = model.eval()
-        self.vae = vae.eval()
+        self.autoencoder = autoencoder.eval()
 
     @property
     def device(self) -> torch.device:
         return self.model.class_emb.weight.device
 
-    def to(self, device=None, dtype=None) -> "FlowARPipeline":
+    def to(self, device=None, dtype=None):
         self.model.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+        self.autoencoder.to(device=device, dtype=dtype)
         return self
 
     def save_pretrained(self, path) -> None:
-        """The model's files in ``path`` and the VAE's diffusers folder in ``path/vae``."""
+        """The model's files in ``path`` and the autoencoder's folder in ``path/<autoencoder_folder>``."""
         self.model.save_pretrained(path)
-        self.vae.save_pretrained(Path(path) / VAE_FOLDER)
+        self.autoencoder.save_pretrained(Path(path) / self.autoencoder_folder)
+
+    def inpaint(self, image, mask, class_label=None, *, generator=None, **kwargs):
+        """Zero-shot in-/out-painting and class-conditional editing; see :func:`flowar.editing.inpaint`."""
+        from .editing import inpaint
+
+        return inpaint(self, image, mask, class_label, generator=generator, **kwargs)
+
+    def _generate(self, class_labels, batch_size, output_type, autocast_dtype, decode_batch, sample_kwargs):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        with torch.no_grad(), autocast_context(self.device, autocast_dtype):
+            decodable, latent = self._sample(class_labels, batch_size, sample_kwargs)
+        with torch.no_grad():
+            return decode_output(self.autoencoder.decode, decodable, output_type, latent=latent, decode_batch=decode_batch)
+
+    def _sample(self, class_labels, batch_size, sample_kwargs):
+        """(what the autoencoder decodes, what output_type "latent" returns)."""
+        raise NotImplementedError
+
+
+
+class FlowARPipeline(ScaleWisePipeline):
+    """Class labels in, images out: FlowAR samples latents and the VAE decodes them."""
+
+    autoencoder_folder = VAE_FOLDER
+
+    @property
+    def vae(self):
+        return self.autoencoder
 
     @classmethod
     def from_pretrained(cls, path, *, vae=None, map_location="cpu") -> "FlowARPipeline":
@@ -82,13 +141,6 @@ class FlowARPipeline:
             vae = load_vae(vae, map_location=map_location)
         return cls(model, vae.to(map_location))
 
-    def inpaint(self, image, mask, class_label=None, *, generator=None, **kwargs):
-        """Zero-shot in-/out-painting and class-conditional editing; see :func:`flowar.editing.inpaint`."""
-        from .editing import inpaint
-
-        return inpaint(self, image, mask, class_label, generator=generator, **kwargs)
-
-    @torch.no_grad()
     def __call__(self, class_labels=None, *, batch_size=None, output_type: str = "pil",
                  autocast_dtype: torch.dtype | None = None, decode_batch: int = 32, **sample_kwargs):
         """Generate images for ``class_labels`` (a list, or None with ``batch_size`` when unconditional).
@@ -98,22 +150,8 @@ class FlowARPipeline:
         float in [0, 1]), "np" ((B, H, W, 3) uint8), "latent" (the sampled latents).
         autocast_dtype: e.g. torch.bfloat16 to run the networks under autocast (ODE state stays float64).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        device = self.device
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            latents = self.model.sample(class_labels, batch_size=batch_size, **sample_kwargs)
-        if output_type == "latent":
-            return latents
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = torch.cat([
-            self.vae.decode(chunk.to(vae_dtype)).float() for chunk in latents.split(decode_batch)
-        ])
-        if output_type == "pt":
-            return ((images.clamp(-1, 1) + 1) / 2).cpu()
-        pixels = to_uint8_images(images)
-        if output_type == "np":
-            return pixels
-        return [Image.fromarray(p) for p in pixels]
+        return self._generate(class_labels, batch_size, output_type, autocast_dtype, decode_batch, sample_kwargs)
+
+    def _sample(self, class_labels, batch_size, sample_kwargs):
+        latents = self.model.sample(class_labels, batch_size=batch_size, **sample_kwargs)
+        return latents, latents
