@@ -3,8 +3,10 @@
     python -m eval.sample PIPELINE_DIR --out samples/flowar-s --cfg 4 --steps 25
     torchrun --nproc_per_node 8 -m eval.sample PIPELINE_DIR --out samples/flowar-s --format npz
 
-The sample list is fixed up front: sample ``i`` has label ``i // per_class`` (class-major) and its own
-noise, drawn from a ``torch.Generator`` seeded from ``(seed, i)``. The list is cut into chunks of
+Works for FlowAR and VAR pipeline folders. The sample list is fixed up front: sample ``i`` has label
+``i // per_class`` (class-major) and its own randomness, drawn from a ``torch.Generator`` seeded from
+``(seed, i)``: FlowAR's initial noise, or for VAR one uniform per token, from which the token is drawn by
+inverse CDF. The list is cut into chunks of
 ``--batch-size`` consecutive samples and ranks share the chunks round-robin, so with a fixed batch size
 the images are bit-identical however many processes run them and however often the run is resumed.
 A different batch size gives the same images up to float rounding (batched matmuls round differently),
@@ -28,7 +30,6 @@ makes "what is done" a directory listing that any number of ranks can read.)
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -45,19 +46,25 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flowar.checkpoints import atomic_write
-from flowar.model import CFG_SCHEDULES
+from flowar.model import CFG_SCHEDULES, FlowAR
 from flowar.pipelines import load_pipeline as load_any_pipeline
+from flowar.var import VAR
 from heads.solvers import SCHEDULES, SOLVERS
 
 FORMATS = ("png", "npz", "both")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 DEFAULT_PER_CLASS = 50
 RUN_FILE, LABELS_FILE, NPZ_FILE, IMAGES_DIR = "run.json", "labels.npy", "samples.npz", "images"
-# Keys of run.json that define the samples: a resume must match all of them. Batch size, device, the
-# number of processes and the output format do not change which images are made, so they may differ.
-SAMPLE_KEYS = ("pipeline", "model", "num_samples", "num_classes", "per_class", "cfg", "cfg_schedule",
-               "guidance_interval", "steps", "solver", "schedule", "seed", "precision", "noise")
+# run.json holds the arguments that define the samples, and a resume must match every one of them. The
+# batch size (also recorded), device, number of processes and output format do not change which images
+# are made, so they may differ.
+NOT_SAMPLE_DEFINING = ("batch_size",)
 NOISE_SCHEME = "torch.Generator per sample, seed (key(seed) + i) mod 2**32"
+VAR_NOISE_SCHEME = NOISE_SCHEME + ", one uniform per token, inverse-CDF draw"
+# Sampling options of one model kind only; run() refuses them for the other.
+FLOWAR_OPTIONS = {"cfg_schedule": "--cfg-schedule", "guidance_interval": "--guidance-interval", "steps": "--steps",
+                  "solver": "--solver", "schedule": "--schedule"}
+VAR_OPTIONS = {"top_k": "--top-k", "top_p": "--top-p"}
 PNG_NAME = re.compile(r"(\d+)\.png")
 
 
@@ -68,15 +75,12 @@ class SimulatedKill(RuntimeError):
 def load_pipeline(path, *, device: torch.device | str = "cpu"):
     """The pipeline saved in folder ``path``, on ``device``.
 
-    Anything with FlowARPipeline's ``__call__`` contract (labels in, ``output_type="np"`` uint8 out)
-    and a ``model.config`` works below; per-sample noise needs the model to accept ``noise=``.
+    A FlowAR or a VAR pipeline: the two models whose samplers take per-sample randomness.
     """
     pipe = load_any_pipeline(path).to(device)
-    if not hasattr(pipe.model, "sample_with_stats"):
-        # Per-sample seeds need per-sample noise, which only FlowAR's sampler takes today (VAR draws its
-        # tokens from one generator for the whole batch).
-        raise ValueError(f"pipeline {path}: eval.sample supports FlowAR pipelines; this one holds a "
-                         f"{type(pipe.model).__name__}, sample it with flowar-sample or VARPipeline instead")
+    if not isinstance(pipe.model, (FlowAR, VAR)):
+        raise ValueError(f"pipeline {path}: eval.sample samples FlowAR and VAR pipelines, this one holds a "
+                         f"{type(pipe.model).__name__}")
     return pipe
 
 
@@ -103,15 +107,23 @@ def sample_noise(config, seeds: list[int]) -> list[torch.Tensor]:
     return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(config.scales))]
 
 
+def sample_uniforms(config, seeds: list[int]) -> list[torch.Tensor]:
+    """VAR's token uniforms, one (B, s*s) float64 CPU tensor per scale, row b drawn from seeds[b]."""
+    per_sample = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in config.scales])
+    return [torch.stack([u[k] for u in per_sample]) for k in range(len(config.scales))]
+
+
 def per_sample_randomness(model, seeds: list[int], device) -> dict:
     """The keyword arguments that make row b of a sampling call depend on seeds[b] alone.
 
-    FlowAR's only randomness is its initial noise, which ``sample`` accepts as ``noise=``. A model whose
-    sampler draws from one batch-wide generator cannot be made independent of batch composition here.
+    FlowAR's only randomness is its initial noise (``noise=``); VAR's is the draw of each token, which
+    ``uniforms=`` makes an inverse-CDF draw from a uniform of the row's own.
     """
-    if "noise" not in inspect.signature(model.sample_with_stats).parameters:
-        raise NotImplementedError(f"{type(model).__name__} takes no per-sample noise, so its samples would "
-                                  "depend on the batch they were drawn in")
+    if isinstance(model, VAR):
+        return {"uniforms": [u.to(device) for u in sample_uniforms(model.config, seeds)]}
     return {"noise": [n.to(device) for n in sample_noise(model.config, seeds)]}
 
 
@@ -195,7 +207,7 @@ def all_sum(value: int, device: torch.device) -> int:
 
 
 def check_options(*, per_class, num_samples, num_classes, batch_size, cfg, cfg_schedule, guidance_interval,
-                  steps, solver, schedule, seed, format, precision) -> None:
+                  steps, solver, schedule, top_k, top_p, seed, format, precision) -> None:
     """The checks that need no model, so that a bad command fails before anything loads."""
     for name, value in (("--per-class", per_class), ("--num-samples", num_samples),
                         ("--num-classes", num_classes), ("--batch-size", batch_size), ("--steps", steps)):
@@ -207,10 +219,14 @@ def check_options(*, per_class, num_samples, num_classes, batch_size, cfg, cfg_s
         raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
     if cfg is not None and not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
         raise ValueError(f"--cfg must be a finite number, got {cfg!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"--top-p must lie in [0, 1] (0 or 1 = off), got {top_p!r}")
     for name, value, allowed in (("--format", format, FORMATS), ("--precision", precision, tuple(PRECISIONS)),
                                  ("--solver", solver, SOLVERS), ("--schedule", schedule, SCHEDULES),
                                  ("--cfg-schedule", cfg_schedule, CFG_SCHEDULES)):
-        if value not in allowed:
+        if value is not None and value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if guidance_interval is not None:
         low, high = (float(v) for v in guidance_interval)
@@ -218,18 +234,28 @@ def check_options(*, per_class, num_samples, num_classes, batch_size, cfg, cfg_s
             raise ValueError(f"--guidance-interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
 
 
-def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, cfg_schedule, guidance_interval, steps,
-                 solver, schedule, seed, precision) -> dict:
-    """run.json: the resolved sample-defining arguments (defaults filled in from the model's config)."""
-    config = pipe.model.config
+def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, seed, precision, **sampler) -> dict:
+    """run.json: the resolved sample-defining arguments (defaults filled in from the model's config).
+
+    ``sampler``: the FlowAR options (cfg_schedule, guidance_interval, steps, solver, schedule) and the VAR
+    ones (top_k, top_p); those of the other model kind must be None.
+    """
+    model = pipe.model
+    config = model.config
+    is_var = isinstance(model, VAR)
+    theirs, kind = (FLOWAR_OPTIONS, "FlowAR") if is_var else (VAR_OPTIONS, "VAR")
+    for key, flag in theirs.items():
+        if sampler.get(key) is not None:
+            raise ValueError(f"{flag} is a {kind} option; this pipeline holds a {type(model).__name__}")
+    unguided = 0.0 if is_var else 1.0  # VAR's guidance convention: 0 is unguided; FlowAR's: 1
     if config.unconditional:
         if num_samples is None:
             raise ValueError("the model is unconditional: give --num-samples (the total number of images)")
         if num_classes is not None:
             raise ValueError(f"--num-classes is for conditional models; this one is unconditional, got {num_classes}")
-        cfg = 1.0 if cfg is None else float(cfg)
-        if cfg != 1.0:
-            raise ValueError(f"--cfg must be 1.0 for an unconditional model, got {cfg}")
+        cfg = unguided if cfg is None else float(cfg)
+        if cfg != unguided:
+            raise ValueError(f"--cfg must be {unguided} for an unconditional model, got {cfg}")
     else:
         if num_samples is not None:
             raise ValueError("--num-samples is for unconditional models; use --per-class (and --num-classes)")
@@ -239,7 +265,6 @@ def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, cfg_sc
             raise ValueError(f"--num-classes must be at most the model's {config.num_classes}, got {num_classes}")
         num_samples = num_classes * per_class
         cfg = config.default_cfg if cfg is None else float(cfg)
-    interval = config.default_guidance_interval if guidance_interval is None else guidance_interval
     record = {
         "pipeline": str(Path(path).resolve()),
         "model": config.to_dict(),
@@ -247,16 +272,32 @@ def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, cfg_sc
         "num_classes": None if config.unconditional else num_classes,
         "per_class": None if config.unconditional else per_class,
         "cfg": cfg,
-        "cfg_schedule": cfg_schedule,
-        "guidance_interval": [float(v) for v in interval],
-        "steps": config.default_steps if steps is None else steps,
-        "solver": solver,
-        "schedule": schedule,
-        "seed": seed,
-        "precision": precision,
-        "noise": NOISE_SCHEME,
     }
+    if is_var:
+        top_k, top_p = sampler.get("top_k"), sampler.get("top_p")
+        record["top_k"] = config.default_top_k if top_k is None else top_k
+        record["top_p"] = config.default_top_p if top_p is None else float(top_p)
+    else:
+        interval = sampler.get("guidance_interval")
+        interval = config.default_guidance_interval if interval is None else interval
+        record.update({
+            "cfg_schedule": sampler.get("cfg_schedule") or "linear",
+            "guidance_interval": [float(v) for v in interval],
+            "steps": sampler.get("steps") or config.default_steps,
+            "solver": sampler.get("solver") or "euler",
+            "schedule": sampler.get("schedule") or "flowar",
+        })
+    record.update({"seed": seed, "precision": precision, "noise": VAR_NOISE_SCHEME if is_var else NOISE_SCHEME})
     return json.loads(json.dumps(record))  # as run.json will read back (tuples become lists)
+
+
+def sampler_kwargs(record: dict) -> dict:
+    """The pipeline's sampling options from a run record."""
+    if "top_k" in record:
+        return {"cfg": record["cfg"], "top_k": record["top_k"], "top_p": record["top_p"]}
+    return {"cfg": record["cfg"], "cfg_schedule": record["cfg_schedule"], "steps": record["steps"],
+            "solver": record["solver"], "schedule": record["schedule"],
+            "guidance_interval": tuple(record["guidance_interval"])}
 
 
 def check_resume(out: Path, record: dict) -> bool:
@@ -267,7 +308,8 @@ def check_resume(out: Path, record: dict) -> bool:
             raise ValueError(f"--out {out} is not empty and holds no {RUN_FILE}; give an empty or new folder")
         return False
     saved = json.loads(run_file.read_text())
-    differ = [key for key in SAMPLE_KEYS if saved.get(key) != record[key]]
+    keys = sorted((set(saved) | set(record)) - set(NOT_SAMPLE_DEFINING))
+    differ = [key for key in keys if saved.get(key) != record.get(key)]
     if differ:
         lines = [f"  {key}: {saved.get(key)!r} in the run, {record[key]!r} now" for key in differ]
         raise ValueError(f"--out {out} holds a run with different arguments, so it cannot be resumed:\n"
@@ -278,24 +320,27 @@ def check_resume(out: Path, record: dict) -> bool:
 # ---------------------------------------------------------------------------------------------- run
 def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None = None,
         num_classes: int | None = None, batch_size: int = 32, cfg: float | None = None,
-        cfg_schedule: str = "linear", guidance_interval: tuple[float, float] | None = None,
-        steps: int | None = None, solver: str = "euler", schedule: str = "flowar", seed: int = 0,
+        cfg_schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
+        steps: int | None = None, solver: str | None = None, schedule: str | None = None,
+        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
         format: str = "both", precision: str = "fp32", device: str | None = None, progress: bool = True,
         stop_after: int | None = None) -> Path:
     """Sample the evaluation set of the pipeline folder ``pipeline`` into ``out`` (see the module doc).
 
+    The FlowAR options (cfg_schedule, guidance_interval, steps, solver, schedule; None: "linear", the
+    model's, the model's, "euler", "flowar") and the VAR ones (top_k, top_p; None: the model's) apply to
+    their own model kind only. ``cfg`` is in the model's convention (FlowAR: 1 unguided; VAR: 0).
     Returns ``out``. ``stop_after`` is a test hook: raise :class:`SimulatedKill` once this process has
     written that many PNGs.
     """
     options = dict(per_class=per_class, num_samples=num_samples, num_classes=num_classes, cfg=cfg,
                    cfg_schedule=cfg_schedule, guidance_interval=guidance_interval, steps=steps, solver=solver,
-                   schedule=schedule, seed=seed, precision=precision)
+                   schedule=schedule, top_k=top_k, top_p=top_p, seed=seed, precision=precision)
     check_options(batch_size=batch_size, format=format, **options)
     out = Path(out)
     rank, world, device = init_distributed(device)
     pipe = load_pipeline(pipeline, device=device)
     record = describe_run(pipe, pipeline, **options)
-    per_sample_randomness(pipe.model, [0], device)  # fail now, not after the folder is set up
     total = record["num_samples"]
     labels = None if record["per_class"] is None else sample_labels(record["num_classes"], record["per_class"])
     images_dir = out / IMAGES_DIR
@@ -331,8 +376,7 @@ def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None 
     all_sum(0, device)  # everyone has listed the folder before anyone writes to it
 
     autocast_dtype = PRECISIONS[precision]
-    sample_kwargs = dict(cfg=record["cfg"], cfg_schedule=cfg_schedule, steps=record["steps"], solver=solver,
-                         schedule=schedule, guidance_interval=tuple(record["guidance_interval"]))
+    sample_kwargs = sampler_kwargs(record)
     bar = tqdm(total=total, initial=len(done), unit="img", desc="sampling", dynamic_ncols=True,
                disable=rank != 0 or not progress)
     written = new_total = 0
@@ -389,20 +433,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample an evaluation set from a pipeline folder, resumably, on any number of processes "
                     "(start with torchrun for several). Rerun the same command to resume.",
     )
-    p.add_argument("pipeline", help="pipeline folder (model files + vae/), as written by save_pretrained")
+    p.add_argument("pipeline", help="pipeline folder (FlowAR: model files + vae/; VAR: + tokenizer/), as "
+                                    "written by save_pretrained")
     p.add_argument("--out", required=True, help="output folder (run.json, labels.npy, images/, samples.npz)")
     p.add_argument("--per-class", type=int, default=None, help=f"images per class (default {DEFAULT_PER_CLASS})")
     p.add_argument("--num-classes", type=int, default=None, help="sample classes 0..N-1 (default: all the model's)")
     p.add_argument("--num-samples", type=int, default=None, help="total images, for an unconditional model")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the model's)")
-    p.add_argument("--cfg-schedule", default="linear", help=f"one of {CFG_SCHEDULES}")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="times in which guidance applies, t=1 noise (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps per scale (default: the model's)")
-    p.add_argument("--solver", default="euler", help=f"one of {SOLVERS}")
-    p.add_argument("--schedule", default="flowar", help=f"ODE step schedule, one of {SCHEDULES}")
-    p.add_argument("--seed", type=int, default=0, help="sample i draws its noise from a seed made of (seed, i)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance weight in the model's convention, FlowAR 1 / VAR 0 unguided (default: the model's)")
+    flowar_args = p.add_argument_group("FlowAR sampling")
+    flowar_args.add_argument("--cfg-schedule", default=None, help=f"one of {CFG_SCHEDULES} (default linear)")
+    flowar_args.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                             help="times in which guidance applies, t=1 noise (default: the model's)")
+    flowar_args.add_argument("--steps", type=int, default=None, help="ODE steps per scale (default: the model's)")
+    flowar_args.add_argument("--solver", default=None, help=f"one of {SOLVERS} (default euler)")
+    flowar_args.add_argument("--schedule", default=None, help=f"ODE step schedule, one of {SCHEDULES} (default flowar)")
+    var_args = p.add_argument_group("VAR sampling")
+    var_args.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens, 0 = all (default: the model's)")
+    var_args.add_argument("--top-p", type=float, default=None, help="nucleus mass, 0 = off (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="sample i draws its randomness from a seed made of (seed, i)")
     p.add_argument("--format", default="both", help=f"one of {FORMATS}; with npz the PNGs are the resumable "
                                                     "intermediate, deleted once samples.npz is written")
     p.add_argument("--precision", default="fp32", help=f"one of {tuple(PRECISIONS)} (bf16: networks under autocast)")

@@ -383,6 +383,7 @@ class VAR(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         more_smooth: bool = False,
+        uniforms: list[torch.Tensor] | None = None,
         progress: bool = False,
     ) -> VARSampleOutput:
         """Generate token maps scale by scale: one cached transformer pass per scale.
@@ -394,6 +395,9 @@ class VAR(nn.Module):
         top_k above the vocabulary size keeps everything). more_smooth: VAR's Gumbel-softmax mixing of code
         vectors for nicer pictures (not for FID); ``indices`` then holds the ids that were drawn but
         ``f_hat`` is built from the mixed vectors, and the tokenizer must expose ``codebook`` (V, Cvae).
+        uniforms: one (B, s*s) tensor in [0, 1) per scale, to draw each token by inverse CDF from its own
+        uniform instead of from ``generator`` (see ``heads.categorical.draw_tokens``): then an image depends
+        on its own uniforms alone, whatever batch it is drawn in (``eval.sample`` draws them per sample).
         """
         c = self.config
         device = self.class_emb.weight.device
@@ -413,6 +417,13 @@ class VAR(nn.Module):
             codebook = getattr(tokenizer, "codebook", None)
             if not torch.is_tensor(codebook) or tuple(codebook.shape) != (c.vocab_size, c.code_dim):
                 raise ValueError(f"more_smooth needs tokenizer.codebook, a ({c.vocab_size}, {c.code_dim}) tensor")
+        if uniforms is not None:
+            if more_smooth:
+                raise ValueError("uniforms replace the token draws; more_smooth draws Gumbel noise from generator, "
+                                 "so they cannot be combined")
+            shapes = [(batch, side * side) for side in c.scales]
+            if not isinstance(uniforms, (list, tuple)) or [tuple(getattr(u, "shape", ())) for u in uniforms] != shapes:
+                raise ValueError(f"uniforms must be a list of tensors of shapes {shapes}")
 
         # Rows [0, B) are conditional; with guidance, rows [B, 2B) carry the null class (own KV cache).
         # With cfg == 0 the mix is exactly the conditional logits, so the null rows are skipped.
@@ -436,7 +447,8 @@ class VAR(nn.Module):
             if guided:
                 logits = cfg_mix(logits[:batch], logits[batch:], cfg_ramp(cfg, k, num_scales))
             filtered = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-            ids = draw_tokens(filtered, greedy=temperature == 0, generator=generator)  # (B, s*s)
+            ids = draw_tokens(filtered, greedy=temperature == 0, generator=generator,
+                              uniforms=None if uniforms is None else uniforms[k].to(device))  # (B, s*s)
             indices.append(ids.view(batch, side, side))
             if more_smooth:
                 ratio = k / max(num_scales - 1, 1)

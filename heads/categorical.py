@@ -58,14 +58,29 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0, t
     return top_p_filter(top_k_filter(logits, top_k), top_p)
 
 
-def draw_tokens(filtered: torch.Tensor, *, greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ids (...) from already filtered logits (..., V): the argmax when ``greedy``, else one multinomial
-    draw per position from softmax(filtered), in float32."""
+def draw_tokens(filtered: torch.Tensor, *, greedy: bool = False, generator: torch.Generator | None = None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Ids (...) from already filtered logits (..., V): the argmax when ``greedy``, else one draw per
+    position from softmax(filtered), in float32.
+
+    The draw is a multinomial from ``generator``, or, with ``uniforms`` (...) in [0, 1), an inverse-CDF
+    draw: the first token whose cumulative probability exceeds ``u`` times the total. Then each row's ids
+    depend on its own uniforms alone, not on which batch it was drawn in (evaluation sets use this).
+    """
     if greedy:
         return filtered.argmax(dim=-1)
     vocab = filtered.shape[-1]
-    probs = filtered.float().softmax(dim=-1).reshape(-1, vocab)
-    ids = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+    probs = filtered.float().softmax(dim=-1)
+    if uniforms is not None:
+        if tuple(uniforms.shape) != tuple(filtered.shape[:-1]):
+            raise ValueError(f"uniforms must have shape {tuple(filtered.shape[:-1])}, got {tuple(uniforms.shape)}")
+        cdf = probs.double().cumsum(dim=-1)
+        target = uniforms.to(cdf).unsqueeze(-1) * cdf[..., -1:]
+        ids = (cdf <= target).sum(dim=-1)  # tokens left of the first one whose cdf exceeds the target
+        # Rounding may not push the target past the last token; never pick a token of zero probability.
+        last_kept = vocab - 1 - (probs > 0).flip(-1).long().argmax(dim=-1)
+        return torch.minimum(ids, last_kept)
+    ids = torch.multinomial(probs.reshape(-1, vocab), num_samples=1, replacement=True, generator=generator)
     return ids.reshape(filtered.shape[:-1])
 
 

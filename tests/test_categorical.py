@@ -99,6 +99,31 @@ def test_filtered_tokens_are_never_drawn():
     assert (top3 == ids[:, None]).any(-1).all()
 
 
+def test_inverse_cdf_draws_follow_the_probabilities_and_skip_filtered_tokens():
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    logits = probs.log()  # -inf where a filter removed the token
+    n = 20000
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    ids = draw_tokens(logits.expand(n, 6), uniforms=uniforms)
+    freq = torch.bincount(ids, minlength=6).float() / n
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    # The edges: u = 0 gives the first kept token; u just below 1 the last kept one, never a removed one.
+    edges = draw_tokens(logits.expand(2, 6), uniforms=torch.tensor([0.0, 1.0 - 1e-12], dtype=torch.float64))
+    assert edges.tolist() == [1, 4]
+    # Each uniform maps to the token whose cumulative interval holds it.
+    assert draw_tokens(logits.expand(3, 6), uniforms=torch.tensor([0.19, 0.21, 0.71])).tolist() == [1, 3, 4]
+
+
+def test_inverse_cdf_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(0))
+    uniforms = torch.rand(5, 7, generator=torch.Generator().manual_seed(1))
+    batch = draw_tokens(logits, uniforms=uniforms)
+    for row in range(5):
+        assert torch.equal(draw_tokens(logits[row:row + 1], uniforms=uniforms[row:row + 1])[0], batch[row])
+    with pytest.raises(ValueError, match="uniforms must have shape"):
+        draw_tokens(logits, uniforms=uniforms[:, :3])
+
+
 def test_the_draw_consumes_the_generator_like_one_multinomial_call():
     """VAR draws with torch.multinomial on the flattened (N, V) probabilities; so do we, so equal seeds give equal ids."""
     logits = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0))

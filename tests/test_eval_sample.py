@@ -12,9 +12,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from eval.sample import SimulatedKill, load_pipeline, main, run, sample_noise, sample_seeds
-from flowar import FlowAR, FlowARPipeline, get_preset
+from eval.sample import SimulatedKill, load_pipeline, main, run, sample_noise, sample_seeds, sample_uniforms
+from flowar import VAR, FlowAR, FlowARPipeline, VARPipeline, get_preset, get_var_preset
 from vae import DiffusersVAE
+from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4 classes x 2 = 8 samples; batch 3 makes chunks [0, 3), [3, 6), [6, 8).
@@ -231,3 +232,67 @@ def test_cli_runs_and_records_its_arguments(tmp_path, pipe_dir):
     npz = load_npz(out)
     assert npz["arr_0"].shape == (2, 16, 16, 3) and npz["labels"].tolist() == [0, 1]
     assert main([*argv, "--seed", "3"]) == 2  # resuming with another seed is refused
+
+
+# ------------------------------------------------------------------------------------------------ VAR
+@pytest.fixture(scope="module")
+def var_dir(tmp_path_factory):
+    """A random VAR on the tiny tokenizer (scales 1..4, 8x8 images), saved as a pipeline folder."""
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(get_msvq_preset("tiny"))
+    model = VAR(get_var_preset("var-tiny", scales=(1, 2, 3, 4), vocab_size=32, code_dim=8, depth=2, width=64,
+                               num_classes=4))
+    path = tmp_path_factory.mktemp("var")
+    VARPipeline(model, tokenizer).save_pretrained(path)
+    return path
+
+
+VAR_SMALL = dict(per_class=3, progress=False)
+
+
+def test_var_samples_are_the_pipelines_images_for_their_own_uniforms(tmp_path, var_dir):
+    out = run(var_dir, tmp_path / "run", batch_size=5, format="both", cfg=1.5, top_k=10, **VAR_SMALL)
+    npz = load_npz(out)
+    assert npz["arr_0"].shape == (12, 8, 8, 3) and npz["labels"].tolist() == [c for c in range(4) for _ in range(3)]
+    record = json.loads((out / "run.json").read_text())
+    assert (record["cfg"], record["top_k"], record["top_p"]) == (1.5, 10, 0.0) and "steps" not in record
+    pipe = load_pipeline(var_dir)
+    for i in (0, 7, 11):
+        alone = pipe([i // 3], output_type="latent", cfg=1.5, top_k=10,
+                     uniforms=sample_uniforms(pipe.model.config, sample_seeds(0, [i])))
+        batch = pipe([i // 3], output_type="np", cfg=1.5, top_k=10,
+                     uniforms=sample_uniforms(pipe.model.config, sample_seeds(0, [i])))[0]
+        assert np.abs(batch.astype(int) - npz["arr_0"][i]).max() <= 2  # batch of 1 vs 5: float rounding
+        assert alone[-1].shape == (1, 4, 4)
+    assert np.abs(npz["arr_0"][0].astype(int) - npz["arr_0"][1]).mean() > 1  # own uniforms, own image
+
+
+def test_var_tokens_do_not_depend_on_the_batch_size(tmp_path, var_dir):
+    a = load_npz(run(var_dir, tmp_path / "b2", batch_size=2, format="npz", **VAR_SMALL))["arr_0"].astype(int)
+    b = load_npz(run(var_dir, tmp_path / "b5", batch_size=5, format="npz", **VAR_SMALL))["arr_0"].astype(int)
+    assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.01
+
+
+def test_var_run_resumes_after_a_kill_bit_identically(tmp_path, var_dir):
+    whole = load_npz(run(var_dir, tmp_path / "whole", batch_size=3, format="npz", **VAR_SMALL))["arr_0"]
+    with pytest.raises(SimulatedKill):
+        run(var_dir, tmp_path / "killed", batch_size=3, format="npz", stop_after=4, **VAR_SMALL)
+    resumed = load_npz(run(var_dir, tmp_path / "killed", batch_size=3, format="npz", **VAR_SMALL))["arr_0"]
+    np.testing.assert_array_equal(resumed, whole)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=4), "--steps is a FlowAR option"),
+    (dict(solver="midpoint"), "--solver is a FlowAR option"),
+    (dict(top_k=-1), "--top-k must be an integer >= 0"),
+    (dict(top_p=1.5), r"--top-p must lie in \[0, 1\]"),
+])
+def test_var_refuses_options_it_does_not_have(tmp_path, var_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(var_dir, tmp_path / "run", **{**VAR_SMALL, **kwargs})
+    assert not (tmp_path / "run").exists()
+
+
+def test_flowar_refuses_var_options(tmp_path, pipe_dir):
+    with pytest.raises(ValueError, match="--top-k is a VAR option"):
+        run(pipe_dir, tmp_path / "run", top_k=5, **SMALL)

@@ -379,35 +379,48 @@ def test_temperature_zero_is_greedy_and_top_k_one(tokenizer):
     assert all(torch.equal(x, y) for x, y in zip(greedy.indices, top1.indices))
 
 
-class SmoothTokenizer(MultiScaleVQVAE):
-    """The tiny tokenizer plus what ``more_smooth`` needs: ``codebook`` and accumulation of code vectors."""
-
-    @property
-    def codebook(self):
-        return self.quantize.embedding.weight
-
-    def accumulate(self, k, f_hat, codes):
-        if codes.dtype == torch.long:
-            return super().accumulate(k, f_hat, codes)
-        side = self.scales[-1]
-        h = codes if k == len(self.scales) - 1 else F.interpolate(codes, size=(side, side), mode="bicubic")
-        f_hat = (0 if f_hat is None else f_hat) + self.quantize.phi(k)(h)
-        if k == len(self.scales) - 1:
-            return f_hat, None
-        nxt = self.scales[k + 1]
-        return f_hat, F.interpolate(f_hat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
+def test_accumulating_one_hot_code_vectors_equals_accumulating_ids(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    f_ids = f_codes = None
+    for k, side in enumerate(tokenizer.scales):
+        ids = torch.randint(tokenizer.codebook_size, (2, side, side), generator=g)
+        codes = torch.nn.functional.one_hot(ids, tokenizer.codebook_size).float() @ tokenizer.codebook
+        f_ids, next_ids = tokenizer.accumulate(k, f_ids, ids)
+        f_codes, next_codes = tokenizer.accumulate(k, f_codes, codes.permute(0, 3, 1, 2))
+        torch.testing.assert_close(f_codes, f_ids, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="code vectors must be"):
+        tokenizer.accumulate(0, None, torch.zeros(2, tokenizer.code_dim + 1, 1, 1))
 
 
 def test_more_smooth_mixes_code_vectors(tokenizer):
-    torch.manual_seed(0)
-    smooth_tok = SmoothTokenizer(get_msvq_preset("tiny")).eval()
     model = small_model()
-    plain = model.sample([3], tokenizer=smooth_tok, generator=torch.Generator().manual_seed(0))
-    smooth = model.sample([3], tokenizer=smooth_tok, more_smooth=True, generator=torch.Generator().manual_seed(0))
+    plain = model.sample([3], tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
+    smooth = model.sample([3], tokenizer=tokenizer, more_smooth=True, generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain.indices[0], smooth.indices[0])  # the id is drawn before the Gumbel noise
-    assert not torch.allclose(smooth.f_hat, smooth_tok.indices_to_f_hat(smooth.indices), atol=1e-4)
+    assert not torch.allclose(smooth.f_hat, tokenizer.indices_to_f_hat(smooth.indices), atol=1e-4)
+
+    class NoCodebook:  # a tokenizer that cannot mix code vectors
+        scales, codebook_size, code_dim = tokenizer.scales, tokenizer.codebook_size, tokenizer.code_dim
+        accumulate = tokenizer.accumulate
+
     with pytest.raises(ValueError, match="codebook"):
-        model.sample([3], tokenizer=tokenizer, more_smooth=True)
+        model.sample([3], tokenizer=NoCodebook(), more_smooth=True)
+
+
+def test_per_token_uniforms_make_each_image_independent_of_its_batch(tokenizer):
+    model = small_model()
+    g = torch.Generator().manual_seed(0)
+    uniforms = [torch.rand(3, side * side, generator=g) for side in model.config.scales]
+    batch = model.sample([1, 2, 3], tokenizer=tokenizer, cfg=1.5, uniforms=uniforms)
+    for row in range(3):
+        alone = model.sample([row + 1], tokenizer=tokenizer, cfg=1.5, uniforms=[u[row:row + 1] for u in uniforms])
+        assert all(torch.equal(a[0], b[row]) for a, b in zip(alone.indices, batch.indices))
+    other = model.sample([1, 2, 3], tokenizer=tokenizer, cfg=1.5, uniforms=[u.roll(1, 0) for u in uniforms])
+    assert not all(torch.equal(a, b) for a, b in zip(other.indices, batch.indices))
+    with pytest.raises(ValueError, match="uniforms must be a list"):
+        model.sample([1, 2, 3], tokenizer=tokenizer, uniforms=uniforms[:-1])
+    with pytest.raises(ValueError, match="more_smooth"):
+        model.sample([1, 2, 3], tokenizer=tokenizer, uniforms=uniforms, more_smooth=True)
 
 
 def test_unconditional_model(tokenizer):

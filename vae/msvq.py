@@ -398,8 +398,11 @@ class MultiScaleQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2)
 
     def contribution(self, k: int, indices: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """h_k = phi_k(codes bicubic-upsampled to S); the last scale is not resampled. -> (B, C, S, S)."""
-        h = self.embed(indices)
+        """h_k = phi_k(codes bicubic-upsampled to S); the last scale is not resampled. -> (B, C, S, S).
+
+        ``indices`` (B, s, s) are looked up in the codebook; float (B, C, s, s) are code vectors already
+        (VAR's smoothed sampling mixes them)."""
+        h = self.embed(indices) if indices.dtype == torch.long else indices
         if dtype is not None:
             h = h.to(dtype)
         if k != len(self.scales) - 1:
@@ -531,6 +534,11 @@ class MultiScaleVQVAE(nn.Module):
     def image_size(self) -> int:
         return self.scales[-1] * self.downsample
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The code vectors (V, Cvae), shared by all scales."""
+        return self.quantize.embedding.weight
+
     def _check_images(self, images: torch.Tensor) -> None:
         side, channels = self.image_size, self.config.image_channels
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (channels, side, side):
@@ -579,7 +587,8 @@ class MultiScaleVQVAE(nn.Module):
     def accumulate(
         self, k: int, f_hat: torch.Tensor | None, indices_k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Add scale ``k``'s tokens (B, s_k, s_k) to ``f_hat`` (B, Cvae, S, S) (None = zeros).
+        """Add scale ``k``'s tokens (B, s_k, s_k) to ``f_hat`` (B, Cvae, S, S) (None = zeros). ``indices_k``
+        may instead be float code vectors (B, Cvae, s_k, s_k), e.g. mixtures of :attr:`codebook` rows.
 
         Returns the new f_hat (a new tensor; ``f_hat`` is not modified) and the next scale's transformer input
         (B, s_{k+1}^2, Cvae), the new f_hat area-pooled to s_{k+1} and flattened row-major; None after the last
@@ -588,7 +597,12 @@ class MultiScaleVQVAE(nn.Module):
         count, side = len(self.scales), self.scales[-1]
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < count:
             raise ValueError(f"k must be an int in [0, {count}), got {k!r}")
-        _check_indices("indices_k", indices_k, self.scales[k])
+        if isinstance(indices_k, torch.Tensor) and indices_k.is_floating_point():
+            s_k = self.scales[k]
+            if indices_k.ndim != 4 or tuple(indices_k.shape[1:]) != (self.code_dim, s_k, s_k):
+                raise ValueError(f"code vectors must be (B, {self.code_dim}, {s_k}, {s_k}), got {tuple(indices_k.shape)}")
+        else:
+            _check_indices("indices_k", indices_k, self.scales[k])
         batch = indices_k.shape[0]
         if f_hat is None:
             f_hat = self.quantize.embedding.weight.new_zeros(batch, self.code_dim, side, side)
