@@ -319,9 +319,10 @@ class Row:
     shape: tuple
     max_abs: float
     max_rel: float  # max_abs / max |theirs|
+    exact: bool = False  # token ids: max_abs counts differing ids, and any difference fails
 
     def ok(self, tolerance: float) -> bool:
-        return self.max_rel <= tolerance  # False for NaN as well
+        return self.max_abs == 0 if self.exact else self.max_rel <= tolerance  # False for NaN as well
 
 
 def compare(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> Row:
@@ -406,11 +407,16 @@ def compare_sampling(reference, ours: FlowAR, labels, *, cfg: float, guidance: f
 
 # ---------------------------------------------------------------------------------------- report
 def format_table(rows: list[Row], tolerance: float) -> str:
-    header = f"{'quantity':<44} {'shape':<18} {'max |diff|':>11} {'max rel':>11}  result"
+    width = max([44, *(len(r.name) + 1 for r in rows)])
+    header = f"{'quantity':<{width}} {'shape':<20} {'max |diff|':>11} {'max rel':>11}  result"
     lines = [header, "-" * len(header)]
     for r in rows:
-        verdict = "ok" if r.ok(tolerance) else f"FAIL (> {tolerance:g})"
-        lines.append(f"{r.name:<44} {str(r.shape):<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  {verdict}")
+        if r.exact:
+            verdict = "ok (identical)" if r.ok(tolerance) else "FAIL (ids differ)"
+            lines.append(f"{r.name:<{width}} {str(r.shape):<20} {int(r.max_abs):>11d} {'':>11}  {verdict}")
+        else:
+            verdict = "ok" if r.ok(tolerance) else f"FAIL (> {tolerance:g})"
+            lines.append(f"{r.name:<{width}} {str(r.shape):<20} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  {verdict}")
     return "\n".join(lines)
 
 

@@ -86,10 +86,10 @@ GREEDY_SETTINGS = dict(cfg=1.5, top_k=1, top_p=0.0)  # [greedy]: the argmax (no 
 
 # ---------------------------------------------------------------------------------------- environment
 @contextlib.contextmanager
-def guard_nn_init():
-    """Record ``reset_parameters`` of the classes their builder patches; on exit put back any that changed.
-    Yields a list that holds the names of the classes that had been changed (empty when none was)."""
-    saved = {cls: cls.__dict__.get("reset_parameters") for cls in PATCHED_BY_THEIR_BUILDER}
+def guard_nn_init(classes=PATCHED_BY_THEIR_BUILDER):
+    """Record ``reset_parameters`` of ``classes`` (those their builder patches); on exit put back any that
+    changed. Yields a list that holds the names of the classes that had been changed (empty when none was)."""
+    saved = {cls: cls.__dict__.get("reset_parameters") for cls in classes}
     changed: list[str] = []
     try:
         yield changed

@@ -52,6 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eval import parity_var
+from eval.parity_flowar import Row, compare, format_table
 from vae.msvq import (
     MultiScaleVQConfig,
     MultiScaleVQVAE,
@@ -75,22 +77,9 @@ DEFAULT_TOLERANCE = 1e-4
 
 
 # ---------------------------------------------------------------------------------------- environment
-@contextlib.contextmanager
 def guard_nn_init():
-    """Record ``reset_parameters`` of the classes the authors' builder patches; afterwards put back any that
-    changed. Yields the list of changed class names (filled on exit)."""
-    saved = {cls: cls.__dict__.get("reset_parameters") for cls in PATCHED_CLASSES}
-    changed: list[str] = []
-    try:
-        yield changed
-    finally:
-        for cls, original in saved.items():
-            if cls.__dict__.get("reset_parameters") is not original:
-                changed.append(cls.__name__)
-                if original is None:
-                    delattr(cls, "reset_parameters")
-                else:
-                    cls.reset_parameters = original
+    """:func:`eval.parity_var.guard_nn_init` for the classes the tokenizer's builder patches."""
+    return parity_var.guard_nn_init(PATCHED_CLASSES)
 
 
 def import_reference(reference) -> types.ModuleType:
@@ -164,26 +153,6 @@ def ours_from_reference(reference: nn.Module, config: MultiScaleVQConfig) -> tup
 
 
 # ---------------------------------------------------------------------------------------- comparisons
-@dataclass
-class Row:
-    name: str
-    shape: tuple
-    max_abs: float
-    max_rel: float
-    exact: bool = False  # indices: any difference fails
-
-    def ok(self, tolerance: float) -> bool:
-        return self.max_abs == 0 if self.exact else self.max_rel <= tolerance
-
-
-def compare(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> Row:
-    if ours.shape != theirs.shape:
-        raise AssertionError(f"{name}: shapes differ, ours {tuple(ours.shape)} vs theirs {tuple(theirs.shape)}")
-    ours, theirs = ours.detach(), theirs.detach()
-    diff = float((ours.double() - theirs.double()).abs().max())
-    return Row(name, tuple(theirs.shape), diff, diff / max(float(theirs.double().abs().max()), 1e-30))
-
-
 def compare_indices(ours: list[torch.Tensor], theirs: list[torch.Tensor], scales) -> list[Row]:
     rows = []
     for k, (a, b) in enumerate(zip(ours, theirs)):
@@ -286,19 +255,6 @@ def warnings_off():
 
 
 # ---------------------------------------------------------------------------------------- report
-def format_table(rows: list[Row], tolerance: float) -> str:
-    header = f"{'quantity':<56} {'shape':<20} {'max |diff|':>11} {'max rel':>11}  result"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if r.exact:
-            verdict = "ok (identical)" if r.ok(tolerance) else "FAIL (indices differ)"
-            lines.append(f"{r.name:<56} {str(r.shape):<20} {int(r.max_abs):>11d} {'':>11}  {verdict}")
-        else:
-            verdict = "ok" if r.ok(tolerance) else f"FAIL (> {tolerance:g})"
-            lines.append(f"{r.name:<56} {str(r.shape):<20} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  {verdict}")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

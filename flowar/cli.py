@@ -59,51 +59,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .var_cli import is_var_invocation, main as var_main  # VAR folders and --preset var-* go there
+    from .var_cli import is_var_invocation, run as run_var  # VAR folders and --preset var-* go there
+    from .var_cli import build_parser as build_var_parser
 
-    if is_var_invocation(sys.argv[1:] if argv is None else argv):
-        return var_main(argv)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if is_var_invocation(argv):
+        return report_errors(run_var, build_var_parser().parse_args(argv))
+    return report_errors(run, build_parser().parse_args(argv))
+
+
+def report_errors(run_command, args) -> int:
+    """``run_command(args)``; a bad argument or a missing file becomes one line on stderr and exit status 2."""
     try:
-        return run(args)
+        return run_command(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"flowar-sample: {err}", file=sys.stderr)
         return 2
 
 
-def run(args) -> int:
-    path = Path(args.path)
-    if path.is_file():
-        if args.preset is None:
-            print(f"flowar-sample: {path} is a checkpoint file; --preset is required "
-                  f"(one of {', '.join(sorted(PRESETS))})", file=sys.stderr)
-            return 2
-        model = FlowAR.from_released(path, args.preset)
-        if args.vae is None:
-            print("flowar-sample: --vae is required with a released checkpoint (e.g. MAR's kl16.ckpt)",
-                  file=sys.stderr)
-            return 2
-        pipe = FlowARPipeline(model, load_vae(args.vae))
-    else:
-        pipe = FlowARPipeline.from_pretrained(path, vae=args.vae)
+def sample_grid(pipe, args, **sample_kwargs) -> int:
+    """Sample ``args.labels`` (``args.num_images`` each, or that many unconditional images) with ``pipe``
+    on ``args.device`` and write them as one grid to ``args.out``."""
     pipe.to(args.device)
-
     per_label = args.num_images or 1
     labels = None if args.labels is None else [label for label in args.labels for _ in range(per_label)]
     batch_size = (args.num_images or 1) if labels is None else None
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
-    images = pipe(
-        labels, batch_size=batch_size, output_type="np", cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-        guidance_interval=args.guidance_interval, steps=args.steps, solver=args.solver, schedule=args.schedule,
-        generator=generator, progress=True, autocast_dtype=torch.bfloat16 if args.bf16 else None,
-    )
+    images = pipe(labels, batch_size=batch_size, output_type="np", generator=generator, progress=True,
+                  autocast_dtype=torch.bfloat16 if args.bf16 else None, **sample_kwargs)
     elapsed = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, args.nrow or len(images)).save(out)
     print(f"wrote {len(images)} images to {out} in {elapsed:.1f} s")
     return 0
+
+
+def run(args) -> int:
+    path = Path(args.path)
+    if path.is_file():
+        if args.preset is None:
+            raise ValueError(f"{path} is a checkpoint file; --preset is required (one of {', '.join(sorted(PRESETS))})")
+        if args.vae is None:
+            raise ValueError("--vae is required with a released checkpoint (e.g. MAR's kl16.ckpt)")
+        pipe = FlowARPipeline(FlowAR.from_released(path, args.preset), load_vae(args.vae))
+    else:
+        pipe = FlowARPipeline.from_pretrained(path, vae=args.vae)
+    return sample_grid(pipe, args, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                       guidance_interval=args.guidance_interval, steps=args.steps, solver=args.solver,
+                       schedule=args.schedule)
 
 
 if __name__ == "__main__":

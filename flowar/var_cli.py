@@ -4,16 +4,14 @@
     flowar-sample var_d16.pth --preset var-d16 --tokenizer vae_ch160v4096z32.pth --labels 207,360 --out grid.png
 
 :func:`is_var_invocation` tells a VAR command line from a FlowAR one (a folder whose config.json says
-``"model_type": "var"``, or a ``--preset var-...``), so that ``flowar.cli.main`` can hand it over here;
-:func:`dispatch` does that choice itself and can serve as the entry point.
+``"model_type": "var"``, or a ``--preset var-...``), so that ``flowar.cli.main`` (the entry point) can
+hand it over to :func:`run` here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,8 +19,7 @@ import torch
 from vae.msvq import MSVQ_PRESETS, get_msvq_preset
 
 from .checkpoints import CONFIG_NAME
-from .cli import parse_labels
-from .pipeline import image_grid
+from .cli import parse_labels, sample_grid
 from .var import MODEL_TYPE, VAR
 from .var_config import VAR_PRESETS
 from .var_pipeline import RELEASED_TOKENIZER, VARPipeline
@@ -77,36 +74,14 @@ def is_var_invocation(argv) -> bool:
         return False  # let the FlowAR command report the broken folder
 
 
-def dispatch(argv=None) -> int:
-    """``flowar-sample`` for both model families: VAR command lines here, the rest to ``flowar.cli``."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if is_var_invocation(args):
-        return main(args)
-    from .cli import main as flowar_main
-
-    return flowar_main(args)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flowar-sample: {err}", file=sys.stderr)
-        return 2
-
-
 def run(args) -> int:
     path = Path(args.path)
     if path.is_file():
         if args.preset is None:
-            print(f"flowar-sample: {path} is a checkpoint file; --preset is required "
-                  f"(one of {', '.join(sorted(VAR_PRESETS))})", file=sys.stderr)
-            return 2
+            raise ValueError(f"{path} is a checkpoint file; --preset is required "
+                             f"(one of {', '.join(sorted(VAR_PRESETS))})")
         if args.tokenizer is None:
-            print("flowar-sample: --tokenizer is required with a released checkpoint (e.g. vae_ch160v4096z32.pth)",
-                  file=sys.stderr)
-            return 2
+            raise ValueError("--tokenizer is required with a released checkpoint (e.g. vae_ch160v4096z32.pth)")
         model = VAR.from_released(path, args.preset)
         pipe = VARPipeline(model, load_cli_tokenizer(args.tokenizer, args.tokenizer_preset, model.config.scales))
     else:
@@ -114,22 +89,7 @@ def run(args) -> int:
         if args.tokenizer is not None:
             tokenizer = load_cli_tokenizer(args.tokenizer, args.tokenizer_preset, _folder_scales(path))
         pipe = VARPipeline.from_pretrained(path, tokenizer=tokenizer)
-    pipe.to(args.device)
-
-    per_label = args.num_images or 1
-    labels = None if args.labels is None else [label for label in args.labels for _ in range(per_label)]
-    batch_size = (args.num_images or 1) if labels is None else None
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    start = time.perf_counter()
-    images = pipe(labels, batch_size=batch_size, output_type="np", cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                  temperature=args.temperature, generator=generator, progress=True,
-                  autocast_dtype=torch.bfloat16 if args.bf16 else None)
-    elapsed = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, args.nrow or len(images)).save(out)
-    print(f"wrote {len(images)} images to {out} in {elapsed:.1f} s")
-    return 0
+    return sample_grid(pipe, args, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
 
 
 def load_cli_tokenizer(source, preset: str, scales):
@@ -147,7 +107,3 @@ def _folder_scales(path: Path):
     if not config.is_file():
         raise FileNotFoundError(f"path {path} has no {CONFIG_NAME}")
     return tuple(json.loads(config.read_text())["scales"])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

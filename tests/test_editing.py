@@ -125,9 +125,7 @@ def test_flowar_mask_of_zeros_is_ordinary_sampling(flowar_pipe):
     np.testing.assert_array_equal(pixels, flowar_pipe([3, 4], output_type="np", generator=gen(7), **options))
 
 
-def test_flowar_pipeline_method_if_present(flowar_pipe):
-    if not hasattr(FlowARPipeline, "inpaint"):
-        pytest.skip("FlowARPipeline.inpaint is not pasted in yet")
+def test_pipeline_method_is_the_function(flowar_pipe):
     image, mask = random_image(16), left_columns(16, 6)
     a = flowar_pipe.inpaint(image, mask, 2, generator=gen(3), output_type="np", steps=2)
     b = inpaint(flowar_pipe, image, mask, 2, generator=gen(3), output_type="np", steps=2)

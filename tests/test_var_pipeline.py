@@ -12,8 +12,8 @@ from flowar import FlowAR, FlowARPipeline, get_preset
 from flowar.pipeline import image_grid
 from flowar.pipelines import load_pipeline
 from flowar.var import VAR
-from flowar.var_cli import dispatch, is_var_invocation
-from flowar.var_cli import main as var_cli_main
+from flowar.cli import main as flowar_sample
+from flowar.var_cli import is_var_invocation
 from flowar.var_config import get_var_preset
 from flowar.var_pipeline import VARPipeline
 from vae import DiffusersVAE
@@ -140,7 +140,7 @@ def test_cli_samples_a_var_folder(tmp_path, capsys):
     args = [str(tmp_path / "pipe"), "--labels", "1,2", "--num-images", "2", "--cfg", "1.0", "--top-k", "4",
             "--seed", "3", "--nrow", "2", "--out", str(out), "--device", "cpu"]
     assert is_var_invocation(args)
-    assert dispatch(args) == 0
+    assert flowar_sample(args) == 0
     assert "wrote 4 images" in capsys.readouterr().out
     expected = pipe([1, 1, 2, 2], output_type="np", cfg=1.0, top_k=4, generator=gen(3))
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(expected, 2)))
@@ -158,16 +158,16 @@ def test_cli_samples_released_style_checkpoints(tmp_path, capsys):
     args = [str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer", str(tmp_path / "vae_mnist.pth"),
             "--tokenizer-preset", "mnist", "--labels", "3,4", "--out", str(out), "--device", "cpu"]
     assert is_var_invocation(args)
-    assert dispatch(args) == 0
+    assert flowar_sample(args) == 0
     expected = VARPipeline(model, tokenizer)([3, 4], output_type="np", generator=gen(0))
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(expected, 2)))
     # the released command line needs both --preset and --tokenizer
-    assert var_cli_main([str(tmp_path / "var_tiny.pth"), "--out", str(out)]) == 2
+    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--out", str(out)]) == 2
     assert "--preset is required" in capsys.readouterr().err
-    assert var_cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--out", str(out)]) == 2
+    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--out", str(out)]) == 2
     assert "--tokenizer is required" in capsys.readouterr().err
     # a tokenizer of another architecture fails cleanly, naming the keys
-    assert var_cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer",
+    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer",
                          str(tmp_path / "vae_mnist.pth"), "--tokenizer-preset", "tiny", "--out", str(out)]) == 2
     assert "does not match" in capsys.readouterr().err
 
@@ -179,6 +179,6 @@ def test_flowar_command_lines_are_not_taken_for_var(tmp_path):
     assert is_var_invocation(["var_d16.pth", "--preset", "var-d16", "--tokenizer", "vae_ch160v4096z32.pth"])
     assert not is_var_invocation([str(tmp_path / "missing")])
     out = tmp_path / "grid.png"
-    assert dispatch([str(tmp_path / "flowar"), "--labels", "1", "--steps", "2", "--out", str(out),
+    assert flowar_sample([str(tmp_path / "flowar"), "--labels", "1", "--steps", "2", "--out", str(out),
                      "--device", "cpu"]) == 0
     assert Image.open(out).size[1] == 16 + 4

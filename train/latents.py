@@ -25,6 +25,20 @@ def dataset_batch(dataset, indices, epoch: int) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([img for img, _ in items]), torch.tensor([label for _, label in items])
 
 
+def read_cache(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The index and the concatenated shards of a cache written by ``train.cache_latents``."""
+    index_file = folder / CACHE_INDEX
+    if not index_file.is_file():
+        raise FileNotFoundError(f"latent_cache {folder} has no {CACHE_INDEX}; write one with train.cache_latents")
+    index = json.loads(index_file.read_text())
+    parts = [load_file(str(folder / name)) for name in index["shards"]]
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if int(tensors["labels"].shape[0]) != index["num_items"]:
+        raise ValueError(f"latent_cache {folder} is incomplete: {int(tensors['labels'].shape[0])} of "
+                         f"{index['num_items']} items in its shards")
+    return index, tensors
+
+
 class LatentSource:
     """Base: batches of (latents, labels) for a step, from the global-batch draws of that step."""
 
@@ -67,16 +81,8 @@ class CachedLatents(LatentSource):
     def __init__(self, folder, *, seed: int = 0, vae=None):
         super().__init__(seed)
         self.folder = Path(folder)
-        index_file = self.folder / CACHE_INDEX
-        if not index_file.is_file():
-            raise FileNotFoundError(f"latent_cache {self.folder} has no {CACHE_INDEX}; write one with train.cache_latents")
-        self.index = json.loads(index_file.read_text())
-        parts = [load_file(str(self.folder / name)) for name in self.index["shards"]]
-        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.index, self.tensors = read_cache(self.folder)
         self.num_items = int(self.tensors["labels"].shape[0])
-        if self.num_items != self.index["num_items"]:
-            raise ValueError(f"latent_cache {self.folder} is incomplete: {self.num_items} of "
-                             f"{self.index['num_items']} items in its shards")
         self.latent_shape = tuple(self.tensors["mean"].shape[1:])
         self.vae = vae
 
@@ -127,13 +133,8 @@ class CachedTokens(TokenSource):
     def __init__(self, folder, *, seed: int = 0, tokenizer=None):
         super().__init__(seed)
         self.folder = Path(folder)
-        self.index = json.loads((self.folder / CACHE_INDEX).read_text())
-        parts = [load_file(str(self.folder / name)) for name in self.index["shards"]]
-        self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.index, self.tensors = read_cache(self.folder)
         self.num_items = int(self.tensors["labels"].shape[0])
-        if self.num_items != self.index["num_items"]:
-            raise ValueError(f"latent_cache {self.folder} is incomplete: {self.num_items} of "
-                             f"{self.index['num_items']} items in its shards")
         self.scales = tuple(self.index["scales"])
         self.latent_shape = (sum(s * s for s in self.scales),)
         self.tokenizer = tokenizer
