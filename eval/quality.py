@@ -8,6 +8,7 @@ It scores any set of digit samples (from FlowAR, VAR, a solver or a step count) 
 
     python -m eval.quality SAMPLES.npz [--classifier DIR]       # arr_0 (N,H,W[,C]) uint8 + labels (N,)
     python -m eval.quality --pipeline RELEASE --per-class 100 [--cfg 3 --steps 10 --solver euler]
+    python -m eval.quality --write-reference mnist-train.npz    # the training digits, for eval.fid
 
 The classifier trains on the 4,500 training digits of ``train.data.MNISTDataset`` and is measured on
 the 500 held-out digits, which it never sees; a trained one is saved as a folder (config.json +
@@ -258,6 +259,20 @@ def sample_digits(pipeline, *, per_class: int, batch_size: int = 100, seed: int 
     return np.concatenate(images), np.asarray(labels)
 
 
+def write_reference(path, *, image_size: int = 32) -> None:
+    """The training digits as an ADM images npz (``arr_0`` (N, S, S, 3) uint8, ``labels``): the reference
+    set the demo's generators are measured against with ``eval.fid``."""
+    digits = MNISTDataset(image_size=image_size, split="train")
+    images = np.repeat(digits.images.numpy()[..., None], 3, axis=-1)
+    labels = digits.labels.numpy().astype(np.int64)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez appends ".npz" to a bare name
+            np.savez(f, arr_0=images, labels=labels)
+
+    atomic_write(Path(path), write)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="?", help="npz with arr_0 (uint8 images) and labels")
@@ -270,16 +285,26 @@ def main(argv=None) -> int:
     p.add_argument("--classifier", default=os.path.join("runs", "digit-classifier"),
                    help="folder of a saved classifier; trained and saved there when absent")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--write-reference", metavar="NPZ",
+                   help="write the 4,500 training digits (32 px, arr_0 + labels) as eval.fid's reference, and stop")
     args = p.parse_args(argv)
+    if args.write_reference:
+        write_reference(args.write_reference)
+        print(f"wrote the {len(MNISTDataset(image_size=32, split='train'))} training digits to {args.write_reference}")
+        return 0
     if (args.samples is None) == (args.pipeline is None):
         p.error("give either SAMPLES.npz or --pipeline")
     scorer = DigitScorer.load_or_train(args.classifier)
     if args.pipeline:
-        from flowar import FlowARPipeline
+        from flowar import VAR, load_pipeline
 
+        pipe = load_pipeline(args.pipeline)
+        flowar_only = {"--steps": args.steps, "--solver": args.solver}
+        if isinstance(pipe.model, VAR) and any(v is not None for v in flowar_only.values()):
+            p.error(f"{', '.join(k for k, v in flowar_only.items() if v is not None)}: FlowAR options, "
+                    f"and {args.pipeline} holds a VAR")
         options = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps), ("solver", args.solver)) if v is not None}
-        images, labels = sample_digits(FlowARPipeline.from_pretrained(args.pipeline), per_class=args.per_class,
-                                       seed=args.seed, **options)
+        images, labels = sample_digits(pipe, per_class=args.per_class, seed=args.seed, **options)
     else:
         with np.load(args.samples, allow_pickle=False) as data:
             if "arr_0" not in data or "labels" not in data:

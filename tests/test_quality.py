@@ -105,3 +105,31 @@ def test_save_load_round_trip_and_cli(tmp_path, trained, heldout):
         load_classifier(tmp_path / "missing")
     np.savez(tmp_path / "samples.npz", arr_0=heldout[0][:50], labels=heldout[1][:50])
     assert main([str(tmp_path / "samples.npz"), "--classifier", str(tmp_path / "clf")]) == 0
+
+
+def test_the_written_reference_is_the_training_digits(tmp_path, capsys):
+    from eval.reference import read_images_npz
+
+    assert main(["--write-reference", str(tmp_path / "ref.npz")]) == 0
+    assert "4500 training digits" in capsys.readouterr().out
+    train = MNISTDataset(image_size=32, split="train")
+    images = read_images_npz(tmp_path / "ref.npz")
+    assert images.shape == (4500, 32, 32, 3) and images.dtype == np.uint8
+    for channel in range(3):  # grey repeated to RGB, pixel for pixel
+        np.testing.assert_array_equal(images[..., channel], train.images.numpy())
+    with np.load(tmp_path / "ref.npz", allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["labels"], train.labels.numpy())
+
+
+def test_sampling_a_var_release_refuses_flowar_options(tmp_path, trained):
+    from flowar import VAR, VARPipeline, get_var_preset
+    from vae.msvq import MultiScaleVQVAE, get_msvq_preset
+
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(get_msvq_preset("mnist"))
+    VARPipeline(VAR(get_var_preset("var-tiny", depth=1, width=32, num_heads=2)), tokenizer).save_pretrained(tmp_path / "var")
+    save_classifier(trained[0], tmp_path / "clf", heldout_accuracy=trained[1])
+    with pytest.raises(SystemExit):
+        main(["--pipeline", str(tmp_path / "var"), "--steps", "4", "--classifier", str(tmp_path / "clf")])
+    assert main(["--pipeline", str(tmp_path / "var"), "--per-class", "1", "--cfg", "1",
+                 "--classifier", str(tmp_path / "clf")]) == 0
