@@ -108,15 +108,15 @@ class ScaleWisePipeline:
     def _generate(self, class_labels, batch_size, output_type, autocast_dtype, decode_batch, sample_kwargs):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        with torch.no_grad(), autocast_context(self.device, autocast_dtype):
-            decodable, latent = self._sample(class_labels, batch_size, sample_kwargs)
         with torch.no_grad():
-            return decode_output(self.autoencoder.decode, decodable, output_type, latent=latent, decode_batch=decode_batch)
+            with autocast_context(self.device, autocast_dtype):  # the generator only, not the decoder
+                decodable, latent = self._sample(class_labels, batch_size, sample_kwargs)
+            return decode_output(self.autoencoder.decode, decodable, output_type, latent=latent,
+                                 decode_batch=decode_batch)
 
     def _sample(self, class_labels, batch_size, sample_kwargs):
         """(what the autoencoder decodes, what output_type "latent" returns)."""
         raise NotImplementedError
-
 
 
 class FlowARPipeline(ScaleWisePipeline):
