@@ -17,15 +17,9 @@ from flowar.var_pipeline import VARPipeline
 from vae import DiffusersVAE, area_pyramid
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 LABELS = [1, 7]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls crawl on 2 threads shared with other processes
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed=0):

@@ -16,13 +16,7 @@ from heads.solvers import sample_flow
 from vae import DiffusersVAE
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def gen(seed=0):

@@ -17,6 +17,8 @@ from flowar import VAR, FlowAR, FlowARPipeline, VARPipeline, get_preset, get_var
 from vae import DiffusersVAE
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 # 4 classes x 2 = 8 samples; batch 3 makes chunks [0, 3), [3, 6), [6, 8).
 SMALL = dict(num_classes=4, per_class=2, steps=2, progress=False)
@@ -39,16 +41,6 @@ def pipe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("pipe")
     tiny_pipeline().save_pretrained(path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # torchrun runs each worker with OMP_NUM_THREADS=1: match it where bits are compared with one. It is
-    # also much faster here: tiny matmuls on 2 threads crawl when other processes share the 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load_npz(out):

@@ -19,13 +19,7 @@ from flowar.var_pipeline import VARPipeline
 from vae import DiffusersVAE
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def gen(seed=0):
