@@ -96,6 +96,13 @@ class SamplerCounts:
     head_rows: int = 0  # token rows through the FlowAR head (doubled where guided)
     seconds: float = 0.0  # wall time in this model's passes and ODE solves (prefill included)
 
+    def add_forward(self, device: torch.device, *, prefill: bool, start: float) -> None:
+        """Count one transformer pass that began at ``start`` (``time.perf_counter``) on ``device``."""
+        _sync(device)
+        self.forwards += 1
+        self.prefill_forwards += int(prefill)
+        self.seconds += time.perf_counter() - start
+
 
 class FlowARScaleSampler:
     """``FlowAR.sample_with_stats`` cut into scales: feed a scale's input to the transformer, then solve its ODE.
@@ -163,10 +170,7 @@ class FlowARScaleSampler:
             tokens = self.model.z_proj(torch.cat([nxt, nxt]) if self.guided else nxt)
         self.z = self.model.transformer(tokens, self.class_embedding, sides=(c.scales[k],), cache=self.cache)
         self.scales_seen += 1
-        _sync(self.device)
-        self.counts.forwards += 1
-        self.counts.prefill_forwards += int(prefill)
-        self.counts.seconds += time.perf_counter() - start
+        self.counts.add_forward(self.device, prefill=prefill, start=start)
 
     @torch.no_grad()
     def solve(self, x_init: torch.Tensor, *, known: Known | None = None) -> FlowSample:
@@ -306,10 +310,7 @@ class VARScaleSampler:
         # Over another model's scales only the KV cache matters: no logits.
         self.logits = None if prefill else model.head_logits(hidden, self.class_embedding).float()
         self.scales_seen += 1
-        _sync(self.device)
-        self.counts.forwards += 1
-        self.counts.prefill_forwards += int(prefill)
-        self.counts.seconds += time.perf_counter() - start
+        self.counts.add_forward(self.device, prefill=prefill, start=start)
 
     @torch.no_grad()
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -118,6 +118,16 @@ class ScaleWisePipeline:
         """(what the autoencoder decodes, what output_type "latent" returns)."""
         raise NotImplementedError
 
+    @classmethod
+    def _autoencoder_source(cls, path, given, keyword: str):
+        """``given`` (an object, folder or file), or else the ``autoencoder_folder`` saved beside the model."""
+        if given is not None:
+            return given
+        folder = Path(path) / cls.autoencoder_folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"path {path} has no {cls.autoencoder_folder}/ folder; pass {keyword}=... explicitly")
+        return folder
+
 
 class FlowARPipeline(ScaleWisePipeline):
     """Class labels in, images out: FlowAR samples latents and the VAE decodes them."""
@@ -132,11 +142,7 @@ class FlowARPipeline(ScaleWisePipeline):
     def from_pretrained(cls, path, *, vae=None, map_location="cpu") -> "FlowARPipeline":
         """Load ``path`` (model files, plus a ``vae/`` folder unless ``vae`` names or is another VAE)."""
         model = FlowAR.from_pretrained(path, map_location=map_location)
-        if vae is None:
-            vae_path = Path(path) / VAE_FOLDER
-            if not vae_path.is_dir():
-                raise FileNotFoundError(f"path {path} has no {VAE_FOLDER}/ folder; pass vae=... explicitly")
-            vae = vae_path
+        vae = cls._autoencoder_source(path, vae, "vae")
         if isinstance(vae, (str, Path)):
             vae = load_vae(vae, map_location=map_location)
         return cls(model, vae.to(map_location))

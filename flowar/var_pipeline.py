@@ -44,11 +44,7 @@ class VARPipeline(ScaleWisePipeline):
         """Load ``path`` (model files plus a ``tokenizer/`` folder), or the model with ``tokenizer``: a
         tokenizer object, our tokenizer folder, or VAR's released ``vae_ch160v4096z32.pth``."""
         model = VAR.from_pretrained(path, map_location=map_location)
-        if tokenizer is None:
-            folder = Path(path) / TOKENIZER_FOLDER
-            if not folder.is_dir():
-                raise FileNotFoundError(f"path {path} has no {TOKENIZER_FOLDER}/ folder; pass tokenizer=... explicitly")
-            tokenizer = folder
+        tokenizer = cls._autoencoder_source(path, tokenizer, "tokenizer")
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer, scales=model.config.scales, map_location=map_location)
         return cls(model, tokenizer.to(map_location))
