@@ -10,7 +10,8 @@ Weights are random (the architecture, not the checkpoint, sets the cost). Timed 
 final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
 scale, its token sampling and the tokenizer's ``f_hat`` accumulation. ``--decode`` adds each model's
 released decoder (FlowAR: MAR's KL-16; VAR: ``vae_ch160v4096z32``). Each model samples with its own
-defaults (FlowAR-S: cfg 4.3, 25 Euler steps; VAR: cfg 1.5, top-k 900, top-p 0.96), so both run the
+defaults (FlowAR-S: guidance scale 4.3, 25 Euler steps; VAR: guidance scale 2.5 = VAR's cfg 1.5, top-k 900,
+top-p 0.96), so both run the
 guided batch. FLOPs are counted once per row with ``torch.utils.flop_counter`` on an identical call; the
 timed calls run without the counter. Each row runs in its own spawned process, so its peak memory (CUDA:
 max allocated; CPU: peak RSS) is its own.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import platform
 import resource
@@ -73,6 +75,13 @@ def matching_tokenizer(preset: str):
                      f"code_dim {c.code_dim})")
 
 
+def family_options(model, options: dict) -> dict:
+    """The options of ``options`` that ``model``'s family has (its sampling dataclass's fields, and VAR's
+    var_cfg), so one command line serves FlowAR and VAR rows."""
+    names = {f.name for f in dataclasses.fields(model.sampling_class)} | ({"var_cfg"} if hasattr(model.sampling_class, "var_cfg") else set())
+    return {k: v for k, v in options.items() if k in names}
+
+
 def build_sampler(preset: str, options: dict, device: torch.device, decode: bool):
     """The model of ``preset`` with random weights and ``sample(labels, generator)`` -> (images or latents,
     counts), plus its parameter count (decoder included only when it runs)."""
@@ -84,8 +93,7 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
         tokenizer = MultiScaleVQVAE(matching_tokenizer(preset)).to(device).eval()
         if not decode:  # only the quantiser (codebook and phi convs) takes part
             tokenizer.encoder = tokenizer.decoder = None
-        kwargs = {k: options[k] for k in ("top_k", "top_p")}
-        kwargs["cfg"] = options["var_cfg"]
+        kwargs = family_options(model, options)
 
         def sample(labels, generator):
             out = model.sample(labels, tokenizer=tokenizer, generator=generator, **kwargs)
@@ -95,7 +103,7 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
         parts = [model] + ([tokenizer.post_quant_conv, tokenizer.decoder] if decode else [])
     else:
         model = FlowAR(get_preset(preset)).to(device).eval()
-        kwargs = {k: options[k] for k in ("cfg", "steps", "solver", "schedule", "guidance_interval")}
+        kwargs = family_options(model, options)
         vae = None
         if decode:
             from diffusers import AutoencoderKL
@@ -197,12 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed calls; the fastest is reported")
     flowar_args = p.add_argument_group("FlowAR sampling (default: the preset's)")
     flowar_args.add_argument("--steps", type=int, default=None)
-    flowar_args.add_argument("--cfg", type=float, default=None, help="FlowAR guidance; 1 is unguided")
+    p.add_argument("--guidance-scale", type=float, default=None, help="both families; 1 is unguided")
     flowar_args.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    flowar_args.add_argument("--solver", default="euler", choices=SOLVERS)
-    flowar_args.add_argument("--schedule", default="flowar", choices=SCHEDULES)
+    flowar_args.add_argument("--solver", default=None, choices=SOLVERS)
+    flowar_args.add_argument("--schedule", default=None, choices=SCHEDULES)
     var_args = p.add_argument_group("VAR sampling (default: the preset's)")
-    var_args.add_argument("--var-cfg", type=float, default=None, help="VAR guidance; 0 is unguided")
+    var_args.add_argument("--var-cfg", type=float, default=None, help="VAR guidance in its own convention; 0 is unguided")
     var_args.add_argument("--top-k", type=int, default=None)
     var_args.add_argument("--top-p", type=float, default=None)
     args = p.parse_args(argv)
@@ -216,7 +224,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was given but torch sees no CUDA device")
     warmup = (2 if device.type == "cuda" else 0) if args.warmup is None else args.warmup
-    options = {"cfg": args.cfg, "steps": args.steps, "solver": args.solver, "schedule": args.schedule,
+    options = {"guidance_scale": args.guidance_scale, "steps": args.steps, "solver": args.solver, "schedule": args.schedule,
                "guidance_interval": args.guidance_interval, "var_cfg": args.var_cfg, "top_k": args.top_k,
                "top_p": args.top_p}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

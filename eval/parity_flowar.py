@@ -14,7 +14,7 @@ What it does:
 1. Builds the authors' model for the preset (the released eval settings of the head: S d=2 w=1024, L d=12
    w=1024, H d=12 w=1536) with dropout 0 and label drop 0, loads ``--checkpoint`` into it if given (else
    keeps their random init), and moves their ``state_dict()`` into ours through
-   ``flowar.checkpoints.convert_released_state_dict`` and a strict load: the released-checkpoint import path,
+   ``flowar.model.convert_released_state_dict`` and a strict load: the released-checkpoint import path,
    exercised on their real key layout.
 2. Training loss, both in train mode (their attention is block-causal only in training mode), on the same
    random latents and labels: the random draws their forward makes (label drop, and per scale the time and
@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 
 from flowar import FlowAR, FlowARConfig, get_preset
-from flowar.checkpoints import convert_released_state_dict, load_state_strict, read_torch_state_dict
+from flowar.model import convert_released_state_dict
+from vae.files import load_state_strict, read_torch_state_dict
 from heads.solvers import step_schedule
 
 # Their builder and the head size of their eval scripts for each preset we can compare.
@@ -395,8 +396,11 @@ def compare_sampling(reference, ours: FlowAR, labels, *, cfg: float, guidance: f
         ref_latents = reference.sample_tokens(num_steps=steps, guidance=guidance, cfg=cfg, labels=labels)
     _check_draws(draws, [("randn", (doubled, s * s, config.token_dim)) for s in scales], "sampler")
     noise = [n[:batch] for _, n in draws]  # the conditional rows; the null rows' noise has no counterpart
-    out = ours.sample_with_stats(labels, cfg=cfg, guidance_interval=(0.0, guidance), steps=steps, noise=noise)
-    intervals = len(step_schedule(steps)) - 1
+    # Their sampler switches to the uniform grid at 50 steps; ours takes the grid as an option.
+    schedule = "uniform" if steps == 50 else "flowar"
+    out = ours.sample_with_stats(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=steps,
+                                 schedule=schedule, noise=noise)
+    intervals = len(step_schedule(steps, schedule)) - 1
     counts = SamplingCounts(
         ours_nfe=out.nfe, ours_rows=out.head_rows,
         ref_nfe=len(ref_head), ref_rows=sum(x.shape[0] * x.shape[1] for (x, _, _), _ in ref_head),
@@ -471,9 +475,10 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
 
     config = reference_config(args.preset, small=args.small)
-    cfg = config.default_cfg if args.cfg is None else args.cfg
-    guidance = config.default_guidance_interval[1] if args.guidance is None else args.guidance
-    steps = config.default_steps if args.steps is None else args.steps
+    defaults = config.sampling
+    cfg = defaults.guidance_scale if args.cfg is None else args.cfg  # FlowAR's cfg is our guidance scale
+    guidance = defaults.guidance_interval[1] if args.guidance is None else args.guidance
+    steps = defaults.steps if args.steps is None else args.steps
     torch.manual_seed(args.seed)
     reference = build_reference(modules["flowar"], args.preset, config, small=args.small)
     if args.checkpoint:

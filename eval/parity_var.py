@@ -66,7 +66,8 @@ import torch.nn.functional as F
 
 from eval.parity_flowar import Row, compare, format_table
 from flowar import var as var_module
-from flowar.checkpoints import load_state_strict, read_torch_state_dict
+from heads import categorical as categorical_module
+from vae.files import load_state_strict, read_torch_state_dict
 from flowar.var import VAR
 from flowar.var_config import SCALES_512, VARConfig
 from vae.msvq import MultiScaleVQVAE, convert_released_state_dict, get_msvq_preset
@@ -312,8 +313,8 @@ def compare_sampling(modules, reference, ours: VAR, tokenizer, labels, *, cfg: f
     finally:
         modules["var"].sample_with_top_k_top_p_ = sampler
     our_logits = []
-    with _recording(var_module, "filter_logits", our_logits, clone_arg=0):
-        out = ours.sample(labels, tokenizer=tokenizer, cfg=cfg, top_k=top_k, top_p=top_p,
+    with _recording(categorical_module, "filter_logits", our_logits, clone_arg=0):
+        out = ours.sample(labels, tokenizer=tokenizer, var_cfg=cfg, top_k=top_k, top_p=top_p,
                           generator=torch.Generator().manual_seed(seed))
     rows, differing, first = [], 0, None
     for k, side in enumerate(c.scales):
@@ -330,7 +331,7 @@ def compare_sampling(modules, reference, ours: VAR, tokenizer, labels, *, cfg: f
         our_images = tokenizer.decode_f_hat(out.f_hat).add(1).mul(0.5)
         rows.append(compare(f"decoded images in [0, 1] [{tag}]", our_images, their_images))
     # How much choice the draws had: a draw among one candidate would make equal ids trivial.
-    candidates = torch.cat([torch.isfinite(var_module.filter_logits(t, top_k=top_k, top_p=top_p)).sum(-1).flatten()
+    candidates = torch.cat([torch.isfinite(categorical_module.filter_logits(t, top_k=top_k, top_p=top_p)).sum(-1).flatten()
                             for t in their_logits]).float().mean().item()
     return SamplingResult(rows, differing, batch * c.seq_len, first, candidates)
 

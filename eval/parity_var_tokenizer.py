@@ -54,14 +54,8 @@ import torch.nn.functional as F
 
 from eval import parity_var
 from eval.parity_flowar import Row, compare, format_table
-from vae.msvq import (
-    MultiScaleVQConfig,
-    MultiScaleVQVAE,
-    convert_released_state_dict,
-    get_msvq_preset,
-    load_state_strict,
-    read_released_state_dict,
-)
+from vae.files import load_state_strict, read_torch_state_dict
+from vae.msvq import MultiScaleVQConfig, MultiScaleVQVAE, convert_released_state_dict, get_msvq_preset
 
 # Classes whose reset_parameters the authors' builder disables process-wide.
 PATCHED_CLASSES = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
@@ -292,7 +286,7 @@ def main(argv=None) -> int:
     side = config.scales[-1] * config.downsample
     images = torch.rand(args.batch, 3, side, side, generator=generator) * 2 - 1
     if args.checkpoint:
-        reference.load_state_dict(read_released_state_dict(args.checkpoint), strict=True)
+        reference.load_state_dict(read_torch_state_dict(args.checkpoint, wrappers=("model", "state_dict")), strict=True)
     else:
         randomize_(reference, images, generator=generator)
     ours, transfer = ours_from_reference(reference, config)

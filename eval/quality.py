@@ -7,7 +7,7 @@ It scores any set of digit samples (from FlowAR, VAR, a solver or a step count) 
     128-dimensional feature space (the penultimate layer), the MNIST analogue of FID.
 
     python -m eval.quality SAMPLES.npz [--classifier DIR]       # arr_0 (N,H,W[,C]) uint8 + labels (N,)
-    python -m eval.quality --pipeline RELEASE --per-class 100 [--cfg 3 --steps 10 --solver euler]
+    python -m eval.quality --pipeline RELEASE --per-class 100 [--guidance-scale 3 --steps 10 --solver euler]
     python -m eval.quality --write-reference mnist-train.npz    # the training digits, for eval.fid
 
 The classifier trains on the 4,500 training digits of ``train.data.MNISTDataset`` and is measured on
@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from flowar.checkpoints import atomic_write
+from vae.files import atomic_write
 from train.data import MNISTDataset
 
 from .metrics import feature_statistics, frechet_distance
@@ -278,9 +278,10 @@ def main(argv=None) -> int:
     p.add_argument("samples", nargs="?", help="npz with arr_0 (uint8 images) and labels")
     p.add_argument("--pipeline", help="a release folder to sample from instead")
     p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--cfg", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--solver")
+    p.add_argument("--guidance-scale", type=float, help="1 = unguided (default: the release's)")
+    p.add_argument("--var-cfg", type=float, help="VAR releases: guidance in VAR's own convention, 0 = unguided")
+    p.add_argument("--steps", type=int, help="FlowAR releases: ODE steps per scale")
+    p.add_argument("--solver", help="FlowAR releases: the ODE solver")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", default=os.path.join("runs", "digit-classifier"),
                    help="folder of a saved classifier; trained and saved there when absent")
@@ -296,15 +297,15 @@ def main(argv=None) -> int:
         p.error("give either SAMPLES.npz or --pipeline")
     scorer = DigitScorer.load_or_train(args.classifier)
     if args.pipeline:
-        from flowar import VAR, load_pipeline
+        from flowar import load_pipeline
 
         pipe = load_pipeline(args.pipeline)
-        flowar_only = {"--steps": args.steps, "--solver": args.solver}
-        if isinstance(pipe.model, VAR) and any(v is not None for v in flowar_only.values()):
-            p.error(f"{', '.join(k for k, v in flowar_only.items() if v is not None)}: FlowAR options, "
-                    f"and {args.pipeline} holds a VAR")
-        options = {k: v for k, v in (("cfg", args.cfg), ("steps", args.steps), ("solver", args.solver)) if v is not None}
-        images, labels = sample_digits(pipe, per_class=args.per_class, seed=args.seed, **options)
+        options = dict(guidance_scale=args.guidance_scale, var_cfg=args.var_cfg, steps=args.steps, solver=args.solver)
+        try:  # an option of the other family is refused by the model's options dataclass, naming it
+            options = pipe.model.sampling_options(**options)
+        except ValueError as err:
+            p.error(str(err))
+        images, labels = sample_digits(pipe, per_class=args.per_class, seed=args.seed, sampling=options)
     else:
         with np.load(args.samples, allow_pickle=False) as data:
             if "arr_0" not in data or "labels" not in data:

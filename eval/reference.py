@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowar.checkpoints import atomic_write
+from vae.files import atomic_write
 from train.data import IMG_EXTENSIONS, center_crop, load_image
 
 from .inception import FeatureNetwork, as_uint8_nchw

@@ -5,8 +5,8 @@
 
 Works for FlowAR and VAR pipeline folders. The sample list is fixed up front: sample ``i`` has label
 ``i // per_class`` (class-major) and its own randomness, drawn from a ``torch.Generator`` seeded from
-``(seed, i)``: FlowAR's initial noise, or for VAR one uniform per token, from which the token is drawn by
-inverse CDF. The list is cut into chunks of
+``(seed, i)`` (the model's ``noise_from_seeds``: FlowAR's initial noise, or for VAR one uniform per token,
+from which the token is drawn by inverse CDF). The list is cut into chunks of
 ``--batch-size`` consecutive samples and ranks share the chunks round-robin, so with a fixed batch size
 the images are bit-identical however many processes run them and however often the run is resumed.
 A different batch size gives the same images up to float rounding (batched matmuls round differently),
@@ -45,11 +45,10 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flowar.checkpoints import atomic_write
-from flowar.model import CFG_SCHEDULES, FlowAR
-from flowar.pipelines import load_pipeline as load_any_pipeline
-from flowar.var import VAR
+from flowar.registry import load_pipeline as load_any_pipeline
+from flowar.sampling import CFG_SCHEDULES
 from heads.solvers import SCHEDULES, SOLVERS
+from vae.files import atomic_write
 
 FORMATS = ("png", "npz", "both")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -59,12 +58,7 @@ RUN_FILE, LABELS_FILE, NPZ_FILE, IMAGES_DIR = "run.json", "labels.npy", "samples
 # batch size (also recorded), device, number of processes and output format do not change which images
 # are made, so they may differ.
 NOT_SAMPLE_DEFINING = ("batch_size",)
-NOISE_SCHEME = "torch.Generator per sample, seed (key(seed) + i) mod 2**32"
-VAR_NOISE_SCHEME = NOISE_SCHEME + ", one uniform per token, inverse-CDF draw"
-# Sampling options of one model kind only; run() refuses them for the other.
-FLOWAR_OPTIONS = {"cfg_schedule": "--cfg-schedule", "guidance_interval": "--guidance-interval", "steps": "--steps",
-                  "solver": "--solver", "schedule": "--schedule"}
-VAR_OPTIONS = {"top_k": "--top-k", "top_p": "--top-p"}
+NOISE_SCHEME = "torch.Generator per sample, seed (key(seed) + i) mod 2**32, the model's noise_from_seeds"
 PNG_NAME = re.compile(r"(\d+)\.png")
 
 
@@ -73,15 +67,8 @@ class SimulatedKill(RuntimeError):
 
 
 def load_pipeline(path, *, device: torch.device | str = "cpu"):
-    """The pipeline saved in folder ``path``, on ``device``.
-
-    A FlowAR or a VAR pipeline: the two models whose samplers take per-sample randomness.
-    """
-    pipe = load_any_pipeline(path).to(device)
-    if not isinstance(pipe.model, (FlowAR, VAR)):
-        raise ValueError(f"pipeline {path}: eval.sample samples FlowAR and VAR pipelines, this one holds a "
-                         f"{type(pipe.model).__name__}")
-    return pipe
+    """The pipeline (FlowAR or VAR) saved in folder ``path``, on ``device``."""
+    return load_any_pipeline(path).to(device)
 
 
 def sample_seeds(seed: int, indices) -> list[int]:
@@ -93,38 +80,6 @@ def sample_seeds(seed: int, indices) -> list[int]:
     """
     key = int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
     return [(key + int(i)) % 2**32 for i in indices]
-
-
-def sample_noise(config, seeds: list[int]) -> list[torch.Tensor]:
-    """FlowAR's initial noise, one (B, s*s, C) float32 CPU tensor per scale, row b drawn from seeds[b].
-
-    Drawn on the CPU so that the noise (not the float arithmetic after it) is the same on any device.
-    """
-    per_sample = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        per_sample.append([torch.randn((side * side, config.token_dim), generator=g) for side in config.scales])
-    return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(config.scales))]
-
-
-def sample_uniforms(config, seeds: list[int]) -> list[torch.Tensor]:
-    """VAR's token uniforms, one (B, s*s) float64 CPU tensor per scale, row b drawn from seeds[b]."""
-    per_sample = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in config.scales])
-    return [torch.stack([u[k] for u in per_sample]) for k in range(len(config.scales))]
-
-
-def per_sample_randomness(model, seeds: list[int], device) -> dict:
-    """The keyword arguments that make row b of a sampling call depend on seeds[b] alone.
-
-    FlowAR's only randomness is its initial noise (``noise=``); VAR's is the draw of each token, which
-    ``uniforms=`` makes an inverse-CDF draw from a uniform of the row's own.
-    """
-    if isinstance(model, VAR):
-        return {"uniforms": [u.to(device) for u in sample_uniforms(model.config, seeds)]}
-    return {"noise": [n.to(device) for n in sample_noise(model.config, seeds)]}
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -206,56 +161,33 @@ def all_sum(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def check_options(*, per_class, num_samples, num_classes, batch_size, cfg, cfg_schedule, guidance_interval,
-                  steps, solver, schedule, top_k, top_p, seed, format, precision) -> None:
-    """The checks that need no model, so that a bad command fails before anything loads."""
+def check_options(*, per_class, num_samples, num_classes, batch_size, seed, format, precision) -> None:
+    """The checks that need no model, so that a bad command fails before anything loads (the sampling options
+    are checked by the model's options dataclass, as soon as the model is known)."""
     for name, value in (("--per-class", per_class), ("--num-samples", num_samples),
-                        ("--num-classes", num_classes), ("--batch-size", batch_size), ("--steps", steps)):
+                        ("--num-classes", num_classes), ("--batch-size", batch_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if per_class is not None and num_samples is not None:
         raise ValueError("give --per-class (conditional models) or --num-samples (unconditional), not both")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
-    if cfg is not None and not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
-        raise ValueError(f"--cfg must be a finite number, got {cfg!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
-        raise ValueError(f"--top-k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 <= top_p <= 1.0):
-        raise ValueError(f"--top-p must lie in [0, 1] (0 or 1 = off), got {top_p!r}")
-    for name, value, allowed in (("--format", format, FORMATS), ("--precision", precision, tuple(PRECISIONS)),
-                                 ("--solver", solver, SOLVERS), ("--schedule", schedule, SCHEDULES),
-                                 ("--cfg-schedule", cfg_schedule, CFG_SCHEDULES)):
-        if value is not None and value not in allowed:
+    for name, value, allowed in (("--format", format, FORMATS), ("--precision", precision, tuple(PRECISIONS))):
+        if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if guidance_interval is not None:
-        low, high = (float(v) for v in guidance_interval)
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"--guidance-interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
 
 
-def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, seed, precision, **sampler) -> dict:
-    """run.json: the resolved sample-defining arguments (defaults filled in from the model's config).
-
-    ``sampler``: the FlowAR options (cfg_schedule, guidance_interval, steps, solver, schedule) and the VAR
-    ones (top_k, top_p); those of the other model kind must be None.
-    """
+def describe_run(pipe, path, *, per_class, num_samples, num_classes, seed, precision, **options) -> dict:
+    """run.json: the resolved sample-defining arguments, the sampling options with the model's defaults filled
+    in (its options dataclass, as the release's config.json holds it)."""
     model = pipe.model
     config = model.config
-    is_var = isinstance(model, VAR)
-    theirs, kind = (FLOWAR_OPTIONS, "FlowAR") if is_var else (VAR_OPTIONS, "VAR")
-    for key, flag in theirs.items():
-        if sampler.get(key) is not None:
-            raise ValueError(f"{flag} is a {kind} option; this pipeline holds a {type(model).__name__}")
-    unguided = 0.0 if is_var else 1.0  # VAR's guidance convention: 0 is unguided; FlowAR's: 1
+    sampling = model.sampling_options(**options)
     if config.unconditional:
         if num_samples is None:
             raise ValueError("the model is unconditional: give --num-samples (the total number of images)")
         if num_classes is not None:
             raise ValueError(f"--num-classes is for conditional models; this one is unconditional, got {num_classes}")
-        cfg = unguided if cfg is None else float(cfg)
-        if cfg != unguided:
-            raise ValueError(f"--cfg must be {unguided} for an unconditional model, got {cfg}")
     else:
         if num_samples is not None:
             raise ValueError("--num-samples is for unconditional models; use --per-class (and --num-classes)")
@@ -264,40 +196,24 @@ def describe_run(pipe, path, *, per_class, num_samples, num_classes, cfg, seed, 
         if num_classes > config.num_classes:
             raise ValueError(f"--num-classes must be at most the model's {config.num_classes}, got {num_classes}")
         num_samples = num_classes * per_class
-        cfg = config.default_cfg if cfg is None else float(cfg)
     record = {
         "pipeline": str(Path(path).resolve()),
+        "model_type": model.model_type,
         "model": config.to_dict(),
         "num_samples": num_samples,
         "num_classes": None if config.unconditional else num_classes,
         "per_class": None if config.unconditional else per_class,
-        "cfg": cfg,
+        "sampling": sampling.to_dict(),
+        "seed": seed,
+        "precision": precision,
+        "noise": NOISE_SCHEME,
     }
-    if is_var:
-        top_k, top_p = sampler.get("top_k"), sampler.get("top_p")
-        record["top_k"] = config.default_top_k if top_k is None else top_k
-        record["top_p"] = config.default_top_p if top_p is None else float(top_p)
-    else:
-        interval = sampler.get("guidance_interval")
-        interval = config.default_guidance_interval if interval is None else interval
-        record.update({
-            "cfg_schedule": sampler.get("cfg_schedule") or "linear",
-            "guidance_interval": [float(v) for v in interval],
-            "steps": sampler.get("steps") or config.default_steps,
-            "solver": sampler.get("solver") or "euler",
-            "schedule": sampler.get("schedule") or "flowar",
-        })
-    record.update({"seed": seed, "precision": precision, "noise": VAR_NOISE_SCHEME if is_var else NOISE_SCHEME})
     return json.loads(json.dumps(record))  # as run.json will read back (tuples become lists)
 
 
-def sampler_kwargs(record: dict) -> dict:
+def sampling_of(pipe, record: dict):
     """The pipeline's sampling options from a run record."""
-    if "top_k" in record:
-        return {"cfg": record["cfg"], "top_k": record["top_k"], "top_p": record["top_p"]}
-    return {"cfg": record["cfg"], "cfg_schedule": record["cfg_schedule"], "steps": record["steps"],
-            "solver": record["solver"], "schedule": record["schedule"],
-            "guidance_interval": tuple(record["guidance_interval"])}
+    return pipe.model.sampling_class.from_dict(record["sampling"])
 
 
 def check_resume(out: Path, record: dict) -> bool:
@@ -319,28 +235,22 @@ def check_resume(out: Path, record: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None = None,
-        num_classes: int | None = None, batch_size: int = 32, cfg: float | None = None,
-        cfg_schedule: str | None = None, guidance_interval: tuple[float, float] | None = None,
-        steps: int | None = None, solver: str | None = None, schedule: str | None = None,
-        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-        format: str = "both", precision: str = "fp32", device: str | None = None, progress: bool = True,
-        stop_after: int | None = None) -> Path:
+        num_classes: int | None = None, batch_size: int = 32, seed: int = 0, format: str = "both",
+        precision: str = "fp32", device: str | None = None, progress: bool = True, stop_after: int | None = None,
+        **sampling) -> Path:
     """Sample the evaluation set of the pipeline folder ``pipeline`` into ``out`` (see the module doc).
 
-    The FlowAR options (cfg_schedule, guidance_interval, steps, solver, schedule; None: "linear", the
-    model's, the model's, "euler", "flowar") and the VAR ones (top_k, top_p; None: the model's) apply to
-    their own model kind only. ``cfg`` is in the model's convention (FlowAR: 1 unguided; VAR: 0).
+    sampling: overrides of the model's sampling options (fields of ``FlowARSampling`` / ``VARSampling``, e.g.
+    guidance_scale (1 = unguided), steps, top_k, or VAR's var_cfg; None: the model's saved default).
     Returns ``out``. ``stop_after`` is a test hook: raise :class:`SimulatedKill` once this process has
     written that many PNGs.
     """
-    options = dict(per_class=per_class, num_samples=num_samples, num_classes=num_classes, cfg=cfg,
-                   cfg_schedule=cfg_schedule, guidance_interval=guidance_interval, steps=steps, solver=solver,
-                   schedule=schedule, top_k=top_k, top_p=top_p, seed=seed, precision=precision)
-    check_options(batch_size=batch_size, format=format, **options)
+    sizes = dict(per_class=per_class, num_samples=num_samples, num_classes=num_classes, seed=seed, precision=precision)
+    check_options(batch_size=batch_size, format=format, **sizes)
     out = Path(out)
     rank, world, device = init_distributed(device)
     pipe = load_pipeline(pipeline, device=device)
-    record = describe_run(pipe, pipeline, **options)
+    record = describe_run(pipe, pipeline, **sizes, **sampling)
     total = record["num_samples"]
     labels = None if record["per_class"] is None else sample_labels(record["num_classes"], record["per_class"])
     images_dir = out / IMAGES_DIR
@@ -376,7 +286,7 @@ def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None 
     all_sum(0, device)  # everyone has listed the folder before anyone writes to it
 
     autocast_dtype = PRECISIONS[precision]
-    sample_kwargs = sampler_kwargs(record)
+    options = sampling_of(pipe, record)
     bar = tqdm(total=total, initial=len(done), unit="img", desc="sampling", dynamic_ncols=True,
                disable=rank != 0 or not progress)
     written = new_total = 0
@@ -386,10 +296,10 @@ def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None 
         new = 0
         if round_ < len(mine):
             chunk = mine[round_]
-            randomness = per_sample_randomness(pipe.model, sample_seeds(seed, chunk), device)
+            noise = [n.to(device) for n in pipe.model.noise_from_seeds(sample_seeds(seed, chunk))]
             batch_labels = None if labels is None else labels[chunk.start:chunk.stop].tolist()
             pixels = pipe(batch_labels, batch_size=len(chunk) if labels is None else None, output_type="np",
-                          autocast_dtype=autocast_dtype, **sample_kwargs, **randomness)
+                          autocast_dtype=autocast_dtype, sampling=options, noise=noise)
             for index, image in zip(chunk, pixels):
                 if index in done:
                     continue
@@ -440,18 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="sample classes 0..N-1 (default: all the model's)")
     p.add_argument("--num-samples", type=int, default=None, help="total images, for an unconditional model")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="guidance weight in the model's convention, FlowAR 1 / VAR 0 unguided (default: the model's)")
-    flowar_args = p.add_argument_group("FlowAR sampling")
-    flowar_args.add_argument("--cfg-schedule", default=None, help=f"one of {CFG_SCHEDULES} (default linear)")
+    guidance = p.add_argument_group("guidance, both families (default: the model's)")
+    guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
+    guidance.add_argument("--cfg-schedule", default=None, help=f"one of {CFG_SCHEDULES}")
+    flowar_args = p.add_argument_group("FlowAR sampling (default: the model's)")
     flowar_args.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                             help="times in which guidance applies, t=1 noise (default: the model's)")
-    flowar_args.add_argument("--steps", type=int, default=None, help="ODE steps per scale (default: the model's)")
-    flowar_args.add_argument("--solver", default=None, help=f"one of {SOLVERS} (default euler)")
-    flowar_args.add_argument("--schedule", default=None, help=f"ODE step schedule, one of {SCHEDULES} (default flowar)")
-    var_args = p.add_argument_group("VAR sampling")
-    var_args.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens, 0 = all (default: the model's)")
-    var_args.add_argument("--top-p", type=float, default=None, help="nucleus mass, 0 = off (default: the model's)")
+                             help="times in which guidance applies, t=1 noise")
+    flowar_args.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
+    flowar_args.add_argument("--solver", default=None, help=f"one of {SOLVERS}")
+    flowar_args.add_argument("--schedule", default=None, help=f"ODE step schedule, one of {SCHEDULES}")
+    flowar_args.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
+    flowar_args.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
+    var_args = p.add_argument_group("VAR sampling (default: the model's)")
+    var_args.add_argument("--var-cfg", type=float, default=None, help="guidance in VAR's convention, 0 = unguided")
+    var_args.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens, 0 = all")
+    var_args.add_argument("--top-p", type=float, default=None, help="nucleus mass, 0 = off")
+    var_args.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0, help="sample i draws its randomness from a seed made of (seed, i)")
     p.add_argument("--format", default="both", help=f"one of {FORMATS}; with npz the PNGs are the resumable "
                                                     "intermediate, deleted once samples.npz is written")

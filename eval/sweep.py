@@ -1,7 +1,7 @@
-"""Sweep a FlowAR pipeline's sampler: solver x steps x cfg x guidance interval -> FID, NFE and wall time.
+"""Sweep a FlowAR pipeline's sampler: solver x steps x guidance scale x guidance interval -> FID, NFE and wall time.
 
     python -m eval.sweep runs/demo/flowar-release --out runs/sweep --digits \\
-        --solvers euler,midpoint,rk4,dopri5 --steps 2,4,8 --cfg 3 --num-samples 1000
+        --solvers euler,midpoint,rk4,dopri5 --steps 2,4,8 --guidance-scale 3 --num-samples 1000
 
 Every configuration samples the same labels (cycling over the classes) from the same seed, so rows differ
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
@@ -11,7 +11,7 @@ the bundled training digits). ``--digits`` also scores samples with the MNIST di
 (``eval.quality``): class-consistency and the Frechet distance in its feature space.
 
 Outputs in ``--out``: ``sweep.csv`` (one row per configuration, appended as each finishes; a rerun
-skips the configurations already there), TensorBoard scalars (``fid/<solver> cfg=.. gi=..`` against NFE)
+skips the configurations already there), TensorBoard scalars (``fid/<solver> w=.. gi=..`` against NFE)
 and ``sweep.png``: FID against NFE and against seconds per image, one line per solver.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from flowar import FlowARPipeline
-from flowar.pipeline import to_uint8_images
+from flowar.outputs import to_uint8_images
 from heads.solvers import SCHEDULES, SOLVERS
 
 from .fid import compute_metrics
@@ -39,7 +39,7 @@ from .metrics import feature_statistics
 from .quality import DigitScorer
 from .reference import default_cache_dir, write_stats_npz
 
-CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "cfg", "guidance_low", "guidance_high", "nfe_per_image",
+CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "nfe_per_image",
               "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
 ADAPTIVE = ("dopri5",)
 
@@ -52,16 +52,16 @@ class SweepPoint:
     schedule: str  # the step schedule of heads.solvers (fixed-step solvers)
     steps: int  # 0 for adaptive solvers
     tolerance: float  # atol = rtol for adaptive solvers; 0 otherwise
-    cfg: float
+    guidance_scale: float  # 1 = unguided
     guidance: tuple[float, float]
 
     def key(self) -> tuple:
-        return (self.solver, self.schedule, str(self.steps), f"{self.tolerance:g}", f"{self.cfg:g}", f"{self.guidance[0]:g}",
+        return (self.solver, self.schedule, str(self.steps), f"{self.tolerance:g}", f"{self.guidance_scale:g}", f"{self.guidance[0]:g}",
                 f"{self.guidance[1]:g}")
 
     def series(self) -> str:
         """The plot/TensorBoard line this point belongs to (everything but steps and tolerance)."""
-        return f"{self.solver} cfg={self.cfg:g} gi={self.guidance[0]:g}-{self.guidance[1]:g}"
+        return f"{self.solver} w={self.guidance_scale:g} gi={self.guidance[0]:g}-{self.guidance[1]:g}"
 
 
 def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str = "flowar") -> list[SweepPoint]:
@@ -90,8 +90,8 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
 def sample_point(pipe: FlowARPipeline, point: SweepPoint, labels, *, batch_size: int, seed: int):
     """uint8 images, NFE per image, seconds per image (sampling and decoding) for one configuration."""
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    options = dict(cfg=point.cfg, guidance_interval=point.guidance, solver=point.solver, schedule=point.schedule,
-                   steps=max(point.steps, 2), generator=generator)
+    options = dict(guidance_scale=point.guidance_scale, guidance_interval=point.guidance, solver=point.solver,
+                   schedule=point.schedule, steps=None if point.tolerance else point.steps, generator=generator)
     if point.tolerance:
         options.update(atol=point.tolerance, rtol=point.tolerance)
     images, nfe = [], []
@@ -114,11 +114,11 @@ def read_rows(path: Path) -> list[dict]:
 
 def row_key(row: dict) -> tuple:
     """What makes a row: its sampler configuration and sample count (a rerun with more samples redoes it)."""
-    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["cfg"], row["guidance_low"], row["guidance_high"])
+    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["guidance_scale"], row["guidance_low"], row["guidance_high"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID against NFE and against seconds per image, one line per solver (and cfg / interval)."""
+    """FID against NFE and against seconds per image, one line per solver (and guidance scale / interval)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     series: dict[str, list[dict]] = {}
     for row in rows:
-        name = f"{row['solver']} cfg={row['cfg']} gi={row['guidance_low']}-{row['guidance_high']}"
+        name = f"{row['solver']} w={row['guidance_scale']} gi={row['guidance_low']}-{row['guidance_high']}"
         series.setdefault(name, []).append(row)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for name, members in sorted(series.items()):
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="2,4,8", help="comma list, fixed-step solvers")
     p.add_argument("--schedule", default="flowar", choices=SCHEDULES, help="step schedule of fixed-step solvers")
     p.add_argument("--tolerances", default="1e-2,1e-3", help="comma list of atol=rtol, adaptive solvers")
-    p.add_argument("--cfg", default="3", help="comma list")
+    p.add_argument("--guidance-scale", default="3", help="comma list (1 = unguided)")
     p.add_argument("--guidance-interval", action="append", metavar="LOW,HIGH",
                    help="repeatable; default 0,1 (guidance everywhere)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         if any(len(i) != 2 for i in intervals):
             raise ValueError(f"--guidance-interval takes LOW,HIGH, got {args.guidance_interval}")
         points = sweep_points(args.solvers.split(","), [int(v) for v in args.steps.split(",") if v],
-                              _floats(args.tolerances), _floats(args.cfg), intervals, schedule=args.schedule)
+                              _floats(args.tolerances), _floats(args.guidance_scale), intervals, schedule=args.schedule)
         run_sweep(args.pipeline, args.out, points, num_samples=args.num_samples, reference=args.reference,
                   digits=args.digits, batch_size=args.batch_size, seed=args.seed, device=args.device)
     except (ValueError, FileNotFoundError) as err:

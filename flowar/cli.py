@@ -1,4 +1,13 @@
-"""``flowar-sample``: sample a grid of images from a saved or released FlowAR model."""
+"""``flowar-sample``: sample a grid of images from a saved pipeline folder or a released checkpoint.
+
+    flowar-sample my-pipeline/ --labels 1,2,3 --num-images 4 --guidance-scale 4 --steps 25 --out grid.png
+    flowar-sample FlowAR-S.pth --preset flowar-s --vae kl16.ckpt --labels 207,360 --out grid.png
+    flowar-sample var_d16.pth --preset var-d16 --tokenizer vae_ch160v4096z32.pth --labels 207,360 --var-cfg 1.5
+
+One command for both families: the folder's config.json (``model_type``) or the ``--preset`` picks the model
+class and pipeline from ``flowar.registry``. Sampling options left out take the model's saved defaults; an
+option of the other family is refused by name.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +19,20 @@ from pathlib import Path
 import torch
 
 from heads.solvers import SCHEDULES, SOLVERS
+from vae.files import read_config
+from vae.msvq import MSVQ_PRESETS
 
 from .config import PRESETS
-from .model import CFG_SCHEDULES, FlowAR
-from .pipeline import FlowARPipeline, image_grid, load_vae
+from .outputs import image_grid
+from .registry import model_type, pipeline_class
+from .sampling import CFG_SCHEDULES
+from .var_config import VAR_PRESETS
+from .var_pipeline import RELEASED_TOKENIZER, load_tokenizer
+
+# Sampling options of one family: argparse destination -> the options dataclass field (same name).
+FLOWAR_OPTIONS = ("guidance_interval", "solver", "steps", "schedule", "atol", "rtol")
+VAR_OPTIONS = ("top_k", "top_p", "temperature", "more_smooth", "var_cfg")
+SHARED_OPTIONS = ("guidance_scale", "cfg_schedule")
 
 
 def parse_labels(text: str) -> list[int]:
@@ -34,81 +53,107 @@ def parse_interval(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowar-sample",
-        description="Sample images from a FlowAR model folder (config.json + model.safetensors, with an "
-                    "optional vae/ folder) or from a released FlowAR-{S,L,H}.pth with --preset.",
+        description="Sample images from a FlowAR or VAR pipeline folder (config.json + model.safetensors with a "
+                    "vae/ or tokenizer/ folder) or from a released checkpoint (.pth) with --preset.",
     )
-    p.add_argument("path", help="model folder, or a released .pth checkpoint (then --preset is required)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="architecture of a released .pth checkpoint")
-    p.add_argument("--vae", help="VAE: a diffusers folder or hub id, or MAR's kl16.ckpt "
+    p.add_argument("path", help="pipeline folder, or a released .pth checkpoint (then --preset is required)")
+    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(VAR_PRESETS),
+                   help="architecture of a released .pth checkpoint")
+    p.add_argument("--vae", help="FlowAR's VAE: a diffusers folder or hub id, or MAR's kl16.ckpt "
                                  "(default: the vae/ folder beside the model)")
+    p.add_argument("--tokenizer", help="VAR's tokenizer: our folder, or VAR's vae_ch160v4096z32.pth "
+                                       "(default: the tokenizer/ folder beside the model)")
+    p.add_argument("--tokenizer-preset", choices=sorted(MSVQ_PRESETS), default=RELEASED_TOKENIZER,
+                   help="architecture of a tokenizer .pth (default: the released one); its scales follow the model")
     p.add_argument("--labels", type=parse_labels, help="class ids, e.g. 207,360 (omit for unconditional)")
     p.add_argument("--num-images", type=int, default=None,
                    help="images for an unconditional model, or per label for a conditional one (default 1)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the preset's)")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="linear")
-    p.add_argument("--guidance-interval", type=parse_interval, default=None, help="low,high in t (1 = noise)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps per scale (default: the preset's)")
-    p.add_argument("--solver", choices=SOLVERS, default="euler")
-    p.add_argument("--schedule", choices=SCHEDULES, default="flowar")
+    guidance = p.add_argument_group("guidance (both families; default: the model's)")
+    guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
+    guidance.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                          help="linear: ramp from 1 at the first scale to the scale at the last")
+    flowar = p.add_argument_group("FlowAR sampling (default: the model's)")
+    flowar.add_argument("--guidance-interval", type=parse_interval, default=None, help="low,high in t (1 = noise)")
+    flowar.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
+    flowar.add_argument("--solver", choices=SOLVERS, default=None)
+    flowar.add_argument("--schedule", choices=SCHEDULES, default=None)
+    flowar.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
+    flowar.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
+    var = p.add_argument_group("VAR sampling (default: the model's)")
+    var.add_argument("--var-cfg", type=float, default=None,
+                     help="guidance in VAR's own convention (0 = unguided; guidance scale = 1 + var-cfg)")
+    var.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids (0 = off)")
+    var.add_argument("--top-p", type=float, default=None, help="nucleus mass (0 or 1 = off)")
+    var.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    var.add_argument("--more-smooth", action="store_const", const=True, default=None,
+                     help="VAR's Gumbel-softmax mixing of code vectors (for pictures, not FID)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="run the networks under bf16 autocast")
+    p.add_argument("--bf16", action="store_true", help="run the generator under bf16 autocast")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: all in one row)")
     p.add_argument("--out", default="grid.png", help="output PNG path")
     return p
 
 
 def main(argv=None) -> int:
-    from .var_cli import is_var_invocation, run as run_var  # VAR folders and --preset var-* go there
-    from .var_cli import build_parser as build_var_parser
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if is_var_invocation(argv):
-        return report_errors(run_var, build_var_parser().parse_args(argv))
-    return report_errors(run, build_parser().parse_args(argv))
-
-
-def report_errors(run_command, args) -> int:
-    """``run_command(args)``; a bad argument or a missing file becomes one line on stderr and exit status 2."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        return run_command(args)
+        return run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"flowar-sample: {err}", file=sys.stderr)
         return 2
 
 
-def sample_grid(pipe, args, **sample_kwargs) -> int:
-    """Sample ``args.labels`` (``args.num_images`` each, or that many unconditional images) with ``pipe``
-    on ``args.device`` and write them as one grid to ``args.out``."""
-    pipe.to(args.device)
+def load_cli_pipeline(args):
+    """The pipeline the command line names: a released file with --preset, or a saved folder."""
+    path = Path(args.path)
+    if path.is_file():
+        if args.preset is None:
+            raise ValueError(f"{path} is a checkpoint file; --preset is required "
+                             f"(one of {', '.join(sorted(PRESETS) + sorted(VAR_PRESETS))})")
+        kind = "var" if args.preset in VAR_PRESETS else "flowar"
+    else:
+        kind = model_type(path)
+    cls = pipeline_class(kind)
+    own, other = ("tokenizer", "vae") if kind == "var" else ("vae", "tokenizer")
+    if getattr(args, other) is not None:
+        raise ValueError(f"--{other} is for the other model family; {path} holds a {kind!r} model (use --{own})")
+    source = getattr(args, own)
+    if path.is_file() and source is None:
+        raise ValueError(f"--{own} is required with a released checkpoint")
+    if path.is_file():
+        model = cls.model_class.from_released(path, args.preset)
+        return cls(model, cli_autoencoder(cls, source, args, model.config.scales))
+    autoencoder = None
+    if source is not None:
+        autoencoder = cli_autoencoder(cls, source, args, tuple(read_config(path)["scales"]))
+    return cls.from_pretrained(path, autoencoder=autoencoder)
+
+
+def cli_autoencoder(cls, source, args, scales):
+    """--vae / --tokenizer; a tokenizer .pth is read in --tokenizer-preset's architecture with the model's scales."""
+    if cls.autoencoder_folder == "tokenizer":
+        return load_tokenizer(source, scales=scales, preset=args.tokenizer_preset)
+    return cls.load_autoencoder(source, model=None)
+
+
+def run(args) -> int:
+    pipe = load_cli_pipeline(args).to(args.device)
+    options = {name: getattr(args, name) for name in SHARED_OPTIONS + FLOWAR_OPTIONS + VAR_OPTIONS
+               if getattr(args, name) is not None}
     per_label = args.num_images or 1
     labels = None if args.labels is None else [label for label in args.labels for _ in range(per_label)]
-    batch_size = (args.num_images or 1) if labels is None else None
+    batch_size = per_label if labels is None else None
     generator = torch.Generator(args.device).manual_seed(args.seed)
     start = time.perf_counter()
     images = pipe(labels, batch_size=batch_size, output_type="np", generator=generator, progress=True,
-                  autocast_dtype=torch.bfloat16 if args.bf16 else None, **sample_kwargs)
+                  autocast_dtype=torch.bfloat16 if args.bf16 else None, **options)
     elapsed = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, args.nrow or len(images)).save(out)
     print(f"wrote {len(images)} images to {out} in {elapsed:.1f} s")
     return 0
-
-
-def run(args) -> int:
-    path = Path(args.path)
-    if path.is_file():
-        if args.preset is None:
-            raise ValueError(f"{path} is a checkpoint file; --preset is required (one of {', '.join(sorted(PRESETS))})")
-        if args.vae is None:
-            raise ValueError("--vae is required with a released checkpoint (e.g. MAR's kl16.ckpt)")
-        pipe = FlowARPipeline(FlowAR.from_released(path, args.preset), load_vae(args.vae))
-    else:
-        pipe = FlowARPipeline.from_pretrained(path, vae=args.vae)
-    return sample_grid(pipe, args, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                       guidance_interval=args.guidance_interval, steps=args.steps, solver=args.solver,
-                       schedule=args.schedule)
 
 
 if __name__ == "__main__":

@@ -3,32 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from heads.networks import HEAD_KINDS
+from heads.solvers import check_solver_options
+from vae.files import ConfigMixin
 from vae.pyramid import check_scales
 
+from .sampling import GuidanceOptions
 
-class SavedConfig:
-    """Mixin for config dataclasses: to and from the plain dict of ``config.json`` (tuples stored as
-    lists), rejecting fields the dataclass does not have."""
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields) - {"model_type"})
-        if unknown:
-            raise ValueError(f"config has unknown fields {unknown}; known fields are {sorted(fields)}")
-        # Annotations are strings here (``from __future__ import annotations``): "tuple[...]" fields.
-        return cls(**{k: tuple(v) if str(fields[k].type).startswith("tuple") else v
-                      for k, v in data.items() if k in fields})
+ADAPTIVE_SOLVERS = ("dopri5",)  # solvers that pick their own steps
 
 
 @dataclass
-class FlowARConfig(SavedConfig):
+class FlowARSampling(GuidanceOptions):
+    """FlowAR's sampling options, validated once; a release saves its defaults in config.json.
+
+    guidance_scale: 1 is unguided; with ``cfg_schedule="linear"`` the weight ramps from 1 at the first scale
+    to ``guidance_scale`` at the last, as the authors do. guidance_interval: (low, high) times in which
+    guidance applies (t = 1 noise, t = 0 data). solver / steps / schedule / atol / rtol: the head's ODE
+    solve per scale (``heads.solvers``); dopri5 is adaptive and takes ``steps=None``.
+    """
+
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    solver: str = "euler"
+    steps: int | None = 25
+    schedule: str = "flowar"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            low, high = (float(v) for v in self.guidance_interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance_interval must be two numbers (low, high), got {self.guidance_interval!r}") from None
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {self.guidance_interval}")
+        self.guidance_interval = (low, high)
+        check_solver_options(solver=self.solver, steps=self.steps, schedule=self.schedule, atol=self.atol,
+                             rtol=self.rtol)
+
+    def _complete(self, given: dict) -> dict:
+        # Switching to an adaptive solver drops the step count inherited from the defaults.
+        if given.get("solver") in ADAPTIVE_SOLVERS and "steps" not in given:
+            return {**given, "steps": None}
+        return given
+
+
+@dataclass
+class FlowARConfig(ConfigMixin):
     """Architecture of a FlowAR model plus its recommended sampling settings."""
 
     scales: tuple[int, ...] = (1, 2, 4, 8, 16)  # sides of the latent pyramid, doubling from 1
@@ -47,13 +71,14 @@ class FlowARConfig(SavedConfig):
     label_drop: float = 0.1  # classifier-free guidance training: share of labels replaced by null
     grad_checkpointing: bool = False
     # Sampling defaults (the authors' evaluation settings for the released models).
-    default_cfg: float = 1.0
-    default_steps: int = 25
-    default_guidance_interval: tuple[float, float] = (0.0, 1.0)
+    sampling: FlowARSampling = field(default_factory=FlowARSampling)
 
     def __post_init__(self):
         self.scales = check_scales(self.scales)
-        self.default_guidance_interval = tuple(float(v) for v in self.default_guidance_interval)
+        if isinstance(self.sampling, dict):
+            self.sampling = FlowARSampling.from_dict(self.sampling)
+        if not isinstance(self.sampling, FlowARSampling):
+            raise ValueError(f"sampling must be a FlowARSampling, got {type(self.sampling).__name__}")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
         if self.num_classes < 0:
@@ -63,6 +88,22 @@ class FlowARConfig(SavedConfig):
         for name in ("token_dim", "width", "num_heads", "head_width", "head_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def upgrade(cls, data: dict) -> dict:
+        """Configs written before FlowARSampling kept three ``default_*`` fields; at 50 steps the sampler of
+        that time (like the released one) used the uniform grid."""
+        legacy = {key: data.pop(key) for key in ("default_cfg", "default_steps", "default_guidance_interval")
+                  if key in data}
+        if legacy:
+            sampling = dict(data.get("sampling", {}))
+            sampling.setdefault("guidance_scale", legacy.get("default_cfg", 1.0))
+            sampling.setdefault("steps", legacy.get("default_steps", 25))
+            sampling.setdefault("guidance_interval", legacy.get("default_guidance_interval", (0.0, 1.0)))
+            if sampling["steps"] == 50:
+                sampling.setdefault("schedule", "uniform")
+            data = {**data, "sampling": sampling}
+        return data
 
     @property
     def seq_len(self) -> int:
@@ -78,37 +119,47 @@ PRESETS: dict[str, FlowARConfig] = {
     "flowar-s": FlowARConfig(
         width=768, encoder_depth=6, decoder_depth=6, num_heads=12,
         head="transformer-v1", head_width=1024, head_depth=2,
-        default_cfg=4.3, default_steps=25, default_guidance_interval=(0.0, 0.9),
+        sampling=FlowARSampling(guidance_scale=4.3, steps=25, guidance_interval=(0.0, 0.9)),
     ),
     # The paper lists a 300M "B" model but the code has no B preset. This is our own fill-in:
     # the S layout made twice as deep (12 + 12 blocks), with the S head.
     "flowar-b": FlowARConfig(
         width=768, encoder_depth=12, decoder_depth=12, num_heads=12,
         head="transformer-v1", head_width=1024, head_depth=2,
-        default_cfg=3.0, default_steps=25, default_guidance_interval=(0.0, 0.9),
+        sampling=FlowARSampling(guidance_scale=3.0, steps=25, guidance_interval=(0.0, 0.9)),
     ),
     "flowar-l": FlowARConfig(
         width=1024, encoder_depth=8, decoder_depth=8, num_heads=16,
         head="transformer-v2", head_width=1024, head_depth=12,
-        default_cfg=2.4, default_steps=25, default_guidance_interval=(0.0, 0.9),
+        sampling=FlowARSampling(guidance_scale=2.4, steps=25, guidance_interval=(0.0, 0.9)),
     ),
     "flowar-h": FlowARConfig(
         width=1536, encoder_depth=15, decoder_depth=15, num_heads=16,
         head="transformer-v2", head_width=1536, head_depth=12, grad_checkpointing=True,
-        default_cfg=2.4, default_steps=50, default_guidance_interval=(0.0, 0.7),
+        # The released sampler runs H's 50 steps on the uniform grid.
+        sampling=FlowARSampling(guidance_scale=2.4, steps=50, schedule="uniform", guidance_interval=(0.0, 0.7)),
     ),
     # For tests and the CPU demo: 8x8 latents, a few thousand tokens of compute.
     "flowar-tiny": FlowARConfig(
         scales=(1, 2, 4, 8), token_dim=4, num_classes=10, width=64, encoder_depth=2, decoder_depth=2,
         num_heads=4, head="transformer-v1", head_width=64, head_depth=2,
         attn_dropout=0.0, proj_dropout=0.0,
-        default_cfg=2.0, default_steps=10, default_guidance_interval=(0.0, 0.9),
+        sampling=FlowARSampling(guidance_scale=2.0, steps=10, guidance_interval=(0.0, 0.9)),
     ),
 }
 
 
+def copy_preset(presets: dict, name: str, overrides: dict):
+    """A copy of ``presets[name]`` with field ``overrides``; a ``sampling`` dict updates the preset's sampling
+    defaults instead of replacing them."""
+    if name not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {name!r}")
+    preset = presets[name]
+    if isinstance(overrides.get("sampling"), dict):
+        overrides = {**overrides, "sampling": preset.sampling.replace(**overrides["sampling"])}
+    return dataclasses.replace(preset, **overrides)
+
+
 def get_preset(name: str, **overrides) -> FlowARConfig:
-    """A copy of a preset config with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    """A copy of a FlowAR preset config with optional field overrides (see :func:`copy_preset`)."""
+    return copy_preset(PRESETS, name, overrides)

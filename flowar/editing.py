@@ -11,8 +11,11 @@ demo notebook ``demo_zero_shot_edit.ipynb``):
 - FlowAR: the image's latent is area-pooled to every scale (``vae.pyramid.area_pyramid``, the training
   targets). While the head's ODE runs, the kept tokens are held on the straight path
   ``(1 - t) x_gt + t eps`` from the same eps the scale's ODE starts from, so the head conditions the
-  generated tokens on the known ones at every step (see ``collaborative.KnownRegionVelocity``); at the end of
+  generated tokens on the known ones at every step (see ``heads.flow.KnownRegionNet``); at the end of
   the scale they are exactly the ground truth, and the next scale's input is made from the merged map.
+
+Each family says what is known at each scale (``known_regions``); the sampling itself is one call of the
+engine (``flowar.sampling.generate``) with an edit hook.
 
 Masks: 1 (or True) keeps the image, 0 generates. A mask is resized to each scale's side (``mask_resize``:
 "area", the share of kept pixels in each cell, or "bilinear", as the authors' demo does) and a cell is kept
@@ -28,12 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vae.pyramid import area_pyramid
-
-from .collaborative import FlowARScaleSampler, VARScaleSampler, resolve_labels, run_flowar, run_var
-from .model import FlowAR, SampleOutput, to_tokens
-from .pipeline import autocast_context, decode_output
-from .var import VAR, VARSampleOutput
+from .outputs import autocast_context, check_output_type, decode_output
+from .sampling import generate
 
 MASK_RESIZE = ("area", "bilinear")
 
@@ -147,59 +146,6 @@ def _expand(x, batch: int):
     return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 else x
 
 
-# ---------------------------------------------------------------------------------------------- models
-@torch.no_grad()
-def inpaint_latents(model: FlowAR, latents: torch.Tensor, keep: list[torch.Tensor], class_labels=None, *,
-                    generator: torch.Generator | None = None, noise: list[torch.Tensor] | None = None,
-                    progress: bool = False, **sample_kwargs) -> SampleOutput:
-    """FlowAR sampling with the known region of each scale taken from ``latents`` (B, C, S, S).
-
-    keep: one (B, s, s) bool map per scale (True = known). class_labels: as for ``sample``, or None for the
-    null class (unguided: cfg is then irrelevant). sample_kwargs: ``FlowAR.sample_with_stats``'s options.
-    """
-    model._check_latents(latents)
-    c, device = model.config, model.class_emb.weight.device
-    if len(keep) != len(c.scales) or any(tuple(m.shape) != (latents.shape[0], s, s) for m, s in zip(keep, c.scales)):
-        raise ValueError(f"keep must hold one (B, s, s) map per scale {c.scales} with B={latents.shape[0]}")
-    labels = resolve_labels(model, class_labels, latents.shape[0], device, allow_null=True)
-    if class_labels is None and not c.unconditional:
-        sample_kwargs["cfg"] = 1.0  # null against null: guidance would change nothing
-    pyramid = area_pyramid(latents.to(device, torch.float32), c.scales)
-    known = [(to_tokens(m.to(device)[:, None]), to_tokens(target)) for m, target in zip(keep, pyramid)]
-    sampler = FlowARScaleSampler(model, labels, **sample_kwargs)
-    return run_flowar([sampler] * len(c.scales), generator=generator, noise=noise, progress=progress,
-                      edit=lambda k: known[k])
-
-
-@torch.no_grad()
-def inpaint_indices(model: VAR, tokenizer, indices: list[torch.Tensor], keep: list[torch.Tensor], class_labels=None,
-                    *, generator: torch.Generator | None = None, progress: bool = False,
-                    **sample_kwargs) -> VARSampleOutput:
-    """VAR sampling with the kept ids of each scale taken from ``indices`` (the image's K token maps).
-
-    keep: one (B, s, s) bool map per scale (True = known). class_labels: as for ``sample``, or None for the
-    null class (unguided). sample_kwargs: cfg, top_k, top_p, temperature as for ``VAR.sample``.
-    """
-    c, device = model.config, model.class_emb.weight.device
-    batch = model._check_indices(indices)
-    if len(keep) != len(c.scales) or any(tuple(m.shape) != (batch, s, s) for m, s in zip(keep, c.scales)):
-        raise ValueError(f"keep must hold one (B, s, s) map per scale {c.scales} with B={batch}")
-    labels = resolve_labels(model, class_labels, batch, device, allow_null=True)
-    if class_labels is None and not c.unconditional:
-        sample_kwargs["cfg"] = 0.0
-    known = [(m.to(device), idx.to(device)) for m, idx in zip(keep, indices)]
-    sampler = VARScaleSampler(model, labels, **sample_kwargs)
-    return run_var([sampler] * len(c.scales), tokenizer, generator=generator, progress=progress,
-                   edit=lambda k: known[k])
-
-
-def _encode_mean(vae, images: torch.Tensor) -> torch.Tensor:
-    """The image's scaled latent, deterministically: the posterior mean where the VAE has one."""
-    if hasattr(vae, "encode_distribution"):
-        return vae.encode_distribution(images)[0]
-    return vae.encode(images)
-
-
 # ---------------------------------------------------------------------------------------------- the API
 @torch.no_grad()
 def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generator | None = None,
@@ -216,17 +162,17 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
     VAR token maps). A mask of all ones returns the autoencoder's reconstruction of the image; a mask of
     all zeros is ordinary sampling, equal to the pipeline's with the same generator.
     """
-    model = getattr(pipeline, "model", None)
-    if not isinstance(model, (FlowAR, VAR)):
+    model, autoencoder = getattr(pipeline, "model", None), getattr(pipeline, "autoencoder", None)
+    if not hasattr(model, "known_regions") or autoencoder is None:
         raise ValueError(f"pipeline must be a FlowARPipeline or a VARPipeline, got {type(pipeline).__name__}")
-    autoencoder = pipeline.autoencoder
+    check_output_type(output_type)
     latent_side = model.config.scales[-1]
     side = latent_side * autoencoder.downsample
     images = prepare_images(image, side)
     masks = prepare_mask(mask, (side, latent_side))
     labels = None
     if class_label is not None:
-        labels = torch.as_tensor(class_label).long().reshape(-1)
+        labels = torch.as_tensor(class_label).reshape(-1)
     batch = _batch_sizes(images.shape[0], masks.shape[0], None if labels is None else labels.numel())
     images, masks = _expand(images, batch), _expand(masks, batch)
     if labels is not None:
@@ -234,17 +180,13 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
     keep = scale_masks(masks, model.config.scales, mask_resize=mask_resize, keep_scales=keep_scales)
     dtype = next(autoencoder.parameters()).dtype
     device = pipeline.device
-    # The image is encoded in the autoencoder's own precision; autocast is for the generator only.
-    if isinstance(model, FlowAR):
-        latents = _encode_mean(autoencoder, images.to(device, dtype)).float()
+    with torch.no_grad():
+        # The image is encoded in the autoencoder's own precision; autocast is for the generator only.
+        known = model.known_regions(autoencoder, images.to(device, dtype), keep)
         with autocast_context(device, autocast_dtype):
-            out = inpaint_latents(model, latents, keep, labels, generator=generator, **sample_kwargs)
-    else:
-        indices = autoencoder.encode_indices(images.to(device, dtype))
-        with autocast_context(device, autocast_dtype):
-            out = inpaint_indices(model, autoencoder, indices, keep, labels, generator=generator, **sample_kwargs)
-    decodable, latent = (out.latents, out.latents) if isinstance(model, FlowAR) else (out.f_hat, out.indices)
-    return decode_output(autoencoder.decode, decodable, output_type, latent=latent, decode_batch=decode_batch)
+            sample = generate(model, labels, autoencoder=autoencoder, batch_size=batch, generator=generator,
+                              edit=known.__getitem__, null_labels=True, **sample_kwargs)
+    return decode_output(autoencoder, sample, output_type, decode_batch=decode_batch)
 
 
 def box_mask(side: int, top: float, left: float, bottom: float, right: float, *, keep_inside: bool) -> torch.Tensor:

@@ -7,19 +7,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from tqdm.auto import tqdm
 
+from heads.flow import FlowSample
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.networks import ROPE_GRID, build_head
-from heads.path import flow_matching_loss
-from heads.solvers import sample_flow
+from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, next_scale_input
 
-from .attention import KVCache, ScaleBlock, scale_segments
-from .config import FlowARConfig
-from .labels import check_class_labels
+from .attention import ScaleBlock, block_causal_mask, scale_segments
+from .config import FlowARConfig, FlowARSampling, get_preset
+from .sampling import CachedStepper, Known, generate, guidance_excess
+from .scalewise import ScaleWiseModel
 
-CFG_SCHEDULES = ("linear", "constant")
+MODEL_TYPE = "flowar"
 
 
 def to_tokens(latent: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,26 @@ class SampleOutput:
     def nfe(self) -> int:
         return sum(self.nfe_per_scale)
 
+    @property
+    def decoder_input(self) -> torch.Tensor:
+        """What the VAE decodes."""
+        return self.latents
 
-class FlowAR(nn.Module):
+    @property
+    def latent_output(self) -> torch.Tensor:
+        """What a pipeline returns for ``output_type="latent"``."""
+        return self.latents
+
+
+class FlowAR(ScaleWiseModel):
     """Scale-wise autoregressive generator over continuous latent tokens (Ren et al., 2025)."""
+
+    model_type = MODEL_TYPE
+    config_class = FlowARConfig
+    legacy_model_type = MODEL_TYPE  # folders written before config.json recorded the type
+    sampling_class = FlowARSampling
+    interchangeable_fields = ("scales", "token_dim", "num_classes")
+    training_data = "latents"
 
     def __init__(self, config: FlowARConfig):
         super().__init__()
@@ -90,10 +107,6 @@ class FlowAR(nn.Module):
         # As in the released code, xavier-uniform covers every Linear, the head's included: the head's
         # own zero-initialised output layer is overwritten too. Training from scratch matches theirs.
         xavier_init_linears(self)
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
 
     @property
     def num_layers(self) -> int:
@@ -145,10 +158,6 @@ class FlowAR(nn.Module):
                 f"(token_dim={channels}, scales={self.config.scales}), got {tuple(latents.shape)}"
             )
 
-    def _check_labels(self, class_labels, batch_size, device) -> torch.Tensor:
-        """Validated (B,) long labels; the null class everywhere for an unconditional model."""
-        return check_class_labels(class_labels, batch_size, num_classes=self.config.num_classes, device=device)
-
     def input_tokens(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forced input tokens for scales 2..K from the target pyramid, (B, L-1, C)."""
         full_side = self.config.scales[-1]
@@ -189,7 +198,7 @@ class FlowAR(nn.Module):
         :meth:`draw_randomness`) replace the random draws, to reproduce a computation exactly.
         """
         self._check_latents(latents)
-        labels = self._check_labels(class_labels, latents.shape[0], latents.device)
+        labels = self.check_labels(class_labels, latents.shape[0]).to(latents.device)
         if self.training and self.config.label_drop > 0 and not self.config.unconditional:
             if drop_mask is None:
                 drop_mask = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.label_drop
@@ -202,8 +211,8 @@ class FlowAR(nn.Module):
         total = self.config.scales[-1] ** 2
         losses = []
         for k, ((start, end), target) in enumerate(zip(scale_segments(self.config.scales), pyramid)):
-            per_image = flow_matching_loss(
-                self.flownet, to_tokens(target), z[:, start:end],
+            per_image = self.flownet.loss(
+                to_tokens(target), z[:, start:end],
                 t=None if flow_times is None else flow_times[k],
                 noise=None if flow_noise is None else flow_noise[k],
                 generator=generator,
@@ -220,112 +229,163 @@ class FlowAR(nn.Module):
         return self.sample_with_stats(class_labels, **kwargs).latents
 
     @torch.no_grad()
-    def sample_with_stats(
-        self,
-        class_labels=None,
-        *,
-        batch_size: int | None = None,
-        cfg: float | None = None,
-        cfg_schedule: str = "linear",
-        guidance_interval: tuple[float, float] | None = None,
-        steps: int | None = None,
-        solver: str = "euler",
-        schedule: str = "flowar",
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
-        generator: torch.Generator | None = None,
-        noise: list[torch.Tensor] | None = None,
-        progress: bool = False,
-    ) -> SampleOutput:
+    def sample_with_stats(self, class_labels=None, *, batch_size: int | None = None,
+                          sampling: FlowARSampling | None = None, generator: torch.Generator | None = None,
+                          noise: list[torch.Tensor] | None = None, progress: bool = False, **options) -> SampleOutput:
         """Generate scale by scale: one cached transformer pass, then the head's ODE solve, per scale.
 
-        cfg: guidance weight (None: the preset's). With ``cfg_schedule="linear"`` it ramps from 1 at the
-        first scale to ``cfg`` at the last, as the authors do; "constant" uses ``cfg`` everywhere.
-        guidance_interval: (low, high) times in which guidance applies (t=1 noise, t=0 data).
-        steps / solver / schedule / atol / rtol: the head's ODE solve, see ``heads.solvers`` (which
-        also rejects unknown solvers and schedules).
-        noise: optional initial noise per scale, (B, s*s, C) each, instead of drawing it from ``generator``.
+        sampling: a :class:`~flowar.config.FlowARSampling` (None: the config's saved defaults), updated by
+        ``options``, its field names (guidance_scale, cfg_schedule, guidance_interval, solver, steps,
+        schedule, atol, rtol). noise: the initial noise per scale, (B, s*s, C) each, instead of drawing it
+        from ``generator``.
         """
-        c = self.config
-        device = self.class_emb.weight.device
-        labels = self._check_labels(class_labels, batch_size, device)
-        batch = labels.shape[0]
-        cfg = c.default_cfg if cfg is None else float(cfg)
-        steps = c.default_steps if steps is None else steps
-        guidance_interval = c.default_guidance_interval if guidance_interval is None else tuple(guidance_interval)
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if cfg != 1.0 and c.unconditional:
-            raise ValueError(f"cfg must be 1.0 for an unconditional model, got {cfg}")
-        if noise is not None:
-            expected = [(batch, s * s, c.token_dim) for s in c.scales]
-            if len(noise) != len(c.scales) or any(tuple(n.shape) != e for n, e in zip(noise, expected)):
-                raise ValueError(f"noise must be a list of tensors of shapes {expected}, "
-                                 f"got {[tuple(n.shape) for n in noise]}")
+        return generate(self, class_labels, batch_size=batch_size, sampling=sampling, generator=generator,
+                        noise=noise, progress=progress, **options)
 
-        # Rows [0, B) are conditional; with guidance, rows [B, 2B) carry the null class through the
-        # transformer (it needs its own KV cache) and the head evaluates them only inside the interval.
-        guided = cfg != 1.0
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
-        class_embedding = self.class_emb(labels)
-        rows = labels.shape[0]
-        head_dim = c.width // c.num_heads
-        cache = KVCache(self.num_layers, rows, c.num_heads, c.seq_len, head_dim,
-                        device=device, dtype=self._cache_dtype(device))
-        tokens = class_embedding[:, None]  # the first scale's input is the class token
-        out = SampleOutput(latents=None)
-        num_scales = len(c.scales)
-        for k in tqdm(range(num_scales), desc="scales", disable=not progress):
-            side = c.scales[k]
-            z = self.transformer(tokens, class_embedding, sides=(side,), cache=cache)
-            if cfg_schedule == "linear":
-                scale_cfg = 1.0 + (cfg - 1.0) * k / max(num_scales - 1, 1)
-            else:
-                scale_cfg = cfg
-            if noise is not None:
-                x_init = noise[k].to(device=device, dtype=torch.float32)
-            else:
-                x_init = torch.randn((batch, side * side, c.token_dim), generator=generator, device=device)
-            flow = sample_flow(
-                self.flownet, x_init, z[:batch].float(), cond_null=z[batch:].float() if guided else None,
-                cfg=scale_cfg, guidance_interval=guidance_interval, solver=solver, steps=steps,
-                schedule=schedule, atol=atol, rtol=rtol,
-            )
-            out.nfe_per_scale.append(flow.nfe)
-            out.head_rows += flow.rows
-            sample = flow.x.float()  # (B, s*s, C)
-            if k + 1 < num_scales:
-                nxt = next_scale_input(from_tokens(sample, side), full_side=c.scales[-1], next_side=c.scales[k + 1])
-                nxt = to_tokens(nxt)
-                tokens = self.z_proj(torch.cat([nxt, nxt]) if guided else nxt)
-        out.latents = from_tokens(sample, c.scales[-1])
-        return out
+    def stepper(self, labels: torch.Tensor, options: FlowARSampling, *, timed: bool = False) -> "FlowARStepper":
+        return FlowARStepper(self, labels, options, timed=timed)
+
+    def canvas(self, batch: int, autoencoder=None) -> "FlowARCanvas":
+        return FlowARCanvas(self.config)
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
+        c = self.config
+        expected = [(batch, s * s, c.token_dim) for s in c.scales]
+        if (not isinstance(noise, (list, tuple)) or len(noise) != len(c.scales)
+                or any(not torch.is_tensor(n) or tuple(n.shape) != e for n, e in zip(noise, expected))):
+            raise ValueError(f"noise must be a list of tensors of shapes {expected}, got "
+                             f"{[tuple(getattr(n, 'shape', ())) for n in noise] if isinstance(noise, (list, tuple)) else type(noise).__name__}")
+        if not all(torch.isfinite(n).all() for n in noise):
+            raise ValueError("noise must be finite: it holds NaN or infinite values")
+
+    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
+        """FlowAR's initial noise, one (B, s*s, C) float32 CPU tensor per scale, row b drawn from seeds[b]."""
+        c = self.config
+        per_sample = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            per_sample.append([torch.randn((side * side, c.token_dim), generator=g) for side in c.scales])
+        return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(c.scales))]
+
+    def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
+        """Each scale's known tokens: the image's latent (the posterior mean where the VAE has one) area-pooled
+        to every scale, as the training targets are."""
+        if hasattr(autoencoder, "encode_distribution"):
+            latents = autoencoder.encode_distribution(images)[0]
+        else:
+            latents = autoencoder.encode(images)
+        latents = latents.float()
+        self._check_latents(latents)
+        pyramid = area_pyramid(latents.to(self.device, torch.float32), self.config.scales)
+        return [(to_tokens(m.to(self.device)[:, None]), to_tokens(target)) for m, target in zip(keep, pyramid)]
+
+    # ------------------------------------------------------------------ training data
+    def check_training_source(self, source) -> None:
+        c = self.config
+        if tuple(source.latent_shape) != (c.token_dim, c.scales[-1], c.scales[-1]):
+            raise ValueError(f"the data's latents are {tuple(source.latent_shape)} but the model expects "
+                             f"({c.token_dim}, {c.scales[-1]}, {c.scales[-1]}); set model.token_dim / model.scales "
+                             "to match")
+
+    def training_inputs(self, autoencoder) -> dict:
+        return {}  # the latents are the whole input
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to the folder ``path``."""
-        from .checkpoints import save_pretrained
-
-        save_pretrained(self, path)
-
     @classmethod
-    def from_pretrained(cls, path, *, map_location="cpu") -> "FlowAR":
-        """Load a folder written by :meth:`save_pretrained`."""
-        from .checkpoints import load_pretrained
+    def from_released(cls, path, preset: str | FlowARConfig, *, map_location="cpu") -> "FlowAR":
+        """Load ``FlowAR-{S,L,H}.pth`` (a bare EMA state dict with the authors' key names) into ``preset``, a
+        preset name or a :class:`FlowARConfig` for checkpoints of other sizes. Read with ``weights_only``."""
+        config = preset if isinstance(preset, FlowARConfig) else get_preset(preset)
+        state = convert_released_state_dict(read_torch_state_dict(path, map_location=map_location), config)
+        model = cls(config)
+        load_state_strict(model, state, source=f"checkpoint {path} (preset {preset!r})")
+        return model.eval()
 
-        return load_pretrained(path, map_location=map_location)
 
-    @classmethod
-    def from_released(cls, path, preset: str, *, map_location="cpu") -> "FlowAR":
-        """Load an authors' release (``FlowAR-{S,L,H}.pth``) into the matching preset."""
-        from .checkpoints import load_released
+class FlowARStepper(CachedStepper):
+    """FlowAR's per-scale step (``flowar.sampling.Stepper``): a cached transformer pass, then the head's solve.
+    Under guidance the head evaluates the null rows only inside the guidance interval."""
 
-        return load_released(path, preset, map_location=map_location)
+    z = None  # head conditions of the last scale fed, (rows, s*s, D)
 
-    def _cache_dtype(self, device) -> torch.dtype:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.class_emb.weight.dtype
+    def release(self) -> None:
+        self.cache = self.z = None
+
+    def _first_pass(self, prefill: bool) -> None:
+        self.class_embedding = self.model.class_emb(self.labels)
+        self._run(self.class_embedding[:, None], 0)  # the first scale's input is the class token
+
+    def _pass(self, scale_input: torch.Tensor, k: int, prefill: bool) -> None:
+        """scale_input: the previous scale's tokens upsampled to this one, (B, s*s, C)."""
+        self._run(self.model.z_proj(torch.cat([scale_input, scale_input]) if self.guided else scale_input), k)
+
+    def _run(self, tokens: torch.Tensor, k: int) -> None:
+        side = self.model.config.scales[k]
+        self.z = self.model.transformer(tokens, self.class_embedding, sides=(side,), cache=self.cache)
+
+    @torch.no_grad()
+    def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+             known: Known | None = None) -> FlowSample:
+        """Solve the head's ODE for the scale fed last, from ``noise`` (B, s*s, C) or noise drawn from
+        ``generator``; ``known`` holds part of it on the target's path (see ``heads.flow.KnownRegionNet``)."""
+        o, c, k = self.options, self.model.config, self.scales_seen - 1
+        side = c.scales[k]
+        with self.timer:
+            if noise is not None:
+                x_init = noise.to(device=self.device, dtype=torch.float32)
+            else:
+                x_init = torch.randn((self.batch, side * side, c.token_dim), generator=generator, device=self.device)
+            weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
+            z = self.z
+            flow = self.model.flownet.sample(
+                x_init, z[:self.batch].float(), cond_null=z[self.batch:].float() if self.guided else None,
+                guidance_scale=weight, guidance_interval=o.guidance_interval, solver=o.solver, steps=o.steps,
+                schedule=o.schedule, atol=o.atol, rtol=o.rtol, known=known)
+        self.counts.nfe += flow.nfe
+        self.counts.head_rows += flow.rows
+        return flow
+
+
+class FlowARCanvas:
+    """A FlowAR run's result (``flowar.sampling.Canvas``): each scale's tokens, and the next scale's input made
+    from them (upsampled to the next side as in training)."""
+
+    def __init__(self, config: FlowARConfig):
+        self.config = config
+        self.out = SampleOutput(latents=None)
+        self.last = None
+
+    def add(self, k: int, flow: FlowSample) -> torch.Tensor | None:
+        c = self.config
+        self.out.nfe_per_scale.append(flow.nfe)
+        self.out.head_rows += flow.rows
+        self.last = flow.x.float()  # (B, s*s, C)
+        if k + 1 == len(c.scales):
+            return None
+        upsampled = next_scale_input(from_tokens(self.last, c.scales[k]), full_side=c.scales[-1],
+                                     next_side=c.scales[k + 1])
+        return to_tokens(upsampled)
+
+    def output(self) -> SampleOutput:
+        self.out.latents = from_tokens(self.last, self.config.scales[-1])
+        return self.out
+
+
+# ---------------------------------------------------------------------------------------- released files
+# Keys of the released state dicts that we do not keep as state: the dense float block-causal mask
+# (ours is implied by the scale segments, see attention.block_causal_attention).
+RELEASED_ONLY_KEYS = ("mask",)
+
+
+def convert_released_state_dict(state: dict, config: FlowARConfig) -> dict:
+    """Authors' key layout -> ours. Names are shared; only the dense mask buffer is dropped (after a check)."""
+    state = dict(state)
+    mask = state.pop("mask", None)
+    expected = block_causal_mask(config.scales)
+    # A mask of another size goes with mis-shaped position embeddings, which the key check reports.
+    if mask is not None and mask.shape[-2:] == expected.shape:
+        if not torch.equal(torch.isfinite(mask.reshape(expected.shape)), expected):
+            raise ValueError(
+                f"checkpoint mask {tuple(mask.shape)} is not the block-causal mask of scales {config.scales}"
+            )
+    return state

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from heads.categorical import cfg_mix, check_sampling_args, draw_tokens, filter_logits, gumbel_softmax
+from heads.categorical import CategoricalHead, CategoricalSample
+from vae.files import load_state_strict, read_torch_state_dict
 
 from .attention import KVCache, scale_segments
-from .checkpoints import load_model_folder, load_state_strict, read_torch_state_dict, save_model_folder
-from .labels import check_class_labels
-from .var_config import VARConfig, get_var_preset
+from .sampling import CachedStepper, Known, generate, guidance_excess
+from .scalewise import ScaleWiseModel
+from .var_config import VARConfig, VARSampling, get_var_preset
+
+MODEL_TYPE = "var"
 
 # Constant buffers of the released state dicts that we do not keep: the dense additive block-causal
 # mask, the level id of each token, and each block's all-zero key bias. They are checked, then dropped.
@@ -49,15 +51,15 @@ class VARSampleOutput:
     indices: list[torch.Tensor]  # K LongTensors (B, s_k, s_k)
     f_hat: torch.Tensor  # (B, Cvae, S, S): decode with tokenizer.decode_f_hat
 
+    @property
+    def decoder_input(self) -> torch.Tensor:
+        """What the tokenizer decodes (its ``decode`` takes f_hat)."""
+        return self.f_hat
 
-def cfg_ramp(cfg: float, k: int, num_scales: int) -> float:
-    """VAR's guidance weight at scale k: t = cfg * k / (K - 1), 0 at the first scale, cfg at the last."""
-    return cfg * k / max(num_scales - 1, 1)
-
-
-def smoothing_temperature(ratio: float) -> float:
-    """Gumbel-softmax temperature of VAR's "more smooth" sampling at progress ratio = k / (K - 1)."""
-    return max(0.27 * (1 - 0.95 * ratio), 0.005)
+    @property
+    def latent_output(self) -> list[torch.Tensor]:
+        """What a pipeline returns for ``output_type="latent"``: the token maps."""
+        return self.indices
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -172,8 +174,14 @@ class AdaLNBeforeHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- the model
-class VAR(nn.Module):
+class VAR(ScaleWiseModel):
     """Class-conditional next-scale prediction over the token maps of a multi-scale VQ tokenizer."""
+
+    model_type = MODEL_TYPE
+    config_class = VARConfig
+    sampling_class = VARSampling
+    interchangeable_fields = ("scales", "vocab_size", "code_dim", "num_classes")
+    training_data = "tokens"
 
     def __init__(self, config: VARConfig):
         super().__init__()
@@ -190,7 +198,7 @@ class VAR(nn.Module):
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # stochastic depth rising from 0
         self.blocks = nn.ModuleList(VARBlock(c, rate) for rate in rates)
         self.head_nm = AdaLNBeforeHead(width, eps=c.norm_eps)
-        self.head = nn.Linear(width, c.vocab_size)
+        self.head = CategoricalHead(width, c.vocab_size)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -221,8 +229,8 @@ class VAR(nn.Module):
                     block.ada_lin[1].weight[:2 * c.width].mul_(c.init_adaln_gamma)
 
     @property
-    def null_class(self) -> int:
-        return self.config.num_classes
+    def num_layers(self) -> int:
+        return self.config.depth
 
     # ------------------------------------------------------------------ pieces
     def level_positions(self) -> torch.Tensor:
@@ -257,10 +265,6 @@ class VAR(nn.Module):
         return self.head(self.head_nm(hidden, class_embedding))
 
     # ------------------------------------------------------------------ inputs and labels
-    def _check_labels(self, class_labels, batch_size, device) -> torch.Tensor:
-        """Validated (B,) long labels; the null class everywhere for an unconditional model."""
-        return check_class_labels(class_labels, batch_size, num_classes=self.config.num_classes, device=device)
-
     def _check_indices(self, indices) -> int:
         """Validate K token maps (B, s_k, s_k) of ids in [0, V); returns B."""
         c = self.config
@@ -335,7 +339,7 @@ class VAR(nn.Module):
         if inputs.ndim != 3 or tuple(inputs.shape[1:]) != expected:
             raise ValueError(f"inputs must be (B, {expected[0]}, {expected[1]}) for scales {c.scales} and "
                              f"code_dim {c.code_dim}, got {tuple(inputs.shape)}")
-        labels = self._check_labels(class_labels, inputs.shape[0], inputs.device)
+        labels = self.check_labels(class_labels, inputs.shape[0]).to(inputs.device)
         if drop_mask is not None:
             labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
         class_embedding = self.class_emb(labels)  # (B, D)
@@ -365,141 +369,173 @@ class VAR(nn.Module):
             inputs = tokenizer.teacher_forcing_inputs(list(indices))
         logits = self.logits(inputs.to(self.word_embed.weight.device), class_labels, drop_mask=drop_mask, keep=keep)
         targets = torch.cat([idx.flatten(1) for idx in indices], dim=1).to(logits.device)  # (B, L)
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(batch, -1)
+        per_token = self.head.loss(logits, targets)  # (B, L)
         per_scale = torch.stack([per_token[:, start:end].mean() for start, end in scale_segments(self.config.scales)])
         return VAROutput(loss=per_token.mean(), loss_per_scale=per_scale.detach())
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(
-        self,
-        class_labels=None,
-        *,
-        tokenizer,
-        batch_size: int | None = None,
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        more_smooth: bool = False,
-        uniforms: list[torch.Tensor] | None = None,
-        progress: bool = False,
-    ) -> VARSampleOutput:
+    def sample(self, class_labels=None, *, tokenizer, batch_size: int | None = None,
+               sampling: VARSampling | None = None, generator: torch.Generator | None = None,
+               noise: list[torch.Tensor] | None = None, progress: bool = False, **options) -> VARSampleOutput:
         """Generate token maps scale by scale: one cached transformer pass per scale.
 
-        cfg: VAR's guidance weight (None: the config's, 1.5 for the released models): the logits are
-        ``(1 + t) * cond - t * uncond`` with ``t = cfg * k / (K - 1)`` at scale k, so the first scale is
-        unguided. The null-class half of the batch is run only when cfg != 0 (it must be 0 for an
-        unconditional model). top_k / top_p / temperature: see ``heads.categorical`` (None: the config's;
-        top_k above the vocabulary size keeps everything). more_smooth: VAR's Gumbel-softmax mixing of code
-        vectors for nicer pictures (not for FID); ``indices`` then holds the ids that were drawn but
-        ``f_hat`` is built from the mixed vectors, and the tokenizer must expose ``codebook`` (V, Cvae).
-        uniforms: one (B, s*s) tensor in [0, 1) per scale, to draw each token by inverse CDF from its own
-        uniform instead of from ``generator`` (see ``heads.categorical.draw_tokens``): then an image depends
-        on its own uniforms alone, whatever batch it is drawn in (``eval.sample`` draws them per sample).
+        sampling: a :class:`~flowar.var_config.VARSampling` (None: the config's saved defaults, VAR's FID
+        settings for the released presets), updated by ``options``: guidance_scale (1 = unguided) or var_cfg
+        (VAR's own cfg, 0 = unguided), cfg_schedule, top_k, top_p, temperature, more_smooth. The null-class
+        half of the batch runs only when guided. With more_smooth, ``indices`` holds the ids that were drawn
+        but ``f_hat`` is built from the mixed code vectors (the tokenizer must expose ``codebook``).
+        noise: one (B, s*s) tensor of uniforms in [0, 1) per scale, to draw each token by inverse CDF from its
+        own uniform instead of from ``generator``: an image then depends on its own uniforms alone, whatever
+        batch it is drawn in (``eval.sample`` draws them per sample; see :meth:`noise_from_seeds`).
         """
-        c = self.config
-        device = self.class_emb.weight.device
-        labels = self._check_labels(class_labels, batch_size, device)
-        self.check_tokenizer(tokenizer)
-        batch = labels.shape[0]
-        cfg = (0.0 if c.unconditional else c.default_cfg) if cfg is None else cfg
-        top_k = c.default_top_k if top_k is None else top_k
-        top_p = c.default_top_p if top_p is None else top_p
-        check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature)
-        if not (isinstance(cfg, (int, float)) and math.isfinite(cfg)):
-            raise ValueError(f"cfg must be a finite number, got {cfg!r}")
-        if cfg != 0 and c.unconditional:
-            raise ValueError(f"cfg must be 0 for an unconditional model (num_classes=0), got {cfg}")
-        codebook = None
-        if more_smooth:
-            codebook = getattr(tokenizer, "codebook", None)
-            if not torch.is_tensor(codebook) or tuple(codebook.shape) != (c.vocab_size, c.code_dim):
-                raise ValueError(f"more_smooth needs tokenizer.codebook, a ({c.vocab_size}, {c.code_dim}) tensor")
-        if uniforms is not None:
-            if more_smooth:
-                raise ValueError("uniforms replace the token draws; more_smooth draws Gumbel noise from generator, "
-                                 "so they cannot be combined")
-            shapes = [(batch, side * side) for side in c.scales]
-            if not isinstance(uniforms, (list, tuple)) or [tuple(getattr(u, "shape", ())) for u in uniforms] != shapes:
-                raise ValueError(f"uniforms must be a list of tensors of shapes {shapes}")
+        return generate(self, class_labels, autoencoder=tokenizer, batch_size=batch_size, sampling=sampling,
+                        generator=generator, noise=noise, progress=progress, **options)
 
-        # Rows [0, B) are conditional; with guidance, rows [B, 2B) carry the null class (own KV cache).
-        # With cfg == 0 the mix is exactly the conditional logits, so the null rows are skipped.
-        guided = cfg != 0
-        if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
-        class_embedding = self.class_emb(labels)
-        modulation = self.block_modulation(class_embedding)  # per class, so once for all scales
-        positions = self.level_positions()
-        head_dim = c.width // c.num_heads
-        cache = KVCache(c.depth, labels.shape[0], c.num_heads, c.seq_len, head_dim,
-                        device=device, dtype=self._cache_dtype(device))
-        tokens = self.embed_inputs(class_embedding)  # the first scale's input is the class token
-        segments = scale_segments(c.scales)
-        num_scales = len(c.scales)
-        f_hat, indices = None, []
-        for k in tqdm(range(num_scales), desc="scales", disable=not progress):
-            side = c.scales[k]
-            hidden = self.transformer(tokens, modulation, sides=(side,), cache=cache)
-            logits = self.head_logits(hidden, class_embedding).float()  # (rows, s*s, V)
-            if guided:
-                logits = cfg_mix(logits[:batch], logits[batch:], cfg_ramp(cfg, k, num_scales))
-            filtered = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-            ids = draw_tokens(filtered, greedy=temperature == 0, generator=generator,
-                              uniforms=None if uniforms is None else uniforms[k].to(device))  # (B, s*s)
-            indices.append(ids.view(batch, side, side))
-            if more_smooth:
-                ratio = k / max(num_scales - 1, 1)
-                weights = gumbel_softmax(filtered * (1 + ratio), smoothing_temperature(ratio), generator=generator)
-                codes = (weights @ codebook.to(weights)).transpose(1, 2).reshape(batch, c.code_dim, side, side)
-                f_hat, nxt = tokenizer.accumulate(k, f_hat, codes)
-            else:
-                f_hat, nxt = tokenizer.accumulate(k, f_hat, indices[-1])
-            if k + 1 < num_scales:
-                start, end = segments[k + 1]
-                tokens = self.word_embed(nxt.to(device, self.word_embed.weight.dtype)) + positions[:, start:end]
-                if guided:
-                    tokens = torch.cat([tokens, tokens])
-        return VARSampleOutput(indices=indices, f_hat=f_hat)
+    def stepper(self, labels: torch.Tensor, options: VARSampling, *, timed: bool = False) -> "VARStepper":
+        return VARStepper(self, labels, options, timed=timed)
+
+    def canvas(self, batch: int, autoencoder=None) -> "VARCanvas":
+        self.check_tokenizer(autoencoder)
+        return VARCanvas(self.config, autoencoder)
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
+        shapes = [(batch, side * side) for side in self.config.scales]
+        if (not isinstance(noise, (list, tuple)) or len(noise) != len(shapes)
+                or any(not torch.is_tensor(u) or tuple(u.shape) != e for u, e in zip(noise, shapes))):
+            raise ValueError(f"noise (VAR: one uniform per token) must be a list of tensors of shapes {shapes}")
+        if not all(bool(((u >= 0) & (u < 1)).all()) for u in noise):
+            raise ValueError("noise (VAR: one uniform per token) must lie in [0, 1): it holds NaN or values outside")
+
+    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
+        """VAR's token uniforms, one (B, s*s) float64 CPU tensor per scale, row b drawn from seeds[b]."""
+        per_sample = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in self.config.scales])
+        return [torch.stack([u[k] for u in per_sample]) for k in range(len(self.config.scales))]
+
+    def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
+        """Each scale's known ids: the image's ground-truth token maps from the tokenizer."""
+        self.check_tokenizer(autoencoder)
+        indices = autoencoder.encode_indices(images)
+        return [(m.to(self.device), idx.to(self.device)) for m, idx in zip(keep, indices)]
+
+    # ------------------------------------------------------------------ training data
+    def check_training_source(self, source) -> None:
+        self.check_tokenizer(source.autoencoder)
+
+    def training_inputs(self, autoencoder) -> dict:
+        return {"tokenizer": autoencoder}  # the teacher-forcing inputs come from the frozen tokenizer
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to the folder ``path``."""
-        save_var_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, *, map_location="cpu") -> "VAR":
-        """Load a folder written by :meth:`save_pretrained`."""
-        return load_var_pretrained(path, map_location=map_location)
-
     @classmethod
     def from_released(cls, path, preset: str | VARConfig, *, map_location="cpu") -> "VAR":
-        """Load an authors' release (``var_d{16,20,24,30}.pth``) into the matching preset."""
-        return load_released_var(path, preset, map_location=map_location)
-
-    def _cache_dtype(self, device) -> torch.dtype:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.class_emb.weight.dtype
-
-
-# ---------------------------------------------------------------------------------------- files
-MODEL_TYPE = "var"
+        """Load ``var_d{16,20,24,30}.pth`` (a bare state dict with the authors' key names) into ``preset``, a
+        preset name or a :class:`VARConfig` for checkpoints of other sizes. The file is read with
+        ``weights_only=True``; a checkpoint of another size fails listing missing, unexpected and mis-shaped
+        keys."""
+        config = preset if isinstance(preset, VARConfig) else get_var_preset(preset)
+        state = convert_released_var_state_dict(read_torch_state_dict(path, map_location=map_location), config)
+        model = cls(config)
+        load_state_strict(model, state, source=f"checkpoint {path} (preset {preset!r})")
+        return model.eval()
 
 
-def save_var_pretrained(model: VAR, path) -> None:
-    """Write ``config.json`` (with ``"model_type": "var"``) + ``model.safetensors`` into the folder ``path``."""
-    save_model_folder(model, path, model_type=MODEL_TYPE)
+@dataclass
+class VARDraw:
+    """One scale drawn by VAR: the ids, and the Gumbel-softmax code weights when sampling "more smoothly"."""
+
+    ids: torch.Tensor  # (B, s, s) long
+    weights: torch.Tensor | None  # (B, s*s, V) or None
 
 
-def load_var_pretrained(path, *, map_location="cpu") -> VAR:
-    """Build a VAR from a folder written by :func:`save_var_pretrained`."""
-    return load_model_folder(path, model_type=MODEL_TYPE, build=lambda config: VAR(VARConfig.from_dict(config)),
-                             map_location=map_location)
+class VARStepper(CachedStepper):
+    """VAR's per-scale step (``flowar.sampling.Stepper``): a cached transformer pass, then the categorical draw.
+    Unguided, the mix is exactly the conditional logits, so the null rows are not run."""
+
+    logits = None  # (rows, s*s, V) float32 of the last scale fed
+
+    def release(self) -> None:
+        self.cache = self.logits = None
+
+    def _first_pass(self, prefill: bool) -> None:
+        model = self.model
+        self.class_embedding = model.class_emb(self.labels)
+        self.modulation = model.block_modulation(self.class_embedding)  # per class, once for all scales
+        self.positions = model.level_positions()
+        self.segments = scale_segments(model.config.scales)
+        self._run(model.embed_inputs(self.class_embedding), 0, prefill)
+
+    def _pass(self, scale_input: torch.Tensor, k: int, prefill: bool) -> None:
+        """scale_input: the tokenizer's accumulated f_hat pooled to this scale, (B, s*s, Cvae)."""
+        model = self.model
+        begin, end = self.segments[k]
+        tokens = model.word_embed(scale_input.to(self.device, model.word_embed.weight.dtype)) + self.positions[:, begin:end]
+        self._run(torch.cat([tokens, tokens]) if self.guided else tokens, k, prefill)
+
+    def _run(self, tokens: torch.Tensor, k: int, prefill: bool) -> None:
+        model = self.model
+        hidden = model.transformer(tokens, self.modulation, sides=(model.config.scales[k],), cache=self.cache)
+        # Over another model's scales only the KV cache matters: no logits.
+        self.logits = None if prefill else model.head_logits(hidden, self.class_embedding).float()
+
+    @torch.no_grad()
+    def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+             known: Known | None = None) -> VARDraw:
+        """Ids (B, s, s) of the scale fed last, guided on VAR's ramp, filtered and drawn from ``generator`` or
+        by inverse CDF from ``noise`` (B, s*s) uniforms; ``known`` (keep (B, s, s), ids) overwrites the kept ids."""
+        o, c, k = self.options, self.model.config, self.scales_seen - 1
+        num_scales, side = len(c.scales), c.scales[k]
+        if noise is not None and o.more_smooth:
+            raise ValueError("noise (uniforms) replaces the token draws; more_smooth draws Gumbel noise from "
+                             "generator, so they cannot be combined")
+        with self.timer:
+            logits = self.logits
+            drawn: CategoricalSample = self.model.head.sample(
+                logits[:self.batch], logits[self.batch:] if self.guided else None,
+                guidance=guidance_excess(o.guidance_scale, k, num_scales, o.cfg_schedule),
+                top_k=o.top_k, top_p=o.top_p, temperature=o.temperature, generator=generator,
+                uniforms=None if noise is None else noise.to(self.device),
+                smooth_ratio=k / max(num_scales - 1, 1) if o.more_smooth else None)
+            ids, weights = drawn.ids.view(self.batch, side, side), drawn.weights
+            if known is not None:
+                keep, target = known[0].to(ids.device), known[1].to(ids.device)
+                ids = torch.where(keep, target, ids)
+                if weights is not None:  # the kept positions mix exactly their own code
+                    one_hot = F.one_hot(target.flatten(1), c.vocab_size).to(weights)
+                    weights = torch.where(keep.flatten(1)[..., None], one_hot, weights)
+        return VARDraw(ids=ids, weights=weights)
 
 
+class VARCanvas:
+    """A VAR run's result (``flowar.sampling.Canvas``): the token maps, and f_hat accumulated by the tokenizer,
+    which also makes each next scale's input."""
+
+    def __init__(self, config: VARConfig, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.f_hat, self.indices = None, []
+
+    def add(self, k: int, drawn: VARDraw) -> torch.Tensor | None:
+        c = self.config
+        self.indices.append(drawn.ids)
+        if drawn.weights is None:
+            self.f_hat, next_input = self.tokenizer.accumulate(k, self.f_hat, drawn.ids)
+            return next_input
+        codebook = getattr(self.tokenizer, "codebook", None)
+        if not torch.is_tensor(codebook) or tuple(codebook.shape) != (c.vocab_size, c.code_dim):
+            raise ValueError(f"more_smooth needs tokenizer.codebook, a ({c.vocab_size}, {c.code_dim}) tensor")
+        side = c.scales[k]
+        weights = drawn.weights
+        codes = (weights @ codebook.to(weights)).transpose(1, 2).reshape(weights.shape[0], c.code_dim, side, side)
+        self.f_hat, next_input = self.tokenizer.accumulate(k, self.f_hat, codes)
+        return next_input
+
+    def output(self) -> VARSampleOutput:
+        return VARSampleOutput(indices=self.indices, f_hat=self.f_hat)
+
+
+# ---------------------------------------------------------------------------------------- released files
 def block_causal_bias(scales) -> torch.Tensor:
     """(L, L) additive mask as the release stores it: 0 where scale i's token may see the key, else -inf."""
     level = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)])
@@ -529,17 +565,3 @@ def convert_released_var_state_dict(state: dict, config: VARConfig) -> dict:
         if torch.count_nonzero(state.pop(key)):
             raise ValueError(f"checkpoint {key} is not all zeros; this model has no key bias")
     return state
-
-
-def load_released_var(path, preset: str | VARConfig, *, map_location="cpu") -> VAR:
-    """Load ``var_d{16,20,24,30}.pth`` (a bare state dict with the authors' key names) into ``preset``.
-
-    ``preset`` is a preset name or a :class:`VARConfig` for checkpoints of other sizes. The file is read
-    with ``weights_only=True``; a checkpoint of another size fails listing missing, unexpected and
-    mis-shaped keys.
-    """
-    config = preset if isinstance(preset, VARConfig) else get_var_preset(preset)
-    state = convert_released_var_state_dict(read_torch_state_dict(path, map_location=map_location), config)
-    model = VAR(config)
-    load_state_strict(model, state, source=f"checkpoint {path} (preset {preset!r})")
-    return model.eval()

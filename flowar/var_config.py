@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .config import SavedConfig
+from heads.categorical import check_sampling_args
+from vae.files import ConfigMixin
+
+from .config import copy_preset
+from .sampling import GuidanceOptions, check_guidance_scale
 
 # The token pyramids VAR was released with: 680 tokens at 256 px, 2240 at 512 px (16x16 and 32x32 latents).
 SCALES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -25,7 +27,44 @@ def check_var_scales(scales) -> tuple[int, ...]:
 
 
 @dataclass
-class VARConfig(SavedConfig):
+class VARSampling(GuidanceOptions):
+    """VAR's sampling options, validated once; a release saves its defaults in config.json.
+
+    guidance_scale: 1 is unguided, as for FlowAR. VAR's authors write guidance as ``cfg`` = t_max of the
+    logits ``(1 + t) cond - t uncond``, t rising linearly from 0 at the first scale to cfg at the last: that
+    is ``guidance_scale = 1 + cfg`` on the linear ramp, and ``replace(var_cfg=...)`` (``--var-cfg``) takes
+    their number as it is (their FID setting cfg 1.5 is guidance_scale 2.5). top_k / top_p / temperature:
+    ``heads.categorical`` (0 = off; temperature 0 is greedy). more_smooth: VAR's Gumbel-softmax mixing of
+    code vectors for pictures (not for FID).
+    """
+
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    more_smooth: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_sampling_args(top_k=self.top_k, top_p=self.top_p, temperature=self.temperature)
+        if not isinstance(self.more_smooth, bool):
+            raise ValueError(f"more_smooth must be True or False, got {self.more_smooth!r}")
+
+    @property
+    def var_cfg(self) -> float:
+        """The guidance in VAR's own convention (0 = unguided)."""
+        return self.guidance_scale - 1.0
+
+    def replace(self, *, var_cfg: float | None = None, **overrides):
+        """As ``GuidanceOptions.replace``, plus ``var_cfg``: guidance in VAR's own convention."""
+        if var_cfg is not None:
+            if overrides.get("guidance_scale") is not None:
+                raise ValueError("give guidance_scale (1 = unguided) or var_cfg (VAR's cfg, 0 = unguided), not both")
+            overrides["guidance_scale"] = 1.0 + check_guidance_scale(var_cfg, name="var_cfg")
+        return super().replace(**overrides)
+
+
+@dataclass
+class VARConfig(ConfigMixin):
     """Architecture of a VAR transformer (Tian et al., 2024) plus its recommended sampling settings.
 
     The tokenizer is not part of the model: ``scales``, ``vocab_size`` and ``code_dim`` must match the
@@ -48,11 +87,8 @@ class VARConfig(SavedConfig):
     drop_path: float = 0.1 * 16 / 24  # stochastic depth of the last block, rising linearly from 0 at the first
     cond_drop_rate: float = 0.1  # classifier-free guidance training: share of labels replaced by null
     init_adaln_gamma: float = 1e-5  # initial gain of the AdaLN gate rows (the 512 px d36 run used 5e-6)
-    # Sampling defaults: the authors' FID settings. cfg is VAR's guidance t_max: logits
-    # (1 + t) cond - t uncond with t rising linearly from 0 at the first scale to cfg at the last.
-    default_cfg: float = 1.5
-    default_top_k: int = 900
-    default_top_p: float = 0.96
+    # Sampling defaults: the authors' FID settings (their cfg 1.5 is guidance_scale 2.5, see VARSampling).
+    sampling: VARSampling = field(default_factory=lambda: VARSampling(guidance_scale=2.5, top_k=900, top_p=0.96))
 
     def __post_init__(self):
         self.scales = check_var_scales(self.scales)
@@ -72,11 +108,23 @@ class VARConfig(SavedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {value}")
-        if self.default_top_k < 0 or not 0.0 <= self.default_top_p <= 1.0 or not math.isfinite(self.default_cfg):
-            raise ValueError(
-                f"default_top_k must be >= 0, default_top_p in [0, 1] and default_cfg finite; got "
-                f"{self.default_top_k}, {self.default_top_p}, {self.default_cfg}"
-            )
+        if isinstance(self.sampling, dict):
+            self.sampling = VARSampling.from_dict(self.sampling)
+        if not isinstance(self.sampling, VARSampling):
+            raise ValueError(f"sampling must be a VARSampling, got {type(self.sampling).__name__}")
+
+    @classmethod
+    def upgrade(cls, data: dict) -> dict:
+        """Configs written before VARSampling kept ``default_cfg`` (VAR's convention), ``default_top_k`` and
+        ``default_top_p``."""
+        legacy = {key: data.pop(key) for key in ("default_cfg", "default_top_k", "default_top_p") if key in data}
+        if legacy:
+            sampling = dict(data.get("sampling", {}))
+            sampling.setdefault("guidance_scale", 1.0 + legacy.get("default_cfg", 1.5))
+            sampling.setdefault("top_k", legacy.get("default_top_k", 900))
+            sampling.setdefault("top_p", legacy.get("default_top_p", 0.96))
+            data = {**data, "sampling": sampling}
+        return data
 
     @classmethod
     def from_depth(cls, depth: int, **overrides) -> "VARConfig":
@@ -114,13 +162,11 @@ VAR_PRESETS: dict[str, VARConfig] = {
     # 64-code book with 16 channels, scales 1, 2, 4, 8: 85 tokens); 1.2M parameters.
     "var-tiny": VARConfig(
         scales=(1, 2, 4, 8), vocab_size=64, code_dim=16, num_classes=10, depth=4, width=128, num_heads=4,
-        drop_path=0.0, default_cfg=1.5, default_top_k=0, default_top_p=0.0,
+        drop_path=0.0, sampling=VARSampling(guidance_scale=2.5),
     ),
 }
 
 
 def get_var_preset(name: str, **overrides) -> VARConfig:
-    """A copy of a VAR preset config with optional field overrides."""
-    if name not in VAR_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(VAR_PRESETS)}, got {name!r}")
-    return dataclasses.replace(VAR_PRESETS[name], **overrides)
+    """A copy of a VAR preset config with optional field overrides (see ``flowar.config.copy_preset``)."""
+    return copy_preset(VAR_PRESETS, name, overrides)

@@ -8,7 +8,8 @@ v = eps - x. This package imports nothing else of ours.
 from .categorical import cfg_mix, filter_logits, sample_tokens
 from .networks import HEAD_KINDS, FlowTransformerHead, MLPHead, build_head
 from .path import flow_matching_loss, interpolate, velocity_target
-from .solvers import SCHEDULES, SOLVERS, FlowSample, integrate, sample_flow, step_schedule
+from .flow import FlowHead, FlowSample, HeadVelocity, KnownRegionNet, sample_flow
+from .solvers import SCHEDULES, SOLVERS, check_solver_options, integrate, step_schedule
 
 __all__ = [
     "cfg_mix",
@@ -23,7 +24,11 @@ __all__ = [
     "velocity_target",
     "SCHEDULES",
     "SOLVERS",
+    "FlowHead",
     "FlowSample",
+    "HeadVelocity",
+    "KnownRegionNet",
+    "check_solver_options",
     "integrate",
     "sample_flow",
     "step_schedule",

@@ -1,4 +1,4 @@
-"""The categorical head's sampler (VAR): logits -> token ids with temperature, top-k, top-p and a generator.
+"""The categorical head (VAR) and its sampler: logits -> token ids with temperature, top-k, top-p and a generator.
 
 Everything here works on logits of shape (..., V) and returns ids of shape (...). Order of operations:
 temperature, then top-k, then top-p on what top-k kept, then one multinomial draw per position, which
@@ -9,8 +9,11 @@ probabilities, one sample with replacement), so both give the same ids for the s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 def check_sampling_args(*, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> None:
@@ -118,3 +121,52 @@ def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.Tensor:
     if t == 0:
         return cond  # exactly, even where the null branch holds -inf
     return (1 + t) * cond - t * uncond
+
+
+def smoothing_temperature(ratio: float) -> float:
+    """Gumbel-softmax temperature of VAR's "more smooth" sampling at progress ratio = k / (K - 1)."""
+    return max(0.27 * (1 - 0.95 * ratio), 0.005)
+
+
+@dataclass
+class CategoricalSample:
+    """Ids drawn at one scale, and VAR's soft code weights when sampling "more smoothly"."""
+
+    ids: torch.Tensor  # (B, N) long
+    weights: torch.Tensor | None = None  # (B, N, V) Gumbel-softmax weights, or None
+
+
+class CategoricalHead(nn.Linear):
+    """The last layer of a token model, hidden states -> logits over a codebook, owning its loss and sampler.
+
+    A plain ``nn.Linear`` (so a released ``head.weight`` / ``head.bias`` loads unchanged) with the
+    cross-entropy loss and the guided, filtered draw of VAR.
+    """
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross entropy (B, L), in float32, of logits (B, L, V) against ids (B, L)."""
+        batch = logits.shape[0]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(batch, -1)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, null_logits: torch.Tensor | None = None, *, guidance: float = 0.0,
+               top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+               generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
+               smooth_ratio: float | None = None) -> CategoricalSample:
+        """Draw ids (B, N) from logits (B, N, V), guided by ``null_logits`` with weight ``guidance`` (see
+        :func:`cfg_mix`; 0 or no null logits: unguided), filtered (:func:`filter_logits`) and drawn
+        (:func:`draw_tokens`, from ``generator`` or by inverse CDF from ``uniforms`` (B, N)).
+
+        smooth_ratio: VAR's "more smooth" sampling at progress k / (K - 1): also return Gumbel-softmax weights
+        of the sharpened filtered logits (noise from ``generator``), to mix code vectors with.
+        """
+        logits = logits.float()
+        if null_logits is not None:
+            logits = cfg_mix(logits, null_logits.float(), guidance)
+        filtered = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+        ids = draw_tokens(filtered, greedy=temperature == 0, generator=generator, uniforms=uniforms)
+        weights = None
+        if smooth_ratio is not None:
+            weights = gumbel_softmax(filtered * (1 + smooth_ratio), smoothing_temperature(smooth_ratio),
+                                     generator=generator)
+        return CategoricalSample(ids=ids, weights=weights)

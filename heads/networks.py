@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .flow import FlowHead
 from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden, timestep_embedding, xavier_init_linears
 
 HEAD_KINDS = ("transformer-v1", "transformer-v2", "mlp")
@@ -177,7 +178,7 @@ class BlockV2(nn.Module):
         return x
 
 
-class FlowTransformerHead(nn.Module):
+class FlowTransformerHead(FlowHead, nn.Module):
     """FlowAR's flow-matching head: a small transformer over the tokens of one scale."""
 
     def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int, *, variant: str = "v1"):
@@ -243,7 +244,7 @@ class ResBlock(nn.Module):
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
-class MLPHead(nn.Module):
+class MLPHead(FlowHead, nn.Module):
     """MAR-style per-token MLP head, conditioned on t_emb + cond_emb; tokens never see each other."""
 
     def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int):

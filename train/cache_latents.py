@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from flowar.checkpoints import atomic_write
+from vae.files import atomic_write
 
 from .latents import CACHE_INDEX, load_any_vae, load_tokenizer
 

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from flowar.registry import pipeline_class
+
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
-from flowar import VAR
-
-from .latents import CACHE_INDEX, load_any_vae, load_tokenizer
+from .latents import CACHE_INDEX
 from .train import build_model
 
 
@@ -32,14 +32,13 @@ def export(run_dir, out_dir, *, with_vae: bool = True) -> Path:
     index = {}
     if cfg.latent_cache and (Path(cfg.latent_cache) / CACHE_INDEX).is_file():
         index = json.loads((Path(cfg.latent_cache) / CACHE_INDEX).read_text())
-    if isinstance(model, VAR):
-        tokenizer_path = cfg.tokenizer or index.get("tokenizer", "")
-        if with_vae and tokenizer_path:
-            load_tokenizer(tokenizer_path).save_pretrained(Path(out_dir) / "tokenizer")
-        return Path(out_dir)
-    vae_path = cfg.vae or index.get("vae", "")
-    if with_vae and vae_path:
-        load_any_vae(vae_path).save_pretrained(Path(out_dir) / "vae")
+    # The pipeline's autoencoder folder ("vae" / "tokenizer") is also the run config's and cache index's key.
+    pipeline = pipeline_class(model.model_type)
+    key = pipeline.autoencoder_folder
+    source = getattr(cfg, key) or index.get(key, "")
+    if with_vae and source:
+        autoencoder = pipeline.load_autoencoder(source, model=model)
+        autoencoder.save_pretrained(Path(out_dir) / pipeline.autoencoder_folder)
     return Path(out_dir)
 
 

@@ -44,6 +44,8 @@ class LatentSource:
 
     latent_shape: tuple[int, int, int]
     num_items: int
+    kind = "latents"  # what a model trained on this source learns from (its ``training_data``)
+    vae = None
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -68,8 +70,17 @@ class LatentSource:
     def get(self, indices: torch.Tensor, randomness: dict) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def autoencoder(self):
+        """What decodes this source's samples (and, for tokens, makes the model's inputs); None if not loaded."""
+        return self.vae
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
-        return None if self.vae is None else self.vae.decode(latents.to(self.vae.device))
+        """Images in [-1, 1] from a sample's ``decoder_input``; None without an autoencoder."""
+        if self.autoencoder is None:
+            return None
+        device = next(self.autoencoder.parameters()).device
+        return self.autoencoder.decode(latents.to(device))
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -105,18 +116,17 @@ class CachedLatents(LatentSource):
 class TokenSource(LatentSource):
     """Base for VAR's data: (list of K token maps (B, s_k, s_k), labels); decodes token maps to images."""
 
+    kind = "tokens"
     tokenizer = None
+
+    @property
+    def autoencoder(self):
+        return self.tokenizer
 
     def draw_randomness(self, global_batch: int, generator: torch.Generator) -> dict:
         # Token maps are deterministic per image; only the flip is drawn (the same draw FlowAR's sources make
         # first, so both keep their streams aligned with the step's generator).
         return {"flip": torch.rand(global_batch, generator=generator) < 0.5}
-
-    def decode(self, indices) -> torch.Tensor | None:
-        if self.tokenizer is None:
-            return None
-        device = next(self.tokenizer.parameters()).device
-        return self.tokenizer.decode_indices([idx.to(device) for idx in indices])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(B, L) concatenated row-major token maps -> K maps (B, s_k, s_k)."""
@@ -200,18 +210,16 @@ class OnlineLatents(LatentSource):
 
 
 def load_any_vae(path: str):
-    from flowar.pipeline import load_vae
+    from flowar.pipeline import load_vae  # the library's loader: a diffusers folder or MAR's kl16.ckpt
 
     return load_vae(path).eval()
 
 
 def load_tokenizer(path: str):
     """VAR's multi-scale VQ tokenizer: a folder from ``save_pretrained``, or the released ``.pth``."""
-    from vae.msvq import MultiScaleVQVAE
+    from flowar.var_pipeline import load_tokenizer as load  # the library's loader
 
-    if str(path).endswith((".pth", ".pt", ".ckpt")):
-        return MultiScaleVQVAE.from_released(path).eval()
-    return MultiScaleVQVAE.from_pretrained(path).eval()
+    return load(path).eval()
 
 
 def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:

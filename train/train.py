@@ -34,7 +34,8 @@ from eval.inception import load_feature_network
 from eval.metrics import feature_statistics
 from eval.reference import default_cache_dir, write_stats_npz
 from flowar import VAR, VAR_PRESETS, FlowAR, get_preset, get_var_preset
-from flowar.pipeline import image_grid, to_uint8_images
+from flowar.outputs import image_grid, to_uint8_images
+from flowar.sampling import generate
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig, load_config
@@ -96,27 +97,19 @@ def build_model(cfg: TrainConfig) -> FlowAR | VAR:
 
 
 def check_data_matches(model, source: LatentSource) -> None:
-    """Fail before the first step if the data cannot feed the model (latent shape, or tokenizer)."""
-    c = model.config
-    if isinstance(model, VAR):
-        if not isinstance(source, TokenSource):
-            raise ValueError(f"preset {type(model).__name__} trains on token maps: set tokenizer=... or a token "
-                             "latent_cache, not a VAE")
-        model.check_tokenizer(source.tokenizer)
-        return
-    if isinstance(source, TokenSource):
-        raise ValueError("FlowAR trains on VAE latents: set vae=... or a latent cache written with --vae")
-    if source.latent_shape != (c.token_dim, c.scales[-1], c.scales[-1]):
-        raise ValueError(f"the data's latents are {source.latent_shape} but the model expects "
-                         f"({c.token_dim}, {c.scales[-1]}, {c.scales[-1]}); set model.token_dim / model.scales to match")
+    """Fail before the first step if the data cannot feed the model (its kind, latent shape, or tokenizer)."""
+    if model.training_data != source.kind:
+        raise ValueError(f"preset {type(model).__name__} trains on {model.training_data} but the data gives "
+                         f"{source.kind}: set {'tokenizer=... or a token' if model.training_data == 'tokens' else 'vae=... or a'}"
+                         " latent_cache")
+    model.check_training_source(source)
 
 
 def sample_images(model, source: LatentSource, labels, *, batch_size: int, generator=None, noise=None):
-    """Decoded images (B, 3, H, W) in [-1, 1] from FlowAR (optionally from fixed ``noise``) or VAR."""
-    if isinstance(model, VAR):
-        out = model.sample(labels, batch_size=batch_size, tokenizer=source.tokenizer, generator=generator)
-        return source.decode(out.indices)
-    return source.decode(model.sample(labels, batch_size=batch_size, generator=generator, noise=noise))
+    """Decoded images (B, 3, H, W) in [-1, 1] (None without a decoder), from ``noise`` or ``generator``."""
+    out = generate(model, labels, autoencoder=source.autoencoder, batch_size=batch_size, generator=generator,
+                   noise=noise)
+    return source.decode(out.decoder_input)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -133,8 +126,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     source: LatentSource = build_latent_source(cfg, device=device, load_vae=is_main)
     model = build_model(cfg).to(device)
     check_data_matches(model, source)
-    # VAR's teacher-forcing inputs come from its (frozen) tokenizer; FlowAR needs nothing extra.
-    model_inputs = {"tokenizer": source.tokenizer} if isinstance(model, VAR) else {}
+    model_inputs = model.training_inputs(source.autoencoder)  # VAR: its frozen tokenizer; FlowAR: nothing
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas)
     ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
     checkpoints = CheckpointManager(out_dir)
@@ -260,12 +252,10 @@ def log_sample_grid(writer, model: FlowAR | VAR, ema: dict, source: LatentSource
     rows = min(c.num_classes, 10) if not c.unconditional else 4
     per_row = 8
     labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(per_row)
-    if fixed_noise is None and isinstance(model, FlowAR):
-        g = torch.Generator(device).manual_seed(1234)
-        fixed_noise = [torch.randn(rows * per_row, s * s, c.token_dim, generator=g, device=device) for s in c.scales]
-    with ema_weights(model, ema):  # VAR draws its tokens from a generator seeded the same way every time
-        images = sample_images(model, source, labels, batch_size=rows * per_row, noise=fixed_noise,
-                               generator=torch.Generator(device).manual_seed(1234))
+    if fixed_noise is None:
+        fixed_noise = [n.to(device) for n in model.noise_from_seeds(list(range(1234, 1234 + rows * per_row)))]
+    with ema_weights(model, ema):
+        images = sample_images(model, source, labels, batch_size=rows * per_row, noise=fixed_noise)
     if images is not None:
         grid = image_grid(to_uint8_images(images), per_row)
         writer.add_image("samples/ema_grid", np.asarray(grid), step, dataformats="HWC")

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +50,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import atomic_write
+from .files import ConfigMixin, PretrainedMixin, load_state_strict, read_torch_state_dict
 
 PHI_SHARING = ("partial", "shared", "none")
 RECON_LOSSES = ("l1", "l2")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "multiscale_vq"
-_LISTED = 20  # keys shown per category in a mismatch report
 
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
-class MultiScaleVQConfig:
+class MultiScaleVQConfig(ConfigMixin):
     """Architecture of a multi-scale residual VQ-VAE; exactly what ``config.json`` holds."""
 
     ch: int = 160  # width of the first CNN level
@@ -127,19 +122,6 @@ class MultiScaleVQConfig:
         n = {"shared": 1, "partial": self.phi_count, "none": len(self.scales)}[self.phi_sharing]
         return nearest_tick(k / (len(self.scales) - 1), n)
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["ch_mult"] = list(self.ch_mult)
-        out["scales"] = list(self.scales)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MultiScaleVQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"model_type"})
-        if unknown:
-            raise ValueError(f"config has unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def nearest_tick(position: float, n: int) -> int:
@@ -497,8 +479,12 @@ def _check_indices(name: str, indices: torch.Tensor, side: int) -> None:
         raise ValueError(f"{name} must be (B, {side}, {side}), got {tuple(indices.shape)}")
 
 
-class MultiScaleVQVAE(nn.Module):
+class MultiScaleVQVAE(PretrainedMixin, nn.Module):
     """VAR's multi-scale residual VQ-VAE: images <-> one token map per scale."""
+
+    model_type = MODEL_TYPE
+    config_class = MultiScaleVQConfig
+    legacy_model_type = MODEL_TYPE  # folders written before config.json recorded the type
 
     def __init__(self, config: MultiScaleVQConfig | None = None):
         super().__init__()
@@ -684,38 +670,7 @@ class MultiScaleVQVAE(nn.Module):
         weight = self.quantize.embedding.weight
         weight[codes.to(weight.device)] = vectors.to(weight)
 
-    # ---- saving and loading
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``folder`` (created if needed)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "MultiScaleVQVAE":
-        """Load a folder written by :meth:`save_pretrained` (eval mode)."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"folder {str(folder)!r} is not a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"folder {str(folder)!r} has no {name}")
-        data = json.loads((folder / CONFIG_NAME).read_text())
-        if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise ValueError(f"folder {str(folder)!r} holds a {data['model_type']!r} model, not {MODEL_TYPE!r}")
-        model = cls(MultiScaleVQConfig.from_dict(data))
-        load_state_strict(model, load_file(str(folder / WEIGHTS_NAME), device=str(map_location)),
-                          source=str(folder / WEIGHTS_NAME))
-        return model.eval()
-
+    # ---- loading the authors' file (save_pretrained / from_pretrained: vae.files.PretrainedMixin)
     @classmethod
     def from_released(
         cls,
@@ -728,49 +683,13 @@ class MultiScaleVQVAE(nn.Module):
         config; pass ``get_msvq_preset("vae_ch160v4096z32", scales=...)`` for the 512 px scales)."""
         if isinstance(config, str):
             config = get_msvq_preset(config)
-        state = read_released_state_dict(path, map_location=map_location)
+        state = read_torch_state_dict(path, map_location=map_location, wrappers=("model", "state_dict"))
         model = cls(config)
         load_state_strict(model, convert_released_state_dict(state, config), source=f"path {str(path)!r}")
         return model.eval()
 
 
 # ------------------------------------------------------------------------------------------ file helpers
-def load_state_strict(model: nn.Module, state: dict, *, source: str) -> None:
-    """Load ``state`` into ``model``; on any missing, unexpected or mis-shaped key raise a ValueError listing them."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    problems = []
-    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)):
-        if keys:
-            more = f", ... ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
-            problems.append(f"{len(keys)} {name}: {', '.join(keys[:_LISTED])}{more}")
-    if problems:
-        raise ValueError(f"{source} does not match the tokenizer architecture; " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
-
-
-def read_released_state_dict(path: str | os.PathLike, *, map_location="cpu") -> dict[str, torch.Tensor]:
-    """The state dict in a ``.pth`` file (bare, or under ``model``/``state_dict``), read with weights_only."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"path {str(file)!r} is not a file; expected VAR's vae_ch160v4096z32.pth")
-    try:
-        obj = torch.load(file, map_location=map_location, weights_only=True)  # data only, never code
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"path {str(file)!r} holds Python objects besides tensors and plain containers, "
-                         "which we do not unpickle") from err
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"path {str(file)!r} does not hold a state dict of tensors")
-    return obj
-
-
 def convert_released_state_dict(state: dict, config: MultiScaleVQConfig) -> dict:
     """The authors' names are ours; only per-scale hit statistics of another number of scales are replaced by
     zeros of the right shape (they are statistics, not weights)."""

@@ -1,0 +1,109 @@
+"""The interface every scale-wise model family (FlowAR, VAR) implements, and what they share.
+
+The rest of the library (the sampling engine, pipelines, editing, collaborative decoding, training and
+evaluation) talks to a model through this interface instead of asking which family it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vae.files import PretrainedMixin
+
+from .labels import check_class_labels
+
+
+class ScaleWiseModel(PretrainedMixin, nn.Module):
+    """Base of FlowAR and VAR: labels, sampling options, and the hooks of the sampling engine.
+
+    A family sets ``model_type`` and ``config_class`` (files), ``sampling_class`` (its options dataclass,
+    whose saved defaults are ``config.sampling``), ``interchangeable_fields`` (the config fields two models
+    must share to decode one image together), ``training_data`` and implements :meth:`stepper`,
+    :meth:`canvas`, :meth:`check_noise`, :meth:`noise_from_seeds`, :meth:`known_regions`,
+    :meth:`check_training_source` and :meth:`training_inputs`.
+    """
+
+    sampling_class: type
+    interchangeable_fields: tuple[str, ...]
+    training_data: str  # what the trainer feeds it: "latents" (VAE) or "tokens" (VQ token maps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_emb.weight.device
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def check_labels(self, class_labels, batch_size: int | None = None, *, allow_null: bool = False) -> torch.Tensor:
+        """Validated (B,) long labels on the model's device (see ``flowar.labels.check_class_labels``)."""
+        return check_class_labels(class_labels, batch_size, num_classes=self.config.num_classes, device=self.device,
+                                  allow_null=allow_null)
+
+    def sampling_options(self, sampling=None, **overrides):
+        """The options of one sampling call: ``sampling`` (default: the saved ``config.sampling``) with
+        ``overrides`` applied, validated. An unconditional model samples unguided: its saved guidance is
+        ignored, and an explicit guidance_scale other than 1 is refused."""
+        base = self.config.sampling if sampling is None else sampling
+        if not isinstance(base, self.sampling_class):
+            raise ValueError(f"sampling must be a {self.sampling_class.__name__}, got {type(base).__name__}")
+        options = base.replace(**overrides)
+        if self.config.unconditional and options.guided:
+            if sampling is None and overrides.get("guidance_scale") is None and overrides.get("var_cfg") is None:
+                return options.replace(guidance_scale=1.0)
+            raise ValueError(f"guidance_scale must be 1 for an unconditional model (num_classes=0), got "
+                             f"{options.guidance_scale}")
+        return options
+
+    def cache_dtype(self, device: torch.device) -> torch.dtype:
+        """The KV cache's dtype: autocast's where it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.class_emb.weight.dtype
+
+    def check_compatible(self, other) -> None:
+        """Raise ValueError unless ``other`` can share one sampling run with this model (same family, the
+        ``interchangeable_fields``, and device)."""
+        if type(other) is not type(self):
+            raise ValueError(f"draft_model and refine_model must be models of one family, got "
+                             f"{type(self).__name__} and {type(other).__name__}")
+        fields = self.interchangeable_fields
+        differ = [f"{name}: {getattr(self.config, name)} vs {getattr(other.config, name)}"
+                  for name in fields if getattr(self.config, name) != getattr(other.config, name)]
+        if differ:
+            raise ValueError("draft_model and refine_model must share " + ", ".join(fields) + " to decode together; "
+                             "they differ in " + "; ".join(differ))
+        if self.device != other.device:
+            raise ValueError(f"draft_model and refine_model must be on one device, got {self.device} and {other.device}")
+
+    # ---- the family's hooks
+    def stepper(self, labels: torch.Tensor, options, *, timed: bool = False):
+        """A stepper (``flowar.sampling.Stepper``) sampling ``labels`` (B,) (null class allowed) with ``options``."""
+        raise NotImplementedError
+
+    def canvas(self, batch: int, autoencoder=None):
+        """An empty canvas (``flowar.sampling.Canvas``) for ``batch`` images."""
+        raise NotImplementedError
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
+        """Raise ValueError unless ``noise`` is valid per-scale randomness for ``batch`` images."""
+        raise NotImplementedError
+
+    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
+        """Per-scale randomness in which row b is drawn from ``seeds[b]`` alone (on the CPU, so that it is the
+        same on any device): an image then does not depend on its batch."""
+        raise NotImplementedError
+
+    def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list:
+        """The known region of each scale (``flowar.sampling.Known``) for images (B, 3, H, W) in [-1, 1] and
+        boolean keep maps (B, s, s), one per scale, for editing."""
+        raise NotImplementedError
+
+    def check_training_source(self, source) -> None:
+        """Raise ValueError unless the trainer's data source (``train.latents``) can feed this model."""
+        raise NotImplementedError
+
+    def training_inputs(self, autoencoder) -> dict:
+        """Keyword arguments of ``forward`` besides the data and labels (VAR: its tokenizer)."""
+        raise NotImplementedError

@@ -1,0 +1,169 @@
+"""The flow-matching head as one owner of its loss and its sampler (as MAR's diffusion loss owns both).
+
+A head network is ``net(x_t (B, N, C), t (B,), cond (B, N, D)) -> v (B, N, C)``; the path and the loss are
+in ``heads.path``, the ODE solvers in ``heads.solvers``. This module turns a network into the velocity
+field a solver integrates: :class:`HeadVelocity` fixes the per-token conditions and applies classifier-free
+guidance inside a time interval, and :class:`KnownRegionNet` holds part of every token map on its known
+path (zero-shot editing). :func:`sample_flow` is the one sampling path; :class:`FlowHead` gives every head
+network ``.loss(...)`` and ``.sample(...)`` without adding parameters, so released key names are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .path import VelocityNet, flow_matching_loss, interpolate, velocity_target
+from .solvers import integrate
+
+
+def time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a head gets its times in: at least float32, since half-precision times would quantise 1000 t
+    coarsely in the FlowAR head's timestep embedding."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class HeadVelocity:
+    """v(x_t, t) of a head network for fixed per-token conditions, with classifier-free guidance.
+
+    cond and cond_null (B, N, D). With ``guidance_scale != 1`` the velocity at times ``low <= t <= high`` is
+    ``v_null + w * (v_cond - v_null)``, both halves from one head call on the doubled batch; any w other than
+    1 guides (the released sampler guides only for w > 1, the only case it uses; w < 1 is the same linear
+    formula, w = 0 the unconditional model). Guidance is decided on the solver's float64 time, as the
+    released sampler does, and the network gets t in :func:`time_dtype` of x_t's dtype.
+
+    Outside the interval only the conditional half runs. The released sampler also integrates the null half
+    there, but overwrites it with the conditional state as soon as guidance starts and discards it at the
+    end, so the conditional result is the same and the head does up to half the work. ``rows`` counts the
+    token rows pushed through the network (doubled where guided): a cost measure.
+    """
+
+    def __init__(self, net: VelocityNet, cond: torch.Tensor, *, cond_null: Optional[torch.Tensor] = None,
+                 guidance_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
+                 dtype: torch.dtype = torch.float32):
+        if cond.ndim != 3:
+            raise ValueError(f"cond must be (B, N, D), got {tuple(cond.shape)}")
+        low, high = (float(v) for v in guidance_interval)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
+        self.guided = guidance_scale != 1.0
+        if self.guided:
+            if cond_null is None:
+                raise ValueError(f"cond_null is required when guidance_scale != 1 (guidance_scale={guidance_scale})")
+            if cond_null.shape != cond.shape:
+                raise ValueError(f"cond_null must have the shape of cond {tuple(cond.shape)}, got "
+                                 f"{tuple(cond_null.shape)}")
+        self.net, self.weight, self.low, self.high = net, guidance_scale, low, high
+        self.dtype, self.t_dtype = dtype, time_dtype(dtype)
+        # The head sees one dtype, as in the released sampler; the doubled condition is built once.
+        self.cond = cond.to(dtype)
+        self.cond_pair = torch.cat([self.cond, cond_null.to(dtype)]) if self.guided else None
+        self.rows = 0
+
+    @property
+    def jumps(self) -> tuple[float, ...]:
+        """Times where the velocity is discontinuous (the ends of the guidance interval)."""
+        return (self.low, self.high) if self.guided else ()
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        batch, tokens = x_t.shape[:2]
+        t_net = t.to(self.t_dtype)
+        if self.guided and self.low <= float(t[0]) <= self.high:
+            self.rows += 2 * batch * tokens
+            v = self.net(torch.cat([x_t, x_t]), torch.cat([t_net, t_net]), self.cond_pair).to(torch.float64)
+            v_cond, v_null = v.chunk(2)
+            return v_null + self.weight * (v_cond - v_null)
+        self.rows += batch * tokens
+        return self.net(x_t, t_net, self.cond).to(torch.float64)
+
+
+class KnownRegionNet:
+    """A head network with part of every token map known: replacement sampling for flow matching.
+
+    On the straight path (``heads.path``) the known tokens are at ``(1 - t) target + t noise`` at every time
+    t (``noise`` being the same eps the scale's ODE starts from, so t = 1 agrees with the initial state) and
+    move with the constant velocity ``noise - target``. Before each network call the known rows of x_t are
+    put on that path, so the network conditions the unknown tokens on them, and their velocity is replaced
+    by the path's. Any solver then carries the known rows along the path (exactly up to float rounding:
+    their velocity is constant); :func:`sample_flow` sets them to the target exactly at t = 0. Called on the
+    doubled (conditional + null) batch under guidance, it tiles the known part, and the guided mix of two
+    equal velocities is that velocity.
+    """
+
+    def __init__(self, net: VelocityNet, keep: torch.Tensor, target: torch.Tensor, noise: torch.Tensor):
+        if keep.dtype != torch.bool or keep.ndim != 3 or keep.shape[-1] != 1 or keep.shape[:2] != noise.shape[:2]:
+            raise ValueError(f"keep must be a bool tensor ({noise.shape[0]}, {noise.shape[1]}, 1), got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+        if target.shape != noise.shape:
+            raise ValueError(f"target must have the shape of noise {tuple(noise.shape)}, got {tuple(target.shape)}")
+        self.net, self.keep, self.target, self.noise = net, keep, target, noise
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        repeat = x_t.shape[0] // self.keep.shape[0]  # 2 for the doubled guidance batch
+        keep, target, noise = (v.repeat(repeat, 1, 1).to(x_t.device) for v in (self.keep, self.target, self.noise))
+        target, noise = target.to(x_t.dtype), noise.to(x_t.dtype)
+        v = self.net(torch.where(keep, interpolate(target, noise, t), x_t), t, cond)
+        return torch.where(keep, velocity_target(target, noise).to(v.dtype), v)
+
+
+@dataclass
+class FlowSample:
+    """Result of :func:`sample_flow`."""
+
+    x: torch.Tensor  # (B, N, C) samples at t = 0, in the noise's dtype
+    nfe: int  # velocity evaluations (a guided one counts once)
+    rows: int  # token rows pushed through the head in total (doubled where guided): a cost measure
+
+
+@torch.no_grad()
+def sample_flow(
+    net: VelocityNet,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    cond_null: Optional[torch.Tensor] = None,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    solver: str = "euler",
+    steps: Optional[int] = 25,
+    schedule: str = "flowar",
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    known: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> FlowSample:
+    """Sample tokens for one scale: integrate the head from ``noise`` (B, N, C) at t = 1 to t = 0.
+
+    cond / cond_null (B, N, D) and guidance: see :class:`HeadVelocity`; solver options: ``heads.solvers``.
+    known: (keep (B, N, 1) bool, target (B, N, C)): those tokens follow the target's path during the solve
+    and equal the target afterwards (see :class:`KnownRegionNet`).
+    """
+    if noise.ndim != 3:
+        raise ValueError(f"noise must be (B, N, C), got {tuple(noise.shape)}")
+    if cond.ndim != 3 or cond.shape[:2] != noise.shape[:2]:
+        raise ValueError(f"cond must be ({noise.shape[0]}, {noise.shape[1]}, D) to match noise, got {tuple(cond.shape)}")
+    if known is not None:
+        net = KnownRegionNet(net, known[0], known[1], noise)
+    velocity = HeadVelocity(net, cond, cond_null=cond_null, guidance_scale=guidance_scale,
+                            guidance_interval=guidance_interval, dtype=noise.dtype)
+    x0, nfe = integrate(velocity, noise, solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol,
+                        jumps=velocity.jumps)
+    x = x0.to(noise.dtype)
+    if known is not None:
+        x = torch.where(known[0].to(x.device), known[1].to(x), x)  # exactly the target at t = 0
+    return FlowSample(x=x, nfe=nfe, rows=velocity.rows)
+
+
+class FlowHead:
+    """Mixin for head networks: the flow-matching loss and the sampler, owned by the head."""
+
+    def loss(self, x: torch.Tensor, cond: torch.Tensor, *, t: Optional[torch.Tensor] = None,
+             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-sample flow-matching loss (B,) of clean tokens x (B, N, C) under cond (B, N, D); see
+        ``heads.path.flow_matching_loss``."""
+        return flow_matching_loss(self, x, cond, t=t, noise=noise, generator=generator)
+
+    def sample(self, noise: torch.Tensor, cond: torch.Tensor, **options) -> FlowSample:
+        """Tokens at t = 0 from ``noise`` at t = 1; options as :func:`sample_flow`'s."""
+        return sample_flow(self, noise, cond, **options)
