@@ -139,6 +139,12 @@ def cli_autoencoder(cls, source, args, scales):
 
 def run(args) -> int:
     pipe = load_cli_pipeline(args).to(args.device)
+    kind = pipe.model.model_type
+    foreign = VAR_OPTIONS if kind == "flowar" else FLOWAR_OPTIONS
+    given = [name for name in foreign if getattr(args, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: option(s) of the other model family; {args.path} holds a {kind!r} model")
     options = {name: getattr(args, name) for name in SHARED_OPTIONS + FLOWAR_OPTIONS + VAR_OPTIONS
                if getattr(args, name) is not None}
     per_label = args.num_images or 1

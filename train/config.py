@@ -77,44 +77,56 @@ class TrainConfig:
         return out
 
 
-def _coerce(name: str, value):
-    """Check/convert ``value`` to the field's annotated type; raise naming the key otherwise."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+def _convert(hint, value):
+    """``value`` as type ``hint``; raises TypeError/ValueError when it is not one."""
     origin = typing.get_origin(hint)
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
             raise TypeError
-        if hint in (int, float, str):
-            if hint is int and isinstance(value, float) and not value.is_integer():
-                raise TypeError
-            if hint in (int, float) and isinstance(value, bool):
-                raise TypeError
-            return hint(value)
-        if origin is tuple:
-            items = list(value)
-            item_types = typing.get_args(hint)
-            if len(items) != len(item_types):
-                raise TypeError
-            return tuple(t(v) for t, v in zip(item_types, items))
-        if hint is dict or origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise TypeError
+        return hint(value)
+    if origin is tuple:
+        if isinstance(value, str):  # ``betas=0.5,0.9`` on a command line is the string "0.5,0.9" to YAML
+            value = [item for item in value.strip("()[] ").split(",") if item.strip()]
+            value = [yaml.safe_load(item) for item in value]
+        items = list(value)
+        item_types = typing.get_args(hint)
+        if len(items) != len(item_types):
+            raise TypeError
+        return tuple(_convert(t, v) for t, v in zip(item_types, items))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        return dict(value)
+    return value
+
+
+def _coerce(cls: type, name: str, value):
+    """Check/convert ``value`` to the annotated type of field ``name`` of dataclass ``cls``; raise naming the key."""
+    hint = typing.get_type_hints(cls)[name]
+    try:
+        return _convert(hint, value)
     except (TypeError, ValueError):
         pass
-    else:
-        return value
-    raise ValueError(f"config key {name!r} must be of type {hint}, got {value!r}")
+    kind = hint.__name__ if isinstance(hint, type) else str(hint)
+    raise ValueError(f"config key {name!r} must be of type {kind}, got {value!r}")
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from an optional YAML file and ``key=value`` overrides (values parsed as YAML).
+ConfigT = typing.TypeVar("ConfigT")
 
-    Dotted keys reach into the model dict: ``model.num_classes=10``.
+
+def load_dataclass(cls: type[ConfigT], path: str | None = None, overrides: typing.Sequence[str] = ()) -> ConfigT:
+    """An instance of the config dataclass ``cls`` from an optional YAML (or JSON) file, then ``key=value``
+    overrides (values parsed as YAML), every value checked against its field's type.
+
+    Dotted keys reach into a dict field: ``model.num_classes=10``.
     """
     data: dict = {}
     if path:
@@ -124,17 +136,28 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         data = yaml.safe_load(file.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {file} must hold a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    dict_fields = {f.name for f in dataclasses.fields(cls)
+                   if hints[f.name] is dict or typing.get_origin(hints[f.name]) is dict}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override must look like key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw else ""
-        if key.startswith("model."):
-            data.setdefault("model", {})[key[len("model."):]] = value
+        head, dot, rest = key.partition(".")
+        if dot and head in dict_fields:
+            if not isinstance(data.get(head, {}), dict):
+                raise ValueError(f"config key {head!r} must be a mapping to take {key}=..., got {data[head]!r}")
+            data.setdefault(head, {})[rest] = value
         else:
             data[key] = value
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
+    return cls(**{k: _coerce(cls, k, v) for k, v in data.items()})
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from an optional YAML file and ``key=value`` overrides (see ``load_dataclass``)."""
+    return load_dataclass(TrainConfig, path, overrides)

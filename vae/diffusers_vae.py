@@ -27,6 +27,12 @@ def _resolve_source(path_or_hub_id: str | os.PathLike, subfolder: str | None) ->
                 f"path_or_hub_id {text!r} (subfolder={subfolder!r}) has no config.json at {folder}; "
                 "expected a folder written by save_pretrained"
             )
+        # Only safetensors weights: diffusers would otherwise fall back to unpickling a .bin file.
+        if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"path_or_hub_id {text!r} (subfolder={subfolder!r}) has no diffusion_pytorch_model.safetensors "
+                f"at {folder}; expected a diffusers AutoencoderKL folder"
+            )
         return str(local)
     if _HUB_ID.match(text):
         return text
@@ -79,6 +85,7 @@ class DiffusersVAE(nn.Module):
             kw["torch_dtype"] = torch_dtype
         # Without accelerate diffusers falls back to a plain load anyway, but warns on every call.
         kw.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
+        kw.setdefault("use_safetensors", True)  # never unpickle a .bin file
         autoencoder = AutoencoderKL.from_pretrained(source, **kw)
         return cls(
             autoencoder, scaling_factor=scaling_factor, shift_factor=shift_factor, sample_posterior=sample_posterior
