@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flowar import FlowAR, get_preset
+from train import bench
 from train.bench import main, measure
 
 
@@ -26,17 +27,48 @@ def test_a_training_step_costs_about_three_forwards():
     assert 2.5 < ratio < 3.5  # backward is about twice the forward
 
 
+def record_models(monkeypatch) -> list:
+    """Make train.bench build its FlowAR through a recorder: returns the list of (model, initial weights)."""
+    built = []
+
+    def recording_flowar(config):
+        model = FlowAR(config)
+        built.append((model, {name: p.detach().clone() for name, p in model.named_parameters()}))
+        return model
+
+    monkeypatch.setattr(bench, "FlowAR", recording_flowar)
+    return built
+
+
 def test_steps_update_the_weights_like_training(monkeypatch):
-    seen = []
-    real_step = torch.optim.AdamW.step
+    built = record_models(monkeypatch)
+    measure("flowar-tiny", 2, "bf16", "cpu", 1, 2)  # warm-up, the counted step and 2 timed steps: 4 AdamW steps
+    (model, before), = built
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()}
+    # Every parameter tensor gets a gradient from the flow loss over all scales, so every one moves, and by
+    # AdamW-sized steps: the first moves each element by lr = 1e-4 exactly (m / sqrt(v) = sign(g)), the later
+    # ones by about as much, so after 4 steps each tensor has moved more than one step, never much over 4.
+    slow = {name: d for name, d in moved.items() if d <= 1e-4}
+    assert not slow, f"parameters that moved less than one AdamW step: {slow}"
+    assert max(moved.values()) < 2 * 4 * 1e-4
 
-    def counting_step(self, *args, **kwargs):
-        seen.append(1)
-        return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
-    measure("flowar-tiny", 2, "bf16", "cpu", 1, 2)
-    assert len(seen) == 1 + 1 + 2  # warm-up, the counted step, the timed steps
+def test_with_lr_zero_the_steps_leave_the_weights_alone(monkeypatch):
+    """Only the optimiser moves the weights (not the EMA update, not the loss): with lr 0 nothing changes."""
+    built = record_models(monkeypatch)
+    real_adamw = torch.optim.AdamW
+
+    def adamw_at_lr_zero(*args, **kwargs):
+        optimizer = real_adamw(*args, **kwargs)
+        for group in optimizer.param_groups:  # also weight decay, which AdamW scales by lr
+            group["lr"] = 0.0
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw_at_lr_zero)
+    measure("flowar-tiny", 2, "fp32", "cpu", 1, 1)
+    (model, before), = built
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
 
 
 def test_cli_runs_each_precision_in_its_own_process(capsys):

@@ -1,77 +1,55 @@
-"""Collaborative decoding (flowar.collaborative): the scale-step samplers reproduce the models' own samplers,
-the refiner's prefill equals teacher forcing, the split is exact at both ends, and mismatches are refused."""
+"""Collaborative decoding (flowar.collaborative) on the one sampling engine: each model's stepper reproduces
+its own sampler, the refiner's prefill equals teacher forcing, the split is exact at both ends, and
+mismatches are refused."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import gen, sharpened, tiny_flowar, tiny_tokenizer, tiny_vae, tiny_var, tiny_var_config
 
 from flowar import FlowAR, FlowARPipeline, get_preset
 from flowar.attention import scale_segments
-from flowar.collaborative import (CollaborativePipeline, FlowARScaleSampler, VARScaleSampler,
-                                  collaborative_sample)
-from flowar.model import to_tokens
+from flowar.collaborative import CollaborativePipeline, collaborative_sample
+from flowar.sampling import run_scales
 from flowar.var import VAR
-from flowar.var_config import get_var_preset
 from flowar.var_pipeline import VARPipeline
-from vae import DiffusersVAE, area_pyramid
-from vae.msvq import MultiScaleVQVAE, get_msvq_preset
+from vae import area_pyramid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 LABELS = [1, 7]
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def flowar_pair():
-    """A 'large' and a 'small' random flowar-tiny: same scales, latent channels and classes."""
-    torch.manual_seed(0)
-    large = FlowAR(get_preset("flowar-tiny")).eval()
-    small = FlowAR(get_preset("flowar-tiny", width=32, num_heads=2, encoder_depth=1, decoder_depth=1,
-                              head_depth=1, default_cfg=3.0)).eval()
+    """A 'large' and a 'small' random flowar-tiny: same scales, latent channels and classes; the small one
+    saves its own guidance scale (3.0, the large one flowar-tiny's 2.0)."""
+    large = tiny_flowar(0)
+    small = tiny_flowar(None, width=32, num_heads=2, encoder_depth=1, decoder_depth=1, head_depth=1,
+                        sampling={"guidance_scale": 3.0})
     return large, small
 
 
-def var_config(**overrides):
-    fields = dict(scales=(1, 2, 3, 4), vocab_size=32, code_dim=8, depth=2, width=64, num_heads=4)
-    return get_var_preset("var-tiny", **{**fields, **overrides})
-
-
-def sharpened(model: VAR) -> VAR:
-    with torch.no_grad():  # open the AdaLN gates and sharpen the head, so every part changes the draws
-        for block in model.blocks:
-            block.ada_lin[1].weight.normal_(std=0.1)
-            block.ada_lin[1].bias.normal_(std=0.1)
-        model.head.weight.normal_(std=0.3)
-    return model.eval()
-
-
 def var_pair():
-    torch.manual_seed(0)
-    large = sharpened(VAR(var_config()))
-    small = sharpened(VAR(var_config(depth=1, width=32, num_heads=2)))
-    tokenizer = MultiScaleVQVAE(get_msvq_preset("tiny")).eval()
-    return large, small, tokenizer
+    large = tiny_var(0)
+    small = sharpened(VAR(tiny_var_config(depth=1, width=32, num_heads=2)))
+    return large, small, tiny_tokenizer()
 
 
-def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-        latent_channels=4, sample_size=16, scaling_factor=0.5,
-    )
-    return DiffusersVAE(autoencoder).eval()
+def same_tokens(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.indices, b.indices)) and torch.equal(a.f_hat, b.f_hat)
+
+
+def copy_module(model):
+    twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
 
 
 # ---------------------------------------------------------------------------------------------- FlowAR
-@pytest.mark.parametrize("cfg, solver", [(1.0, "euler"), (2.5, "euler"), (2.5, "midpoint")])
-def test_flowar_split_at_either_end_is_one_model_alone(cfg, solver):
+@pytest.mark.parametrize("guidance_scale, solver", [(1.0, "euler"), (2.5, "euler"), (2.5, "midpoint")])
+def test_flowar_split_at_either_end_is_one_model_alone(guidance_scale, solver):
     large, small = flowar_pair()
-    options = dict(cfg=cfg, steps=4, solver=solver)
+    options = dict(guidance_scale=guidance_scale, steps=4, solver=solver)
     alone_small = small.sample(LABELS, generator=gen(3), **options)
     alone_large = large.sample(LABELS, generator=gen(3), **options)
     none = collaborative_sample(large, small, LABELS, draft_scales=0, generator=gen(3), **options)
@@ -84,12 +62,29 @@ def test_flowar_split_at_either_end_is_one_model_alone(cfg, solver):
 
 def test_flowar_per_sample_noise_and_own_defaults():
     large, small = flowar_pair()
-    noise = [torch.randn(2, s * s, 4, generator=gen(5)) for s in small.config.scales]
-    # cfg=None: each model uses its own default (small: 3.0), as small.sample does.
+    noise = small.noise_from_seeds([5, 6])
+    # guidance not given: each model uses its own saved default (small: 3.0), as small.sample does.
     none = collaborative_sample(large, small, LABELS, draft_scales=0, noise=noise, steps=2)
     assert torch.equal(none.sample.latents, small.sample(LABELS, noise=noise, steps=2))
+    every = collaborative_sample(large, small, LABELS, draft_scales=4, noise=noise, steps=2)
+    assert torch.equal(every.sample.latents, large.sample(LABELS, noise=noise, steps=2))
     with pytest.raises(ValueError, match="noise"):
         collaborative_sample(large, small, LABELS, draft_scales=0, noise=noise[:2], steps=2)
+
+
+def test_refine_options_apply_to_the_refiner_only():
+    large, small = flowar_pair()
+    options = dict(guidance_scale=2.0, steps=3)
+    # Refiner alone with its own options is its own sample with them; the drafter alone ignores them.
+    none = collaborative_sample(large, small, LABELS, draft_scales=0, generator=gen(2),
+                                refine_options={"steps": 2}, **options)
+    assert torch.equal(none.sample.latents, small.sample(LABELS, generator=gen(2), guidance_scale=2.0, steps=2))
+    every = collaborative_sample(large, small, LABELS, draft_scales=4, generator=gen(2),
+                                 refine_options={"steps": 2}, **options)
+    assert torch.equal(every.sample.latents, large.sample(LABELS, generator=gen(2), **options))
+    refined = small.sampling_options(guidance_scale=2.0, steps=2)
+    same = collaborative_sample(large, small, LABELS, draft_scales=0, generator=gen(2), refine_sampling=refined)
+    assert torch.equal(same.sample.latents, none.sample.latents)
 
 
 @pytest.mark.parametrize("draft_scales", [1, 2, 3])
@@ -97,45 +92,55 @@ def test_a_model_refining_its_own_copy_is_the_model_alone(draft_scales):
     """The refiner's prefill puts it exactly where it would be had it drafted the prefix itself."""
     large, _ = flowar_pair()
     copy = copy_module(large)
-    options = dict(cfg=2.5, steps=3)
+    options = dict(guidance_scale=2.5, steps=3)
     out = collaborative_sample(large, copy, LABELS, draft_scales=draft_scales, generator=gen(8), **options)
     assert torch.equal(out.sample.latents, large.sample(LABELS, generator=gen(8), **options))
     var_large, _, tokenizer = var_pair()
     var_copy = copy_module(var_large)
-    options = dict(cfg=1.5, top_k=8, tokenizer=tokenizer)
-    out = collaborative_sample(var_large, var_copy, LABELS, draft_scales=draft_scales, generator=gen(8), **options)
-    alone = var_large.sample(LABELS, generator=gen(8), **options)
-    assert all(torch.equal(a, b) for a, b in zip(out.sample.indices, alone.indices))
-
-
-def copy_module(model):
-    twin = type(model)(model.config)
-    twin.load_state_dict(model.state_dict())
-    return twin.eval()
+    options = dict(var_cfg=1.5, top_k=8)
+    out = collaborative_sample(var_large, var_copy, LABELS, draft_scales=draft_scales, autoencoder=tokenizer,
+                               generator=gen(8), **options)
+    assert same_tokens(out.sample, var_large.sample(LABELS, tokenizer=tokenizer, generator=gen(8), **options))
 
 
 def test_flowar_refiner_prefill_equals_teacher_forcing():
-    """After feeding the drafted scales one cached pass at a time, the refiner's conditions for the next
-    scale equal those of its block-causal (uncached) forward over the same teacher-forced inputs."""
+    """KV cache == recompute: after feeding the drafted scales one cached pass at a time, the refiner's
+    conditions for the next scale equal those of its block-causal (uncached) forward over the same
+    teacher-forced inputs."""
     _, small = flowar_pair()
     latents = torch.randn(2, 4, 8, 8, generator=gen(1))
     pyramid = area_pyramid(latents, small.config.scales)
+    inputs = small.input_tokens(pyramid)  # (B, L - 1, C): the upsampled targets, scales 2..K
+    segments = scale_segments(small.config.scales)
     labels = torch.tensor(LABELS)
-    sampler = FlowARScaleSampler(small, labels, cfg=2.0, steps=2)
-    for k in range(3):  # scales 1, 2, 4 drafted, then scale 8's input
-        sampler.feed(to_tokens(pyramid[k - 1]) if k else None, prefill=k < 2)
+    stepper = small.stepper(labels, small.sampling_options(guidance_scale=2.0, steps=2))
+    for k in range(3):  # scales 1 and 2 drafted, then scale 4's input
+        stepper.feed(inputs[:, segments[k][0] - 1:segments[k][1] - 1] if k else None, prefill=k < 2)
     class_embedding = small.class_emb(labels)
-    tokens = torch.cat([class_embedding[:, None], small.z_proj(small.input_tokens(pyramid))], dim=1)
+    tokens = torch.cat([class_embedding[:, None], small.z_proj(inputs)], dim=1)
     with torch.no_grad():
         z = small.transformer(tokens, class_embedding)
-    start, end = scale_segments(small.config.scales)[2]
-    torch.testing.assert_close(sampler.z[:2], z[:, start:end], rtol=1e-5, atol=1e-5)
-    assert sampler.counts.forwards == 3 and sampler.counts.prefill_forwards == 2
+    start, end = segments[2]
+    torch.testing.assert_close(stepper.z[:2], z[:, start:end], rtol=1e-5, atol=1e-5)
+    assert stepper.counts.forwards == 3 and stepper.counts.prefill_forwards == 2 and stepper.scales_seen == 3
+
+
+def test_run_scales_with_one_stepper_is_the_models_sample():
+    """The engine's driver with one stepper for every scale is plain sampling; a stepper fed past the last
+    scale is refused."""
+    _, small = flowar_pair()
+    options = small.sampling_options(guidance_scale=2.0, steps=2)
+    stepper = small.stepper(torch.tensor(LABELS), options)
+    out = run_scales([stepper] * 4, small.canvas(2), generator=gen(4))
+    assert torch.equal(out.latents, small.sample(LABELS, sampling=options, generator=gen(4)))
+    assert stepper.counts.forwards == 4 and stepper.counts.prefill_forwards == 0 and stepper.cache is None
+    with pytest.raises(ValueError, match="scales were fed"):
+        stepper.feed(None)
 
 
 def test_flowar_counts_and_time_split():
     large, small = flowar_pair()
-    out = collaborative_sample(large, small, LABELS, draft_scales=3, cfg=2.0, steps=4, generator=gen())
+    out = collaborative_sample(large, small, LABELS, draft_scales=3, guidance_scale=2.0, steps=4, generator=gen())
     s = out.stats
     assert s.draft_scales == 3
     assert (s.draft.forwards, s.draft.prefill_forwards) == (3, 0)
@@ -147,27 +152,62 @@ def test_flowar_counts_and_time_split():
 
 
 # ---------------------------------------------------------------------------------------------- VAR
-@pytest.mark.parametrize("cfg", [0.0, 1.5])
-def test_var_split_at_either_end_is_one_model_alone(cfg):
+@pytest.mark.parametrize("var_cfg", [0.0, 1.5])
+def test_var_split_at_either_end_is_one_model_alone(var_cfg):
     large, small, tokenizer = var_pair()
-    options = dict(cfg=cfg, top_k=10, top_p=0.9, tokenizer=tokenizer)
-    alone_small = small.sample(LABELS, generator=gen(2), **options)
-    alone_large = large.sample(LABELS, generator=gen(2), **options)
-    none = collaborative_sample(large, small, LABELS, draft_scales=0, generator=gen(2), **options).sample
-    every = collaborative_sample(large, small, LABELS, draft_scales=4, generator=gen(2), **options).sample
-    for ours, theirs in ((none, alone_small), (every, alone_large)):
-        assert all(torch.equal(a, b) for a, b in zip(ours.indices, theirs.indices))
-        assert torch.equal(ours.f_hat, theirs.f_hat)
-    mixed = collaborative_sample(large, small, LABELS, draft_scales=2, generator=gen(2), **options).sample
+    options = dict(var_cfg=var_cfg, top_k=10, top_p=0.9)
+    alone_small = small.sample(LABELS, tokenizer=tokenizer, generator=gen(2), **options)
+    alone_large = large.sample(LABELS, tokenizer=tokenizer, generator=gen(2), **options)
+
+    def code(draft_scales):
+        return collaborative_sample(large, small, LABELS, draft_scales=draft_scales, autoencoder=tokenizer,
+                                    generator=gen(2), **options).sample
+
+    assert same_tokens(code(0), alone_small)
+    assert same_tokens(code(4), alone_large)
+    mixed = code(2)
     assert not all(torch.equal(a, b) for a, b in zip(mixed.indices, alone_large.indices))
     assert not all(torch.equal(a, b) for a, b in zip(mixed.indices, alone_small.indices))
 
 
+def test_var_code_with_more_smooth_is_the_models_more_smooth_sample():
+    """more_smooth goes through CoDe: drafter alone (draft_scales = K) and refiner alone (0) equal their own
+    ``sample(..., more_smooth=True)``, which differs from sampling without it."""
+    large, small, tokenizer = var_pair()
+    options = dict(var_cfg=1.5, top_k=10, more_smooth=True)
+    for draft_scales, alone in ((4, large), (0, small)):
+        ours = collaborative_sample(large, small, LABELS, draft_scales=draft_scales, autoencoder=tokenizer,
+                                    generator=gen(3), **options).sample
+        assert same_tokens(ours, alone.sample(LABELS, tokenizer=tokenizer, generator=gen(3), **options))
+    plain = large.sample(LABELS, tokenizer=tokenizer, generator=gen(3), var_cfg=1.5, top_k=10)
+    smooth = large.sample(LABELS, tokenizer=tokenizer, generator=gen(3), **options)
+    assert not torch.equal(plain.f_hat, smooth.f_hat)
+    mixed = collaborative_sample(large, small, LABELS, draft_scales=2, autoencoder=tokenizer, generator=gen(3),
+                                 **options).sample
+    assert mixed.f_hat.shape == smooth.f_hat.shape and torch.isfinite(mixed.f_hat).all()
+
+
+def test_var_code_with_given_uniforms_is_the_models_sample_with_them():
+    large, small, tokenizer = var_pair()
+    noise = large.noise_from_seeds([11, 12])
+    options = dict(var_cfg=1.5, top_k=10)
+    for draft_scales, alone in ((4, large), (0, small)):
+        ours = collaborative_sample(large, small, LABELS, draft_scales=draft_scales, autoencoder=tokenizer,
+                                    noise=noise, **options).sample
+        assert same_tokens(ours, alone.sample(LABELS, tokenizer=tokenizer, noise=noise, **options))
+    # the drafted scales are the drafter's own draws from the same uniforms
+    mixed = collaborative_sample(large, small, LABELS, draft_scales=2, autoencoder=tokenizer, noise=noise,
+                                 **options).sample
+    alone = large.sample(LABELS, tokenizer=tokenizer, noise=noise, **options)
+    assert all(torch.equal(a, b) for a, b in zip(mixed.indices[:2], alone.indices[:2]))
+
+
 def test_var_drafted_scales_are_the_drafters_and_the_refiner_continues_them():
     large, small, tokenizer = var_pair()
-    options = dict(cfg=1.0, tokenizer=tokenizer)
-    alone_large = large.sample(LABELS, generator=gen(4), **options)
-    mixed = collaborative_sample(large, small, LABELS, draft_scales=2, generator=gen(4), **options)
+    options = dict(var_cfg=1.0)
+    alone_large = large.sample(LABELS, tokenizer=tokenizer, generator=gen(4), **options)
+    mixed = collaborative_sample(large, small, LABELS, draft_scales=2, autoencoder=tokenizer, generator=gen(4),
+                                 **options)
     # the first two scales consumed the generator exactly as the drafter alone does
     assert all(torch.equal(a, b) for a, b in zip(mixed.sample.indices[:2], alone_large.indices[:2]))
     s = mixed.stats
@@ -176,19 +216,22 @@ def test_var_drafted_scales_are_the_drafters_and_the_refiner_continues_them():
 
 
 def test_var_refiner_prefill_equals_teacher_forcing():
+    """KV cache == recompute for VAR: the logits of the scale after three prefilled ones equal the uncached
+    block-causal forward's."""
     _, small, tokenizer = var_pair()
     g = gen(6)
     indices = [torch.randint(0, 32, (2, s, s), generator=g) for s in small.config.scales]
     inputs = tokenizer.teacher_forcing_inputs(indices)  # (B, 29, Cvae) for scales 2..4
     segments = scale_segments(small.config.scales)
     labels = torch.tensor(LABELS)
-    sampler = VARScaleSampler(small, labels, cfg=0.0)
+    stepper = small.stepper(labels, small.sampling_options(var_cfg=0.0))
     for k in range(4):
         nxt = None if k == 0 else inputs[:, segments[k][0] - 1:segments[k][1] - 1]
-        sampler.feed(nxt, prefill=k < 3)
+        stepper.feed(nxt, prefill=k < 3)
     with torch.no_grad():
         logits = small.logits(inputs, LABELS)
-    torch.testing.assert_close(sampler.logits, logits[:, segments[3][0]:].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepper.logits, logits[:, segments[3][0]:].float(), rtol=1e-4, atol=1e-4)
+    assert stepper.counts.forwards == 4 and stepper.counts.prefill_forwards == 3
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -196,16 +239,16 @@ def test_mismatched_models_are_refused():
     large, small = flowar_pair()
     var_large, var_small, tokenizer = var_pair()
     cases = [
-        (large, var_small, "both be FlowAR or both be VAR"),
+        (large, var_small, "models of one family"),
         (large, FlowAR(get_preset("flowar-tiny", scales=(1, 2, 4))), "scales"),
         (large, FlowAR(get_preset("flowar-tiny", token_dim=8)), "token_dim"),
         (large, FlowAR(get_preset("flowar-tiny", num_classes=5)), "num_classes"),
-        (var_large, VAR(var_config(vocab_size=16)), "vocab_size"),
-        (var_large, VAR(var_config(code_dim=4)), "code_dim"),
+        (var_large, VAR(tiny_var_config(vocab_size=16)), "vocab_size"),
+        (var_large, VAR(tiny_var_config(code_dim=4)), "code_dim"),
     ]
     for draft, refine, message in cases:
         with pytest.raises(ValueError, match=message):
-            collaborative_sample(draft, refine, LABELS, draft_scales=1, tokenizer=tokenizer)
+            collaborative_sample(draft, refine, LABELS, draft_scales=1, autoencoder=tokenizer)
     for bad in (-1, 5, 1.5, True):
         with pytest.raises(ValueError, match="draft_scales"):
             collaborative_sample(large, small, LABELS, draft_scales=bad)
@@ -213,7 +256,11 @@ def test_mismatched_models_are_refused():
         collaborative_sample(var_large, var_small, LABELS, draft_scales=1)
     with pytest.raises(ValueError, match="tokenizer"):  # a tokenizer of other scales
         collaborative_sample(var_large, var_small, LABELS, draft_scales=1,
-                             tokenizer=MultiScaleVQVAE(get_msvq_preset("tiny", scales=(1, 2, 4))))
+                             autoencoder=tiny_tokenizer(scales=(1, 2, 4)))
+    with pytest.raises(ValueError, match="steps"):  # options are validated, naming the field
+        collaborative_sample(large, small, LABELS, draft_scales=1, steps=0)
+    with pytest.raises(ValueError, match="top_k"):  # an option of the other family
+        collaborative_sample(large, small, LABELS, draft_scales=1, top_k=5)
 
 
 def test_pipelines_must_share_their_autoencoder():
@@ -224,11 +271,10 @@ def test_pipelines_must_share_their_autoencoder():
     same_weights = tiny_vae()  # another object with the same weights decodes identically: accepted
     CollaborativePipeline(FlowARPipeline(large, vae), FlowARPipeline(small, same_weights), 2)
     var_large, var_small, tokenizer = var_pair()
-    torch.manual_seed(9)
-    other = MultiScaleVQVAE(get_msvq_preset("tiny")).eval()
+    other = tiny_tokenizer(seed=9)
     with pytest.raises(ValueError, match="share one tokenizer"):
         CollaborativePipeline(VARPipeline(var_large, tokenizer), VARPipeline(var_small, other), 2)
-    with pytest.raises(ValueError, match="both be FlowAR or both be VAR"):
+    with pytest.raises(ValueError, match="pipelines of the same kind"):
         CollaborativePipeline(FlowARPipeline(large, vae), VARPipeline(var_small, tokenizer), 2)
     with pytest.raises(ValueError, match="draft_scales"):
         CollaborativePipeline(FlowARPipeline(large, vae), FlowARPipeline(small, vae), 7)
@@ -239,7 +285,7 @@ def test_collaborative_pipeline_images_and_stats():
     large, small = flowar_pair()
     vae = tiny_vae()
     draft_pipe, refine_pipe = FlowARPipeline(large, vae), FlowARPipeline(small, vae)
-    options = dict(cfg=2.0, steps=2)
+    options = dict(guidance_scale=2.0, steps=2)
     ours = CollaborativePipeline(draft_pipe, refine_pipe, 0)(LABELS, output_type="np", generator=gen(1), **options)
     np.testing.assert_array_equal(ours, refine_pipe(LABELS, output_type="np", generator=gen(1), **options))
     pipe = CollaborativePipeline(draft_pipe, refine_pipe, 2)
@@ -254,5 +300,8 @@ def test_collaborative_pipeline_images_and_stats():
     var_draft, var_refine = VARPipeline(var_large, tokenizer), VARPipeline(var_small, tokenizer)
     ours = CollaborativePipeline(var_draft, var_refine, 4)(LABELS, output_type="np", generator=gen(2))
     np.testing.assert_array_equal(ours, var_draft(LABELS, output_type="np", generator=gen(2)))
+    smooth = CollaborativePipeline(var_draft, var_refine, 4)(LABELS, output_type="np", generator=gen(2),
+                                                             more_smooth=True)
+    np.testing.assert_array_equal(smooth, var_draft(LABELS, output_type="np", generator=gen(2), more_smooth=True))
     indices = CollaborativePipeline(var_draft, var_refine, 1)(LABELS, output_type="latent")
     assert [tuple(i.shape) for i in indices] == [(2, s, s) for s in (1, 2, 3, 4)]

@@ -1,52 +1,18 @@
-"""Zero-shot in-/out-painting and class-conditional editing (flowar.editing) for FlowAR and VAR."""
+"""Zero-shot in-/out-painting and class-conditional editing (flowar.editing) for FlowAR and VAR: the kept
+region is kept exactly, a mask of ones is the autoencoder's round trip, a mask of zeros is plain sampling
+(with the same generator or the same noise), and ``inpaint`` is one call of the sampling engine."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import gen
 from PIL import Image
 
-from flowar import FlowAR, FlowARPipeline, get_preset
-from flowar.collaborative import KnownRegionVelocity
 from flowar.editing import box_mask, inpaint, prepare_images, prepare_mask, scale_masks
-from flowar.var import VAR
-from flowar.var_config import get_var_preset
-from flowar.var_pipeline import VARPipeline
-from heads.solvers import sample_flow
-from vae import DiffusersVAE
-from vae.msvq import MultiScaleVQVAE, get_msvq_preset
+from flowar.sampling import generate
+from heads.flow import KnownRegionNet, sample_flow
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def flowar_pipe() -> FlowARPipeline:
-    """Random flowar-tiny (scales 1..8, 4 channels) + a tiny AutoencoderKL: 16x16 images."""
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-        latent_channels=4, sample_size=16, scaling_factor=0.5,
-    )
-    return FlowARPipeline(FlowAR(get_preset("flowar-tiny")).eval(), DiffusersVAE(autoencoder).eval())
-
-
-@pytest.fixture(scope="module")
-def var_pipe() -> VARPipeline:
-    """Random VAR on msvq's "tiny" tokenizer (scales 1, 2, 3, 4): 8x8 images."""
-    torch.manual_seed(0)
-    model = VAR(get_var_preset("var-tiny", scales=(1, 2, 3, 4), vocab_size=32, code_dim=8, depth=2, width=64,
-                               num_heads=4))
-    with torch.no_grad():  # open the AdaLN gates and sharpen the head: the draws depend on the inputs
-        for block in model.blocks:
-            block.ada_lin[1].weight.normal_(std=0.1)
-            block.ada_lin[1].bias.normal_(std=0.1)
-        model.head.weight.normal_(std=0.3)
-    return VARPipeline(model, MultiScaleVQVAE(get_msvq_preset("tiny")))
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py; flowar_pipe, var_pipe come from there
 
 
 def random_image(side, seed=0) -> np.ndarray:
@@ -62,20 +28,22 @@ def left_columns(side, kept) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- FlowAR
 def test_flowar_kept_region_of_the_final_latent_is_the_ground_truth(flowar_pipe):
     image, mask = random_image(16), left_columns(16, 8)  # keep the left half
-    latents = inpaint(flowar_pipe, image, mask, 3, output_type="latent", steps=3, cfg=2.0, generator=gen(1))
+    latents = inpaint(flowar_pipe, image, mask, 3, output_type="latent", steps=3, guidance_scale=2.0,
+                     generator=gen(1))
     truth = flowar_pipe.vae.encode_distribution(prepare_images(image, 16))[0]  # the posterior mean
     assert latents.shape == truth.shape == (1, 4, 8, 8)
     assert torch.equal(latents[..., :4], truth[..., :4])
     assert not torch.isclose(latents[..., 4:], truth[..., 4:]).any()  # the rest is generated
     # the generated half is conditioned on the kept half: another image there changes it
-    other = inpaint(flowar_pipe, random_image(16, seed=1), mask, 3, output_type="latent", steps=3, cfg=2.0,
-                    generator=gen(1))
+    other = inpaint(flowar_pipe, random_image(16, seed=1), mask, 3, output_type="latent", steps=3,
+                    guidance_scale=2.0, generator=gen(1))
     assert not torch.equal(other[..., 4:], latents[..., 4:])
 
 
-@pytest.mark.parametrize("solver, cfg", [("euler", 1.0), ("midpoint", 3.0), ("dopri5", 3.0)])
-def test_known_tokens_follow_the_straight_path_during_the_solve(solver, cfg):
-    """Every head call sees the known rows at (1 - t) x_gt + t eps, eps being the initial noise."""
+@pytest.mark.parametrize("solver, guidance_scale", [("euler", 1.0), ("midpoint", 3.0), ("dopri5", 3.0)])
+def test_known_tokens_follow_the_straight_path_during_the_solve(solver, guidance_scale):
+    """Every head call sees the known rows at (1 - t) x_gt + t eps, eps being the initial noise, and they end
+    exactly on the target (``sample_flow(known=...)``, which wraps the network in ``KnownRegionNet``)."""
     torch.manual_seed(0)
     keep = torch.rand(2, 6, 1) < 0.5
     target, noise, cond = torch.randn(2, 6, 3), torch.randn(2, 6, 3), torch.randn(2, 6, 5)
@@ -86,18 +54,42 @@ def test_known_tokens_follow_the_straight_path_during_the_solve(solver, cfg):
         seen.append((x_t.clone(), t.clone()))
         return x_t @ weight + c[..., :3] - t[:, None, None]
 
-    known = KnownRegionVelocity(net, keep, target, noise)
-    flow = sample_flow(known, noise, cond, cond_null=torch.zeros_like(cond), cfg=cfg, solver=solver, steps=6,
-                       guidance_interval=(0.0, 0.7), schedule="uniform")
+    steps = None if solver == "dopri5" else 6
+    flow = sample_flow(net, noise, cond, cond_null=torch.zeros_like(cond), guidance_scale=guidance_scale,
+                       solver=solver, steps=steps, guidance_interval=(0.0, 0.7), schedule="uniform",
+                       known=(keep, target))
     assert len(seen) == flow.nfe
+    assert any(x_t.shape[0] == 4 for x_t, _ in seen) == (guidance_scale != 1.0)  # the doubled guidance batch
     for x_t, t in seen:
         repeat = x_t.shape[0] // 2
         path = (1 - t[:, None, None]) * target.repeat(repeat, 1, 1) + t[:, None, None] * noise.repeat(repeat, 1, 1)
         rows = keep.repeat(repeat, 1, 1).expand_as(x_t)
         torch.testing.assert_close(x_t[rows], path[rows], rtol=0, atol=1e-6)
-    torch.testing.assert_close(flow.x[keep.expand_as(flow.x)], target[keep.expand_as(target)], rtol=0, atol=1e-5)
-    free = ~keep.expand_as(flow.x)
-    assert not torch.isclose(flow.x[free], target[free]).any()
+    kept = keep.expand_as(flow.x)
+    assert torch.equal(flow.x[kept], target[kept])
+    assert not torch.isclose(flow.x[~kept], target[~kept]).any()
+    # KnownRegionNet itself: the known rows move with the path's constant velocity noise - target
+    wrapped = KnownRegionNet(net, keep, target, noise)
+    v = wrapped(torch.randn(2, 6, 3), torch.full((2,), 0.4), cond)
+    torch.testing.assert_close(v[kept], (noise - target)[kept], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep"):
+        KnownRegionNet(net, keep.float(), target, noise)
+
+
+def test_inpaint_is_one_call_of_the_engine(flowar_pipe, var_pipe):
+    """``inpaint`` is ``generate`` with the known regions of ``model.known_regions`` as its edit hook."""
+    for pipe, side, options in ((flowar_pipe, 16, dict(steps=3, guidance_scale=2.0)), (var_pipe, 8, dict(top_k=6))):
+        image, mask = random_image(side), left_columns(side, side // 2)
+        model, autoencoder = pipe.model, pipe.autoencoder
+        keep = scale_masks(prepare_mask(mask, (side, model.config.scales[-1])), model.config.scales)
+        known = model.known_regions(autoencoder, prepare_images(image, side), keep)
+        ours = generate(model, [3], autoencoder=autoencoder, batch_size=1, edit=known.__getitem__, null_labels=True,
+                        generator=gen(5), **options).latent_output
+        theirs = inpaint(pipe, image, mask, 3, output_type="latent", generator=gen(5), **options)
+        if isinstance(theirs, list):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        else:
+            assert torch.equal(ours, theirs)
 
 
 def test_flowar_mask_of_ones_is_the_vae_round_trip(flowar_pipe):
@@ -110,13 +102,17 @@ def test_flowar_mask_of_ones_is_the_vae_round_trip(flowar_pipe):
 
 
 def test_flowar_mask_of_zeros_is_ordinary_sampling(flowar_pipe):
-    options = dict(steps=3, cfg=2.5)
+    options = dict(steps=3, guidance_scale=2.5)
     ours = inpaint(flowar_pipe, random_image(16), torch.zeros(16, 16), [3, 4], output_type="latent",
                    generator=gen(7), **options)
     assert torch.equal(ours, flowar_pipe([3, 4], output_type="latent", generator=gen(7), **options))
     pixels = inpaint(flowar_pipe, random_image(16), torch.zeros(8, 8), [3, 4], output_type="np", generator=gen(7),
                      **options)  # a latent-sized mask
     np.testing.assert_array_equal(pixels, flowar_pipe([3, 4], output_type="np", generator=gen(7), **options))
+    noise = flowar_pipe.model.noise_from_seeds([1, 2])  # the same initial noise instead of a generator
+    ours = inpaint(flowar_pipe, random_image(16), torch.zeros(16, 16), [3, 4], output_type="latent", noise=noise,
+                   **options)
+    assert torch.equal(ours, flowar_pipe([3, 4], output_type="latent", noise=noise, **options))
 
 
 def test_pipeline_method_is_the_function(flowar_pipe):
@@ -132,7 +128,7 @@ def test_var_kept_tokens_equal_the_ground_truth_at_every_scale(var_pipe):
     keep = scale_masks(prepare_mask(mask, (8, 4)), (1, 2, 3, 4))
     # area shares kept: 5/8 at 1x1; [1, 1/4] at 2x2; [1, 7/8, 0] at 3x3; [1, 1, 1/2, 0] at 4x4
     assert [m[0].float().mean(0).tolist() for m in keep] == [[1.0], [1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
-    indices = var_pipe.inpaint(image, mask, 6, output_type="latent", generator=gen(2), cfg=1.0)
+    indices = var_pipe.inpaint(image, mask, 6, output_type="latent", generator=gen(2), var_cfg=1.0)
     truth = var_pipe.tokenizer.encode_indices(prepare_images(image, 8))
     generated = 0
     for ours, gt, m in zip(indices, truth, keep):
@@ -140,7 +136,7 @@ def test_var_kept_tokens_equal_the_ground_truth_at_every_scale(var_pipe):
         generated += int((ours[~m] != gt[~m]).sum())
     assert generated > 0
     # the later scales are drawn in the context of the kept tokens: another image changes them
-    other = var_pipe.inpaint(random_image(8, seed=5), mask, 6, output_type="latent", generator=gen(2), cfg=1.0)
+    other = var_pipe.inpaint(random_image(8, seed=5), mask, 6, output_type="latent", generator=gen(2), var_cfg=1.0)
     assert any(not torch.equal(a[~m], b[~m]) for a, b, m in zip(indices[2:], other[2:], keep[2:]))
 
 
@@ -151,17 +147,62 @@ def test_var_masks_of_ones_and_zeros(var_pipe):
     assert all(torch.equal(a, b) for a, b in zip(kept, truth))
     pt = var_pipe.inpaint(image, np.ones((8, 8)), 1, output_type="pt", generator=gen())
     assert torch.equal(pt, (var_pipe.tokenizer.decode_indices(truth).float().clamp(-1, 1) + 1) / 2)
-    options = dict(cfg=1.5, top_k=6)
+    options = dict(var_cfg=1.5, top_k=6)
     zeros = var_pipe.inpaint(image, torch.zeros(8, 8), [1, 2], output_type="np", generator=gen(4), **options)
     np.testing.assert_array_equal(zeros, var_pipe([1, 2], output_type="np", generator=gen(4), **options))
 
 
+def test_var_editing_with_given_uniforms(var_pipe):
+    """VAR's noise (one uniform per token) works in editing: a mask of zeros is plain sampling with the same
+    uniforms, and a partial mask keeps its region exactly and draws the rest from them (no generator)."""
+    image = random_image(8, seed=3)
+    noise = var_pipe.model.noise_from_seeds([5, 6])
+    options = dict(var_cfg=1.5, top_k=6)
+    zeros = var_pipe.inpaint(image, torch.zeros(8, 8), [1, 2], output_type="latent", noise=noise, **options)
+    plain = var_pipe([1, 2], output_type="latent", noise=noise, **options)
+    assert all(torch.equal(a, b) for a, b in zip(zeros, plain))
+    pixels = var_pipe.inpaint(image, torch.zeros(8, 8), [1, 2], output_type="np", noise=noise, **options)
+    np.testing.assert_array_equal(pixels, var_pipe([1, 2], output_type="np", noise=noise, **options))
+    mask = left_columns(8, 5)
+    keep = scale_masks(prepare_mask(mask, (8, 4)), (1, 2, 3, 4))
+    truth = var_pipe.tokenizer.encode_indices(prepare_images(image, 8))
+    edited = var_pipe.inpaint(image, mask, [1, 2], output_type="latent", noise=noise, **options)
+    again = var_pipe.inpaint(image, mask, [1, 2], output_type="latent", noise=noise, **options)
+    assert all(torch.equal(a, b) for a, b in zip(edited, again))  # the uniforms decide every draw
+    for ours, gt, m in zip(edited, truth, keep):
+        m, gt = m.expand_as(ours), gt.expand_as(ours)  # one image and mask, two labels
+        assert torch.equal(ours[m], gt[m])
+    with pytest.raises(ValueError, match="noise"):
+        var_pipe.inpaint(image, mask, [1, 2], noise=noise[:3])
+
+
+def test_var_editing_more_smooth(var_pipe):
+    """more_smooth works in editing: a mask of zeros is plain more_smooth sampling with the same generator,
+    a mask of ones still returns the reconstruction (kept cells mix exactly their own code), and a partial
+    mask keeps its ids."""
+    image = random_image(8, seed=4)
+    options = dict(var_cfg=1.5, top_k=6, more_smooth=True)
+    zeros = var_pipe.inpaint(image, torch.zeros(8, 8), [1, 2], output_type="np", generator=gen(4), **options)
+    np.testing.assert_array_equal(zeros, var_pipe([1, 2], output_type="np", generator=gen(4), **options))
+    plain = var_pipe([1, 2], output_type="np", generator=gen(4), var_cfg=1.5, top_k=6)
+    assert not np.array_equal(zeros, plain)  # more_smooth really changed the images
+    truth = var_pipe.tokenizer.encode_indices(prepare_images(image, 8))
+    ones = var_pipe.inpaint(image, np.ones((8, 8)), 1, output_type="pt", generator=gen(), **options)
+    expected = (var_pipe.tokenizer.decode_indices(truth).float().clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(ones, expected, rtol=0, atol=1e-6)
+    mask = left_columns(8, 5)
+    keep = scale_masks(prepare_mask(mask, (8, 4)), (1, 2, 3, 4))
+    edited = var_pipe.inpaint(image, mask, 1, output_type="latent", generator=gen(2), **options)
+    for ours, gt, m in zip(edited, truth, keep):
+        assert torch.equal(ours[m], gt[m])
+
+
 def test_without_a_label_the_null_class_is_used_and_guidance_is_moot(var_pipe, flowar_pipe):
     image, mask = random_image(8), left_columns(8, 4)
-    a = var_pipe.inpaint(image, mask, None, output_type="latent", generator=gen(1), cfg=3.0)
-    b = var_pipe.inpaint(image, mask, None, output_type="latent", generator=gen(1), cfg=0.0)
+    a = var_pipe.inpaint(image, mask, None, output_type="latent", generator=gen(1), var_cfg=3.0)
+    b = var_pipe.inpaint(image, mask, None, output_type="latent", generator=gen(1), var_cfg=0.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    labelled = var_pipe.inpaint(image, mask, 2, output_type="latent", generator=gen(1), cfg=0.0)
+    labelled = var_pipe.inpaint(image, mask, 2, output_type="latent", generator=gen(1), var_cfg=0.0)
     assert not all(torch.equal(x, y) for x, y in zip(a, labelled))
     pil = inpaint(flowar_pipe, Image.fromarray(random_image(16)), left_columns(16, 4), None, steps=2)
     assert len(pil) == 1 and pil[0].size == (16, 16)

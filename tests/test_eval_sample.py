@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from eval.sample import SimulatedKill, load_pipeline, main, run, sample_noise, sample_seeds, sample_uniforms
+from eval.sample import SimulatedKill, load_pipeline, main, run, sample_seeds
 from flowar import VAR, FlowAR, FlowARPipeline, VARPipeline, get_preset, get_var_preset
 from vae import DiffusersVAE
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
@@ -75,8 +75,7 @@ def test_counts_labels_and_the_adm_npz(tmp_path, pipe_dir):
     # sample i is the pipeline's image for label i // 2 and the noise of seed (0, i) ...
     pipe = load_pipeline(pipe_dir)
     for i in (0, 5):
-        alone = pipe([i // 2], output_type="np", steps=2,
-                     noise=sample_noise(pipe.model.config, sample_seeds(0, [i])))[0]
+        alone = pipe([i // 2], output_type="np", steps=2, noise=pipe.model.noise_from_seeds(sample_seeds(0, [i])))[0]
         assert np.abs(alone.astype(int) - npz["arr_0"][i]).max() <= 2  # batch of 1 vs 3: float rounding
     # ... so two samples of one class differ, and so does another seed
     assert np.abs(npz["arr_0"][0].astype(int) - npz["arr_0"][1]).mean() > 5
@@ -151,8 +150,9 @@ def test_batch_size_changes_images_only_by_float_rounding(tmp_path, pipe_dir):
 
 def test_a_changed_argument_refuses_to_resume(tmp_path, pipe_dir, capsys):
     out = run(pipe_dir, tmp_path / "run", batch_size=3, format="png", **SMALL)
-    with pytest.raises(ValueError, match=r"cfg: 2\.0 in the run, 3\.0 now"):
-        run(pipe_dir, out, batch_size=3, format="png", **{**SMALL, "cfg": 3.0})
+    changed = r"sampling: \{'guidance_scale': 2\.0, .* in the run, \{'guidance_scale': 3\.0, "
+    with pytest.raises(ValueError, match=changed):
+        run(pipe_dir, out, batch_size=3, format="png", **{**SMALL, "guidance_scale": 3.0})
     with pytest.raises(ValueError, match=r"(?s)per_class: 2 in the run, 3 now.*seed: 0 in the run, 1 now"):
         run(pipe_dir, out, batch_size=3, format="png", seed=1, **{**SMALL, "per_class": 3})
     # batch size and format do not define the samples: resuming with others is fine, with a note
@@ -168,15 +168,15 @@ def test_a_changed_argument_refuses_to_resume(tmp_path, pipe_dir, capsys):
     (dict(per_class=-1), "--per-class must be an integer >= 1, got -1"),
     (dict(per_class=0), "--per-class"),
     (dict(batch_size=0), "--batch-size"),
-    (dict(steps=0), "--steps"),
+    (dict(steps=0), "steps must be an integer >= 1"),
     (dict(format="jpg"), r"--format must be one of \('png', 'npz', 'both'\), got 'jpg'"),
     (dict(precision="fp16"), "--precision"),
-    (dict(solver="heun"), "--solver"),
-    (dict(schedule="cosine"), "--schedule"),
-    (dict(cfg_schedule="step"), "--cfg-schedule"),
+    (dict(solver="heun"), "solver must be one of"),
+    (dict(schedule="cosine"), "schedule must be one of"),
+    (dict(cfg_schedule="step"), "cfg_schedule must be one of"),
     (dict(seed=-1), "--seed"),
-    (dict(cfg=float("nan")), "--cfg"),
-    (dict(guidance_interval=(0.5, 0.2)), "--guidance-interval"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_interval=(0.5, 0.2)), "guidance_interval must satisfy"),
     (dict(num_samples=10), "not both"),
     (dict(per_class=None, num_samples=10), "--num-samples is for unconditional models"),
     (dict(num_classes=11), "--num-classes must be at most the model's 10, got 11"),
@@ -200,8 +200,8 @@ def test_unconditional_model_takes_num_samples(tmp_path, capsys):
     tiny_pipeline(num_classes=0).save_pretrained(tmp_path / "pipe")
     with pytest.raises(ValueError, match="unconditional: give --num-samples"):
         run(tmp_path / "pipe", tmp_path / "run", steps=2, progress=False)
-    with pytest.raises(ValueError, match="--cfg must be 1.0"):
-        run(tmp_path / "pipe", tmp_path / "run", num_samples=5, cfg=2.0, steps=2, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale must be 1"):
+        run(tmp_path / "pipe", tmp_path / "run", num_samples=5, guidance_scale=2.0, steps=2, progress=False)
     out = run(tmp_path / "pipe", tmp_path / "run", num_samples=5, batch_size=2, format="npz", steps=2, progress=False)
     npz = load_npz(out)
     assert set(npz) == {"arr_0"} and npz["arr_0"].shape == (5, 16, 16, 3)
@@ -219,8 +219,9 @@ def test_cli_runs_and_records_its_arguments(tmp_path, pipe_dir):
             "--no-progress"]
     assert main(argv) == 0
     record = json.loads((out / "run.json").read_text())
-    assert record["guidance_interval"] == [0.0, 0.5] and record["solver"] == "midpoint"
-    assert record["precision"] == "bf16" and record["cfg"] == 2.0 and record["steps"] == 2
+    sampling = record["sampling"]
+    assert sampling["guidance_interval"] == [0.0, 0.5] and sampling["solver"] == "midpoint"
+    assert record["precision"] == "bf16" and sampling["guidance_scale"] == 2.0 and sampling["steps"] == 2
     npz = load_npz(out)
     assert npz["arr_0"].shape == (2, 16, 16, 3) and npz["labels"].tolist() == [0, 1]
     assert main([*argv, "--seed", "3"]) == 2  # resuming with another seed is refused
@@ -243,19 +244,25 @@ VAR_SMALL = dict(per_class=3, progress=False)
 
 
 def test_var_samples_are_the_pipelines_images_for_their_own_uniforms(tmp_path, var_dir):
-    out = run(var_dir, tmp_path / "run", batch_size=5, format="both", cfg=1.5, top_k=10, **VAR_SMALL)
+    # VAR's own convention (cfg 1.5) is guidance_scale 1 + 1.5 = 2.5 in ours.
+    out = run(var_dir, tmp_path / "run", batch_size=5, format="both", var_cfg=1.5, top_k=10, **VAR_SMALL)
     npz = load_npz(out)
     assert npz["arr_0"].shape == (12, 8, 8, 3) and npz["labels"].tolist() == [c for c in range(4) for _ in range(3)]
     record = json.loads((out / "run.json").read_text())
-    assert (record["cfg"], record["top_k"], record["top_p"]) == (1.5, 10, 0.0) and "steps" not in record
+    sampling = record["sampling"]
+    assert (sampling["guidance_scale"], sampling["top_k"], sampling["top_p"]) == (2.5, 10, 0.0)
+    assert "steps" not in sampling
     pipe = load_pipeline(var_dir)
     for i in (0, 7, 11):
-        alone = pipe([i // 3], output_type="latent", cfg=1.5, top_k=10,
-                     uniforms=sample_uniforms(pipe.model.config, sample_seeds(0, [i])))
-        batch = pipe([i // 3], output_type="np", cfg=1.5, top_k=10,
-                     uniforms=sample_uniforms(pipe.model.config, sample_seeds(0, [i])))[0]
-        assert np.abs(batch.astype(int) - npz["arr_0"][i]).max() <= 2  # batch of 1 vs 5: float rounding
-        assert alone[-1].shape == (1, 4, 4)
+        # Sample i alone, as token maps, with the uniforms of seed (0, i); decode them here through the
+        # tokenizer and turn [-1, 1] into uint8 by hand: the run's image i, up to float rounding.
+        tokens = pipe([i // 3], output_type="latent", guidance_scale=2.5, top_k=10,
+                      noise=pipe.model.noise_from_seeds(sample_seeds(0, [i])))
+        assert [tuple(t.shape) for t in tokens] == [(1, s, s) for s in (1, 2, 3, 4)]
+        with torch.no_grad():
+            decoded = pipe.tokenizer.decode_indices(tokens)[0]  # (3, 8, 8) in [-1, 1]
+        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(pixels - npz["arr_0"][i]).max() <= 2  # batch of 1 vs 5: float rounding
     assert np.abs(npz["arr_0"][0].astype(int) - npz["arr_0"][1]).mean() > 1  # own uniforms, own image
 
 
@@ -274,10 +281,10 @@ def test_var_run_resumes_after_a_kill_bit_identically(tmp_path, var_dir):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=4), "--steps is a FlowAR option"),
-    (dict(solver="midpoint"), "--solver is a FlowAR option"),
-    (dict(top_k=-1), "--top-k must be an integer >= 0"),
-    (dict(top_p=1.5), r"--top-p must lie in \[0, 1\]"),
+    (dict(steps=4), "steps is not a sampling option of VARSampling"),
+    (dict(solver="midpoint"), "solver is not a sampling option of VARSampling"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_p=1.5), r"top_p must lie in \[0, 1\]"),
 ])
 def test_var_refuses_options_it_does_not_have(tmp_path, var_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -286,5 +293,5 @@ def test_var_refuses_options_it_does_not_have(tmp_path, var_dir, kwargs, match):
 
 
 def test_flowar_refuses_var_options(tmp_path, pipe_dir):
-    with pytest.raises(ValueError, match="--top-k is a VAR option"):
+    with pytest.raises(ValueError, match="top_k is not a sampling option of FlowARSampling"):
         run(pipe_dir, tmp_path / "run", top_k=5, **SMALL)

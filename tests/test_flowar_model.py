@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from flowar import FlowAR, get_preset
 from flowar.attention import block_causal_attention, block_causal_mask, scale_segments
 from flowar.model import from_tokens, to_tokens
-from heads.solvers import sample_flow
+from heads import FlowHead, sample_flow
 from vae.pyramid import next_scale_input
 
 
@@ -67,7 +67,7 @@ def test_kv_cache_sampling_equals_full_recompute():
     labels = torch.tensor([1, 7, 3])
     noise = _noise(model, 3)
     with torch.no_grad():
-        cached = model.sample(labels, cfg=1.0, steps=4, noise=noise)
+        cached = model.sample(labels, guidance_scale=1.0, steps=4, noise=noise)
         recomputed = _sample_without_cache(model, labels, noise, steps=4)
     assert cached.shape == (3, 4, 8, 8)
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
@@ -75,9 +75,9 @@ def test_kv_cache_sampling_equals_full_recompute():
 
 def test_same_generator_same_samples_and_different_seed_differs():
     model = tiny()
-    a = model.sample([2, 5], cfg=3.0, steps=3, generator=torch.Generator().manual_seed(11))
-    b = model.sample([2, 5], cfg=3.0, steps=3, generator=torch.Generator().manual_seed(11))
-    c = model.sample([2, 5], cfg=3.0, steps=3, generator=torch.Generator().manual_seed(12))
+    a = model.sample([2, 5], guidance_scale=3.0, steps=3, generator=torch.Generator().manual_seed(11))
+    b = model.sample([2, 5], guidance_scale=3.0, steps=3, generator=torch.Generator().manual_seed(11))
+    c = model.sample([2, 5], guidance_scale=3.0, steps=3, generator=torch.Generator().manual_seed(12))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -85,15 +85,15 @@ def test_same_generator_same_samples_and_different_seed_differs():
 def test_cfg_one_equals_unguided_path_and_guidance_changes_samples():
     model = tiny()
     noise = _noise(model, 2)
-    plain = model.sample_with_stats([4, 9], cfg=1.0, steps=4, noise=noise)
-    # cfg=3 whose interval contains no step time: the null half is carried but never used
-    never = model.sample_with_stats([4, 9], cfg=3.0, cfg_schedule="constant", guidance_interval=(0.0, 0.0),
-                                    steps=4, noise=noise)
+    plain = model.sample_with_stats([4, 9], guidance_scale=1.0, steps=4, noise=noise)
+    # guidance_scale=3 whose interval contains no step time: the null half is carried but never used
+    never = model.sample_with_stats([4, 9], guidance_scale=3.0, cfg_schedule="constant",
+                                    guidance_interval=(0.0, 0.0), steps=4, noise=noise)
     # equal up to float32 rounding: the transformer runs 2B rows instead of B, so its matmuls block differently
     torch.testing.assert_close(plain.latents, never.latents, rtol=1e-4, atol=1e-4)
     assert plain.head_rows == never.head_rows  # the head ran on the conditional half only
-    guided = model.sample_with_stats([4, 9], cfg=3.0, cfg_schedule="constant", guidance_interval=(0.0, 1.0),
-                                     steps=4, noise=noise)
+    guided = model.sample_with_stats([4, 9], guidance_scale=3.0, cfg_schedule="constant",
+                                     guidance_interval=(0.0, 1.0), steps=4, noise=noise)
     assert not torch.allclose(plain.latents, guided.latents, atol=1e-4)
     assert guided.head_rows == 2 * plain.head_rows
     assert guided.nfe == plain.nfe == 4 * len(model.config.scales)
@@ -101,7 +101,7 @@ def test_cfg_one_equals_unguided_path_and_guidance_changes_samples():
 
 def test_linear_cfg_schedule_skips_guidance_at_the_first_scale():
     model = tiny()
-    out = model.sample_with_stats([1], cfg=4.0, steps=4, guidance_interval=(0.0, 1.0))
+    out = model.sample_with_stats([1], guidance_scale=4.0, steps=4, guidance_interval=(0.0, 1.0))
     unguided_rows = sum(s * s for s in model.config.scales) * 4
     first = model.config.scales[0] ** 2 * 4
     # linear ramp: cfg is exactly 1 at the first scale, so only that scale evaluates a single half
@@ -111,12 +111,12 @@ def test_linear_cfg_schedule_skips_guidance_at_the_first_scale():
 def test_unconditional_model_samples_by_batch_size():
     model = tiny(num_classes=0)
     assert model.class_emb.num_embeddings == 1
-    lat = model.sample(batch_size=2, cfg=1.0, steps=2)
+    lat = model.sample(batch_size=2, guidance_scale=1.0, steps=2)
     assert lat.shape == (2, 4, 8, 8)
-    with pytest.raises(ValueError, match="cfg"):
-        model.sample(batch_size=2, cfg=2.0, steps=2)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.sample(batch_size=2, guidance_scale=2.0, steps=2)
     with pytest.raises(ValueError, match="class_labels"):
-        model.sample([1], cfg=1.0)
+        model.sample([1], guidance_scale=1.0)
 
 
 def test_other_scale_lists_and_class_counts():
@@ -133,7 +133,9 @@ def test_loss_is_finite_weighted_and_backpropagates():
     times = [torch.rand(3, generator=g) for _ in model.config.scales]
     noise = _noise(model, 3, seed=1)
     out = model(latents, torch.tensor([0, 1, 2]), flow_times=times, flow_noise=noise)
-    weights = torch.tensor([s * s / 64 for s in model.config.scales])
+    assert model.config.scales == (1, 2, 4, 8)
+    # Each scale weighs by its share of the last scale's tokens, s^2 / 8^2, written out by hand.
+    weights = torch.tensor([1 / 64, 4 / 64, 16 / 64, 64 / 64])
     torch.testing.assert_close(out.loss, (out.loss_per_scale * weights).sum())
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -141,6 +143,47 @@ def test_loss_is_finite_weighted_and_backpropagates():
     assert sum(g.abs().sum() for g in grads) > 0
     again = model(latents, torch.tensor([0, 1, 2]), flow_times=times, flow_noise=noise)
     torch.testing.assert_close(again.loss, out.loss)
+
+
+class ZeroVelocity(FlowHead, torch.nn.Module):
+    """A head that predicts v = 0 everywhere: the flow loss is then mean((eps - x)^2), whatever t is."""
+
+    def forward(self, x_t, t, cond):
+        return torch.zeros_like(x_t)
+
+
+def test_loss_weights_per_scale_losses_known_by_hand():
+    model = tiny().train()
+    model.flownet = ZeroVelocity()
+    assert model.config.scales == (1, 2, 4, 8)
+    # Zero latents (every scale's target is 0) and constant noise c_k = 1, 2, 3, 4 per scale: the
+    # per-scale losses are c_k^2 = 1, 4, 9, 16 and the loss 1/64 + 4 * 4/64 + 9 * 16/64 + 16 * 64/64.
+    latents = torch.zeros(2, 4, 8, 8)
+    noise = [torch.full((2, s * s, 4), float(c)) for c, s in zip((1, 2, 3, 4), (1, 2, 4, 8))]
+    times = [torch.full((2,), 0.5) for _ in range(4)]
+    out = model(latents, torch.tensor([0, 1]), flow_times=times, flow_noise=noise)
+    torch.testing.assert_close(out.loss_per_scale, torch.tensor([1.0, 4.0, 9.0, 16.0]))
+    assert out.loss.item() == pytest.approx(1 / 64 + 16 / 64 + 144 / 64 + 16.0)  # 18.515625
+
+
+def test_loss_targets_are_the_area_pooled_latents():
+    model = tiny().train()
+    model.flownet = ZeroVelocity()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    noise = _noise(model, 2, seed=4)
+    times = [torch.rand(2, generator=g) for _ in range(4)]
+    out = model(latents, torch.tensor([3, 8]), flow_times=times, flow_noise=noise)
+    expected = []
+    for s, eps in zip((1, 2, 4, 8), noise):
+        # Each s x s target is the mean of (8/s) x (8/s) blocks, as row-major tokens (B, s*s, C).
+        f = 8 // s
+        pooled = latents.reshape(2, 4, s, f, s, f).mean(dim=(3, 5))
+        tokens = pooled.reshape(2, 4, s * s).transpose(1, 2)
+        expected.append(((eps - tokens) ** 2).mean())
+    expected = torch.stack(expected)
+    torch.testing.assert_close(out.loss_per_scale, expected)
+    torch.testing.assert_close(out.loss, expected[0] / 64 + expected[1] * 4 / 64 + expected[2] * 16 / 64 + expected[3])
 
 
 def test_bf16_autocast_sampling_runs_and_stays_close():
@@ -160,7 +203,7 @@ def test_bf16_autocast_sampling_runs_and_stays_close():
         (dict(steps=0), "steps"),
         (dict(schedule="cosine"), "schedule"),
         (dict(cfg_schedule="cosine"), "cfg_schedule"),
-        (dict(guidance_interval=(0.5, 0.2), cfg=2.0), "guidance_interval"),
+        (dict(guidance_interval=(0.5, 0.2), guidance_scale=2.0), "guidance_interval"),
     ],
 )
 def test_bad_sampling_options_name_the_argument(kwargs, match):

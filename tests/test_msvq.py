@@ -390,16 +390,40 @@ def test_train_tokenizer_on_mnist_saves_a_loadable_tokenizer(tmp_path):
     result = tt.train_tokenizer(tmp_path / "run", preset="tiny", steps=6, batch_size=8, eval_images=20, warmup=2,
                                 dead_after=2, gan_weight=0.1, gan_start=3, eval_every=3, progress=False)
     assert len(result["usage"]) == 4 and all(0 < u <= 1 for u in result["usage"])
-    assert result["psnr"] > 0 and result["codes_reset"] > 0 and result["history"][0]["step"] == 3
+    assert result["codes_reset"] > 0 and result["history"][0]["step"] == 3
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["usage"] == result["usage"]
+    assert metrics["usage"] == result["usage"] and metrics["psnr"] == result["psnr"]
     model = MultiScaleVQVAE.from_pretrained(tmp_path / "run")
     assert model.config == get_msvq_preset("tiny")
+    # The reported PSNR is the saved tokenizer's on the first 20 held-out digits, computed here by hand:
+    # reconstruct through the token path, clamp to [-1, 1], 10 log10(peak-to-peak^2 / MSE) per image, mean.
+    digits = MNISTDataset(image_size=model.image_size, split="heldout")
+    heldout = torch.stack([digits[i][0] for i in range(20)])
+    with torch.no_grad():
+        reconstruction = model.decode_indices(model.encode_indices(heldout)).clamp(-1, 1).double()
+    mse = (reconstruction - heldout.double()).pow(2).mean(dim=(1, 2, 3))
+    assert result["psnr"] == pytest.approx(float((10 * torch.log10(4.0 / mse)).mean()), abs=1e-3)
     # Usage is the share of the V codes picked at least once at each scale.
     x = torch.rand(3, 3, 8, 8) * 2 - 1
     evaluation = tt.evaluate(model, x)
     expected = [len(i.unique()) / model.codebook_size for i in model.encode_indices(x)]
     assert evaluation["usage"] == pytest.approx(expected)
+
+
+def test_psnr_of_a_known_perturbation():
+    target = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5  # in [-0.5, 0.5]
+    # A constant offset c has MSE c^2: PSNR = 10 log10(2^2 / c^2) = 20 log10(2 / c); 0.1 -> 26.0206 dB.
+    for offset, db in ((0.1, 26.0206), (0.5, 12.0412), (0.02, 40.0)):
+        torch.testing.assert_close(tt.psnr_per_image(target + offset, target), torch.full((3,), db),
+                                   rtol=0, atol=1e-3)
+    # Reconstructions are clamped to [-1, 1] first: 0.9 reconstructed as 1.3 is an error of 0.1, not 0.4.
+    torch.testing.assert_close(tt.psnr_per_image(torch.full((1, 3, 4, 4), 1.3), torch.full((1, 3, 4, 4), 0.9)),
+                               torch.tensor([26.0206]), rtol=0, atol=1e-3)
+    # One image off by 0.1 and another by 0.5: each gets its own PSNR.
+    two = target[:2].clone()
+    two[0] += 0.1
+    two[1] -= 0.5
+    torch.testing.assert_close(tt.psnr_per_image(two, target[:2]), torch.tensor([26.0206, 12.0412]), rtol=0, atol=1e-3)
 
 
 def test_patch_discriminator_and_hinge_losses():
@@ -452,9 +476,10 @@ def test_bad_arguments_are_named():
         tt.train_tokenizer("unused", preset="tiny", recon="l3")
     with pytest.raises(ValueError, match="image_size"):
         tt.train_tokenizer("unused", preset="tiny", image_size=32)
-    with pytest.raises(ValueError, match="--set"):
-        tt._overrides(["colour=red"])
-    assert tt._overrides(["scales=[1,2,4,8]", "phi_sharing=shared"]) == {"scales": [1, 2, 4, 8], "phi_sharing": "shared"}
+    with pytest.raises(ValueError, match="model.colour"):
+        tt.load_tokenizer_config(None, ["model.colour=red"])
+    assert (tt.load_tokenizer_config(None, ["model.scales=[1,2,4,8]", "model.phi_sharing=shared"]).model
+            == {"scales": [1, 2, 4, 8], "phi_sharing": "shared"})
 
 
 # ------------------------------------------------------------------------------------------- parity tool

@@ -1,34 +1,40 @@
-"""FlowARPipeline (model + VAE -> images) and the flowar-sample command."""
+"""FlowARPipeline (model + VAE -> images) and the ``flowar-sample`` command, which samples FlowAR and VAR
+folders and released checkpoints alike and refuses options of the other family by name."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import gen, tiny_flowar_pipeline, tiny_var_pipeline
 from PIL import Image
 
-from flowar import FlowAR, FlowARPipeline, get_preset
+from flowar import FlowARPipeline, FlowARSampling, VAR, VARPipeline, get_var_preset
 from flowar.cli import main as cli_main
-from flowar.pipeline import image_grid
-from vae import DiffusersVAE
+from flowar.outputs import image_grid
+from vae.msvq import MultiScaleVQVAE, get_msvq_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def tiny_pipeline() -> FlowARPipeline:
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-        latent_channels=4, sample_size=16, scaling_factor=0.5,
-    )
-    model = FlowAR(get_preset("flowar-tiny")).eval()  # 8x8 latents of 4 channels -> 16x16 images
-    return FlowARPipeline(model, DiffusersVAE(autoencoder).eval())
+def read_grid(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A saved FlowAR pipeline folder and a saved VAR pipeline folder (the pipelines of conftest)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    tiny_flowar_pipeline().save_pretrained(root / "flowar")
+    tiny_var_pipeline().save_pretrained(root / "var")
+    return root / "flowar", root / "var"
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
 def test_output_types_shapes_and_ranges():
-    pipe = tiny_pipeline()
-    kwargs = dict(steps=2, cfg=2.0)
-    pt = pipe([1, 2, 3], output_type="pt", generator=torch.Generator().manual_seed(0), **kwargs)
+    pipe = tiny_flowar_pipeline()
+    kwargs = dict(steps=2, guidance_scale=2.0)
+    pt = pipe([1, 2, 3], output_type="pt", generator=gen(0), **kwargs)
     assert pt.shape == (3, 3, 16, 16) and pt.min() >= 0 and pt.max() <= 1
-    arr = pipe([1, 2, 3], output_type="np", generator=torch.Generator().manual_seed(0), **kwargs)
+    arr = pipe([1, 2, 3], output_type="np", generator=gen(0), **kwargs)
     assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8
     # the same generator gives the same images; uint8 is the rounded float image
     np.testing.assert_allclose(arr.astype(np.float32), (pt.permute(0, 2, 3, 1).numpy() * 255), atol=0.51)
@@ -36,36 +42,69 @@ def test_output_types_shapes_and_ranges():
     assert len(pil) == 1 and pil[0].size == (16, 16) and pil[0].mode == "RGB"
     latents = pipe([1], output_type="latent", **kwargs)
     assert latents.shape == (1, 4, 8, 8)
+    # "latent" is exactly what FlowAR.sample draws with the same generator; keywords update the saved defaults
+    # (flowar-tiny's guidance interval (0, 0.9) included), a FlowARSampling replaces them
+    latents = pipe([1, 2], output_type="latent", generator=gen(4), **kwargs)
+    assert torch.equal(latents, pipe.model.sample([1, 2], generator=gen(4), **kwargs))
+    typed = pipe([1, 2], output_type="latent", generator=gen(4), sampling=pipe.model.config.sampling.replace(**kwargs))
+    assert torch.equal(latents, typed)
+    whole = pipe([1, 2], output_type="latent", generator=gen(4), sampling=FlowARSampling(**kwargs))
+    assert torch.equal(whole, pipe([1, 2], output_type="latent", generator=gen(4), guidance_interval=(0.0, 1.0),
+                                   **kwargs))
     with pytest.raises(ValueError, match="output_type"):
         pipe([1], output_type="jpeg")
+    with pytest.raises(ValueError, match="top_k"):  # a VAR option
+        pipe([1], top_k=5)
 
 
 def test_pipeline_save_and_load_round_trip(tmp_path):
-    pipe = tiny_pipeline()
+    pipe = tiny_flowar_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
     assert (tmp_path / "pipe" / "vae" / "config.json").is_file()
     loaded = FlowARPipeline.from_pretrained(tmp_path / "pipe")
-    a = pipe([4, 5], output_type="np", steps=2, generator=torch.Generator().manual_seed(1))
-    b = loaded([4, 5], output_type="np", steps=2, generator=torch.Generator().manual_seed(1))
+    assert loaded.model.config.sampling == pipe.model.config.sampling
+    a = pipe([4, 5], output_type="np", steps=2, generator=gen(1))
+    b = loaded([4, 5], output_type="np", steps=2, generator=gen(1))
     np.testing.assert_array_equal(a, b)
+    for named in (dict(vae=pipe.vae), dict(autoencoder=pipe.vae), dict(vae=tmp_path / "pipe" / "vae")):
+        again = FlowARPipeline.from_pretrained(tmp_path / "pipe", **named)
+        np.testing.assert_array_equal(a, again([4, 5], output_type="np", steps=2, generator=gen(1)))
 
 
-def test_cli_writes_a_grid(tmp_path, capsys):
-    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+def test_image_grid_layout():
+    tiles = np.stack([np.full((4, 4, 3), v, dtype=np.uint8) for v in (10, 20, 30)])
+    grid = np.asarray(image_grid(tiles, nrow=2, pad=1))
+    assert grid.shape == (11, 11, 3)
+    assert grid[1, 1, 0] == 10 and grid[1, 6, 0] == 20 and grid[6, 1, 0] == 30 and grid[6, 6, 0] == 255
+
+
+# ---------------------------------------------------------------------------------------------- CLI: FlowAR
+def test_cli_samples_a_flowar_folder(folders, tmp_path, capsys):
+    flowar_dir, _ = folders
     out = tmp_path / "grid.png"
-    code = cli_main([str(tmp_path / "pipe"), "--labels", "1,2,3", "--num-images", "2", "--cfg", "2",
-                     "--steps", "2", "--solver", "midpoint", "--out", str(out), "--nrow", "3"])
+    code = cli_main([str(flowar_dir), "--labels", "1,2,3", "--num-images", "2", "--guidance-scale", "2",
+                     "--steps", "2", "--solver", "midpoint", "--seed", "5", "--out", str(out), "--nrow", "3",
+                     "--device", "cpu"])
     assert code == 0 and "wrote 6 images" in capsys.readouterr().out
     grid = Image.open(out)
     assert grid.size == (3 * 18 + 2, 2 * 18 + 2)  # 16 px tiles with 2 px padding
+    pipe = FlowARPipeline.from_pretrained(flowar_dir)
+    expected = pipe([1, 1, 2, 2, 3, 3], output_type="np", guidance_scale=2.0, steps=2, solver="midpoint",
+                    generator=gen(5))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 3)))
 
 
-def test_cli_reports_bad_input_naming_the_argument(tmp_path, capsys):
-    tiny_pipeline().save_pretrained(tmp_path / "pipe")
-    assert cli_main([str(tmp_path / "pipe"), "--labels", "3,12", "--out", str(tmp_path / "g.png")]) == 2
+def test_cli_reports_bad_input_naming_the_argument(folders, tmp_path, capsys):
+    flowar_dir, _ = folders
+    assert cli_main([str(flowar_dir), "--labels", "3,12", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
     assert "class_labels must lie in [0, 9]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main([str(tmp_path / "pipe"), "--solver", "heun"])
+        cli_main([str(flowar_dir), "--solver", "heun"])
+    assert cli_main([str(flowar_dir), "--steps", "0", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+    assert "steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the old flag is gone
+        cli_main([str(flowar_dir), "--cfg", "2"])
+    assert "--cfg" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "nowhere")]) == 2
     assert "path" in capsys.readouterr().err
     weights = tmp_path / "FlowAR-S.pth"
@@ -74,8 +113,92 @@ def test_cli_reports_bad_input_naming_the_argument(tmp_path, capsys):
     assert "--preset is required" in capsys.readouterr().err
 
 
-def test_image_grid_layout():
-    tiles = np.stack([np.full((4, 4, 3), v, dtype=np.uint8) for v in (10, 20, 30)])
-    grid = np.asarray(image_grid(tiles, nrow=2, pad=1))
-    assert grid.shape == (11, 11, 3)
-    assert grid[1, 1, 0] == 10 and grid[1, 6, 0] == 20 and grid[6, 1, 0] == 30 and grid[6, 6, 0] == 255
+@pytest.mark.parametrize("option", [["--top-k", "5"], ["--top-p", "0.9"], ["--temperature", "0.5"],
+                                    ["--more-smooth"], ["--var-cfg", "1.5"]])
+def test_cli_refuses_var_options_on_a_flowar_folder(folders, tmp_path, capsys, option):
+    flowar_dir, _ = folders
+    out = tmp_path / "grid.png"
+    assert cli_main([str(flowar_dir), "--labels", "1", "--out", str(out), "--device", "cpu", *option]) == 2
+    assert option[0] in capsys.readouterr().err and not out.exists()  # the flag is named
+
+
+def test_cli_refuses_a_tokenizer_on_a_flowar_folder(folders, tmp_path, capsys):
+    flowar_dir, var_dir = folders
+    out = tmp_path / "grid.png"
+    assert cli_main([str(flowar_dir), "--tokenizer", str(var_dir / "tokenizer"), "--out", str(out)]) == 2
+    assert "--tokenizer" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- CLI: VAR
+def test_cli_samples_a_var_folder(folders, tmp_path, capsys):
+    _, var_dir = folders
+    out = tmp_path / "grid.png"
+    args = [str(var_dir), "--labels", "1,2", "--num-images", "2", "--var-cfg", "1.0", "--top-k", "4",
+            "--seed", "3", "--nrow", "2", "--out", str(out), "--device", "cpu"]
+    assert cli_main(args) == 0
+    assert "wrote 4 images" in capsys.readouterr().out
+    pipe = VARPipeline.from_pretrained(var_dir)
+    expected = pipe([1, 1, 2, 2], output_type="np", var_cfg=1.0, top_k=4, generator=gen(3))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 2)))
+    # --more-smooth reaches the sampler
+    assert cli_main([*args, "--more-smooth"]) == 0
+    smooth = pipe([1, 1, 2, 2], output_type="np", var_cfg=1.0, top_k=4, more_smooth=True, generator=gen(3))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(smooth, 2)))
+    assert not np.array_equal(smooth, expected)
+
+
+def test_cli_var_cfg_is_guidance_scale_plus_one(folders, tmp_path):
+    _, var_dir = folders
+    common = [str(var_dir), "--labels", "1,2,3", "--top-k", "6", "--seed", "1", "--device", "cpu"]
+    assert cli_main([*common, "--var-cfg", "1.5", "--out", str(tmp_path / "var_cfg.png")]) == 0
+    assert cli_main([*common, "--guidance-scale", "2.5", "--out", str(tmp_path / "scale.png")]) == 0
+    assert cli_main([*common, "--guidance-scale", "1", "--out", str(tmp_path / "unguided.png")]) == 0
+    by_var_cfg, by_scale = read_grid(tmp_path / "var_cfg.png"), read_grid(tmp_path / "scale.png")
+    np.testing.assert_array_equal(by_var_cfg, by_scale)
+    assert not np.array_equal(by_scale, read_grid(tmp_path / "unguided.png"))  # guidance changes the grid
+
+
+@pytest.mark.parametrize("option", [["--steps", "3"], ["--solver", "midpoint"], ["--schedule", "uniform"],
+                                    ["--guidance-interval", "0,0.5"], ["--atol", "1e-3"], ["--rtol", "1e-3"]])
+def test_cli_refuses_flowar_options_on_a_var_folder(folders, tmp_path, capsys, option):
+    _, var_dir = folders
+    out = tmp_path / "grid.png"
+    assert cli_main([str(var_dir), "--labels", "1", "--out", str(out), "--device", "cpu", *option]) == 2
+    assert option[0] in capsys.readouterr().err and not out.exists()  # the flag is named
+
+
+def test_cli_refuses_a_vae_on_a_var_folder(folders, tmp_path, capsys):
+    flowar_dir, var_dir = folders
+    out = tmp_path / "grid.png"
+    assert cli_main([str(var_dir), "--vae", str(flowar_dir / "vae"), "--labels", "1", "--out", str(out)]) == 2
+    assert "--vae" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_samples_released_style_var_checkpoints(tmp_path, capsys):
+    """A var_dXX.pth-style bare state dict with --preset, and a tokenizer .pth with the authors' key names
+    (here var-tiny with msvq's "mnist" architecture; the default --tokenizer-preset is the release's)."""
+    torch.manual_seed(0)
+    model = VAR(get_var_preset("var-tiny")).eval()
+    tokenizer = MultiScaleVQVAE(get_msvq_preset("mnist")).eval()
+    torch.save(model.state_dict(), tmp_path / "var_tiny.pth")
+    torch.save(tokenizer.state_dict(), tmp_path / "vae_mnist.pth")
+    out = tmp_path / "grid.png"
+    args = [str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer", str(tmp_path / "vae_mnist.pth"),
+            "--tokenizer-preset", "mnist", "--labels", "3,4", "--out", str(out), "--device", "cpu"]
+    assert cli_main(args) == 0
+    # no sampling options: the preset's saved defaults (var-tiny: guidance 2.5)
+    expected = VARPipeline(model, tokenizer)([3, 4], output_type="np", generator=gen(0))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 2)))
+    # the released command line needs both --preset and --tokenizer
+    assert cli_main([str(tmp_path / "var_tiny.pth"), "--out", str(out)]) == 2
+    assert "--preset is required" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--out", str(out)]) == 2
+    assert "--tokenizer is required" in capsys.readouterr().err
+    # a FlowAR VAE with a VAR preset is refused naming it
+    assert cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--vae", "kl16.ckpt", "--out",
+                     str(out)]) == 2
+    assert "--vae" in capsys.readouterr().err
+    # a tokenizer of another architecture fails cleanly, naming the keys
+    assert cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer",
+                     str(tmp_path / "vae_mnist.pth"), "--tokenizer-preset", "tiny", "--out", str(out)]) == 2
+    assert "does not match" in capsys.readouterr().err

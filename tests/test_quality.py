@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from eval.quality import (
@@ -61,9 +62,29 @@ def test_real_digits_score_as_their_labels(scorer, heldout):
     report = scorer.score(images, labels)
     assert report.class_consistency == pytest.approx(scorer.heldout_accuracy, abs=1e-6)
     assert report.num_samples == 500 and len(report.per_digit) == 10
-    assert report.frechet_distance == pytest.approx(report.real_heldout_frechet, rel=1e-6)
+    assert report.frechet_distance == pytest.approx(frechet_by_scipy(scorer, images, training_digits()), rel=1e-4)
     wrong = scorer.score(images, (labels + 1) % 10)
     assert wrong.class_consistency < 0.15
+
+
+def training_digits() -> np.ndarray:
+    return MNISTDataset(image_size=32, split="train").images.numpy()
+
+
+@torch.no_grad()
+def features(scorer, images: np.ndarray) -> np.ndarray:
+    """The classifier's 128-d penultimate features of uint8 (N, 32, 32) digits, in float64."""
+    x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+    return scorer.classifier.eval().embed(x).double().numpy()
+
+
+def frechet_by_scipy(scorer, images: np.ndarray, reference: np.ndarray) -> float:
+    """The textbook Frechet distance, |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), with scipy's sqrtm."""
+    a, b = features(scorer, images), features(scorer, reference)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
 
 
 def test_frechet_distance_separates_digits_from_noise(scorer, heldout):
@@ -72,6 +93,24 @@ def test_frechet_distance_separates_digits_from_noise(scorer, heldout):
     real = scorer.score(images, labels).frechet_distance
     fake = scorer.score(noise, labels).frechet_distance
     assert fake > 10 * real
+    assert fake == pytest.approx(frechet_by_scipy(scorer, noise, training_digits()), rel=1e-4)
+
+
+def test_frechet_distance_is_zero_for_the_reference_and_grows_with_a_shift(scorer):
+    train = training_digits()
+    labels = MNISTDataset(image_size=32, split="train").labels.numpy()
+    # The reference itself: the same Gaussian, distance 0 up to rounding (the heldout floor is far above).
+    same = scorer.score(train, labels)
+    assert same.frechet_distance < 1e-6 * same.real_heldout_frechet + 1e-6
+    # Brightening the background moves the features away, further for a larger shift.
+    subset = np.arange(0, len(train), 9)  # 500 digits
+    distances = []
+    for shift in (0, 40, 120):
+        shifted = np.clip(train[subset].astype(int) + shift, 0, 255).astype(np.uint8)
+        distance = scorer.score(shifted, labels[subset]).frechet_distance
+        assert distance == pytest.approx(frechet_by_scipy(scorer, shifted, train), rel=1e-4)
+        distances.append(distance)
+    assert distances[0] < distances[1] < distances[2]
 
 
 def test_per_digit_consistency_counts_each_digit(scorer, heldout):
@@ -131,5 +170,5 @@ def test_sampling_a_var_release_refuses_flowar_options(tmp_path, trained):
     save_classifier(trained[0], tmp_path / "clf", heldout_accuracy=trained[1])
     with pytest.raises(SystemExit):
         main(["--pipeline", str(tmp_path / "var"), "--steps", "4", "--classifier", str(tmp_path / "clf")])
-    assert main(["--pipeline", str(tmp_path / "var"), "--per-class", "1", "--cfg", "1",
+    assert main(["--pipeline", str(tmp_path / "var"), "--per-class", "1", "--guidance-scale", "1",
                  "--classifier", str(tmp_path / "clf")]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import tiny_autoencoder_kl
 
 from train.cache_latents import write_cache
 from train.checkpoint import CheckpointManager
@@ -127,13 +127,10 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_tensorboard_logs_scalars_and_the_sample_grid(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                  latent_channels=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    tiny_autoencoder_kl().save_pretrained(tmp_path / "vae")
     cache = make_cache(tmp_path / "cache", vae=str(tmp_path / "vae"))
     run_train([f"latent_cache={cache}", *COMMON[:-2], "total_steps=4", "checkpoint_every=4", "sample_every=2",
-               "log_every=2", f"out_dir={tmp_path / 'run'}", "model.default_steps=2"])
+               "log_every=2", f"out_dir={tmp_path / 'run'}", "model.sampling={steps: 2}"])
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {"train/loss", "train/grad_norm", "train/lr", "train/images_per_sec"} | {
@@ -149,6 +146,7 @@ def test_tensorboard_logs_scalars_and_the_sample_grid(tmp_path):
 
     export(tmp_path / "run", tmp_path / "release")
     pipe = FlowARPipeline.from_pretrained(tmp_path / "release")
+    assert pipe.model.config.sampling.steps == 2  # model.sampling={...} updated the preset's saved defaults
     state = final_state(tmp_path / "run")
     loaded = dict(pipe.model.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())
@@ -177,10 +175,7 @@ def test_online_path_on_an_image_folder_with_a_corrupt_file(tmp_path):
     import numpy as np
     from PIL import Image
 
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                  latent_channels=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    tiny_autoencoder_kl().save_pretrained(tmp_path / "vae")
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):
         (tmp_path / "images" / label).mkdir(parents=True)
@@ -189,7 +184,7 @@ def test_online_path_on_an_image_folder_with_a_corrupt_file(tmp_path):
     (tmp_path / "images" / "dog" / "broken.png").write_bytes(b"not a png at all")
     result = run_train([f"data={tmp_path / 'images'}", f"vae={tmp_path / 'vae'}", "image_size=16", *COMMON,
                         "total_steps=3", "checkpoint_every=3", "model.num_classes=2", f"out_dir={tmp_path / 'run'}",
-                        "model.default_steps=2", "fid_every=3", "fid_samples=6"])
+                        "model.sampling={steps: 2}", "fid_every=3", "fid_samples=6"])
     assert "broken.png" in result.stdout
     state = final_state(tmp_path / "run")
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -258,4 +253,4 @@ def test_var_refuses_a_vae_latent_cache(tmp_path):
     cache = make_cache(tmp_path / "cache")
     result = run_train([f"latent_cache={cache}", *COMMON, "preset=var-tiny", "total_steps=1",
                         f"out_dir={tmp_path / 'run'}"], check=False)
-    assert result.returncode == 2 and "token maps" in result.stderr
+    assert result.returncode == 2 and "trains on tokens" in result.stderr and "gives latents" in result.stderr

@@ -1,29 +1,15 @@
-"""DiffusersVAE on a tiny random diffusers AutoencoderKL: shapes, scaling, posterior, save/load, errors."""
+"""DiffusersVAE on a tiny random diffusers AutoencoderKL (conftest.tiny_autoencoder_kl): shapes, scaling,
+posterior, save/load, errors."""
 
 import json
 
 import pytest
 import torch
+from conftest import tiny_autoencoder_kl
 from diffusers import AutoencoderKL
 
 import vae.diffusers_vae as diffusers_vae
 from vae import DiffusersVAE, LatentAutoencoder
-
-
-def tiny_autoencoder(**config) -> AutoencoderKL:
-    torch.manual_seed(0)
-    config = {
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "latent_channels": 4,
-        "sample_size": 16,
-        "scaling_factor": 0.5,
-        **config,
-    }
-    return AutoencoderKL(**config).eval()
 
 
 def images(batch: int = 2, side: int = 16, seed: int = 0) -> torch.Tensor:
@@ -37,19 +23,19 @@ def posterior(autoencoder: AutoencoderKL, x: torch.Tensor):
 
 
 def test_satisfies_protocol():
-    assert isinstance(DiffusersVAE(tiny_autoencoder()), LatentAutoencoder)
+    assert isinstance(DiffusersVAE(tiny_autoencoder_kl()), LatentAutoencoder)
     assert not isinstance(torch.nn.Linear(2, 2), LatentAutoencoder)
 
 
 def test_properties_and_defaults_from_config():
-    vae = DiffusersVAE(tiny_autoencoder())
+    vae = DiffusersVAE(tiny_autoencoder_kl())
     assert (vae.latent_channels, vae.downsample) == (4, 2)
     assert (vae.scaling_factor, vae.shift_factor) == (0.5, 0.0)  # shift_factor None in config -> 0
-    vae = DiffusersVAE(tiny_autoencoder(shift_factor=0.1))
+    vae = DiffusersVAE(tiny_autoencoder_kl(shift_factor=0.1))
     assert vae.shift_factor == 0.1
-    vae = DiffusersVAE(tiny_autoencoder(shift_factor=0.1), scaling_factor=2.0, shift_factor=-1.0)
+    vae = DiffusersVAE(tiny_autoencoder_kl(shift_factor=0.1), scaling_factor=2.0, shift_factor=-1.0)
     assert (vae.scaling_factor, vae.shift_factor) == (2.0, -1.0)
-    three_levels = tiny_autoencoder(
+    three_levels = tiny_autoencoder_kl(
         block_out_channels=(8, 8, 16),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -59,7 +45,7 @@ def test_properties_and_defaults_from_config():
 
 @torch.no_grad()
 def test_encode_decode_shapes():
-    vae = DiffusersVAE(tiny_autoencoder())
+    vae = DiffusersVAE(tiny_autoencoder_kl())
     z = vae.encode(images(2, 16), generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 8, 8)
     assert vae.decode(z).shape == (2, 3, 16, 16)
@@ -68,7 +54,7 @@ def test_encode_decode_shapes():
 
 @torch.no_grad()
 def test_scaling_applied_both_ways():
-    autoencoder = tiny_autoencoder()
+    autoencoder = tiny_autoencoder_kl()
     vae = DiffusersVAE(autoencoder, scaling_factor=0.4, shift_factor=0.3, sample_posterior=False)
     x = images()
     mean = posterior(autoencoder, x).mean
@@ -79,7 +65,7 @@ def test_scaling_applied_both_ways():
 
 @torch.no_grad()
 def test_posterior_sample_follows_generator():
-    autoencoder = tiny_autoencoder()
+    autoencoder = tiny_autoencoder_kl()
     vae = DiffusersVAE(autoencoder, scaling_factor=2.0)
     x = images()
     a = vae.encode(x, generator=torch.Generator().manual_seed(1))
@@ -95,7 +81,7 @@ def test_posterior_sample_follows_generator():
 @torch.no_grad()
 @pytest.mark.parametrize("shift", [False, True])
 def test_estimate_scaling_gives_unit_std_on_its_batch(shift):
-    vae = DiffusersVAE(tiny_autoencoder())
+    vae = DiffusersVAE(tiny_autoencoder_kl())
     x = images(4)
     scale, shift_factor = vae.estimate_scaling(x, shift=shift, generator=torch.Generator().manual_seed(3))
     assert (vae.scaling_factor, vae.shift_factor) == (0.5, 0.0)  # estimating changes nothing
@@ -111,7 +97,7 @@ def test_estimate_scaling_gives_unit_std_on_its_batch(shift):
 
 
 def test_set_scaling_rejects_bad_values():
-    vae = DiffusersVAE(tiny_autoencoder())
+    vae = DiffusersVAE(tiny_autoencoder_kl())
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scaling_factor"):
             vae.set_scaling(bad)
@@ -121,7 +107,7 @@ def test_set_scaling_rejects_bad_values():
 
 @torch.no_grad()
 def test_save_and_load_round_trip(tmp_path):
-    vae = DiffusersVAE(tiny_autoencoder(), sample_posterior=False)
+    vae = DiffusersVAE(tiny_autoencoder_kl(), sample_posterior=False)
     vae.set_scaling(0.7, -0.2)
     vae.save_pretrained(tmp_path / "vae")
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
@@ -141,7 +127,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_zero_shift_saved_as_none(tmp_path):
-    DiffusersVAE(tiny_autoencoder(), scaling_factor=1.5).save_pretrained(tmp_path)
+    DiffusersVAE(tiny_autoencoder_kl(), scaling_factor=1.5).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["scaling_factor"], config["shift_factor"]) == (1.5, None)
     assert DiffusersVAE.from_pretrained(tmp_path).shift_factor == 0.0
@@ -149,7 +135,7 @@ def test_zero_shift_saved_as_none(tmp_path):
 
 @torch.no_grad()
 def test_follows_module_dtype():
-    vae = DiffusersVAE(tiny_autoencoder()).double()
+    vae = DiffusersVAE(tiny_autoencoder_kl()).double()
     z = vae.encode(images())  # float32 images go through the float64 model
     assert z.dtype == torch.float64
     assert vae.decode(z.float()).dtype == torch.float64
@@ -158,13 +144,13 @@ def test_follows_module_dtype():
 @pytest.mark.parametrize("shape", [(2, 3, 15, 16), (2, 3, 16, 9), (2, 1, 16, 16), (3, 16, 16)])
 def test_bad_image_shapes_raise(shape):
     with pytest.raises(ValueError, match="images"):
-        DiffusersVAE(tiny_autoencoder()).encode(torch.zeros(shape))
+        DiffusersVAE(tiny_autoencoder_kl()).encode(torch.zeros(shape))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (4, 8, 8)])
 def test_bad_latent_shapes_raise(shape):
     with pytest.raises(ValueError, match="latents"):
-        DiffusersVAE(tiny_autoencoder()).decode(torch.zeros(shape))
+        DiffusersVAE(tiny_autoencoder_kl()).decode(torch.zeros(shape))
 
 
 def test_missing_local_folder_raises(tmp_path, monkeypatch):
@@ -175,7 +161,7 @@ def test_missing_local_folder_raises(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         DiffusersVAE.from_pretrained(tmp_path / "empty")
-    DiffusersVAE(tiny_autoencoder()).save_pretrained(tmp_path / "model")
+    DiffusersVAE(tiny_autoencoder_kl()).save_pretrained(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="subfolder"):
         DiffusersVAE.from_pretrained(tmp_path / "model", subfolder="vae")
 
@@ -185,7 +171,7 @@ def test_hub_id_passed_through_to_diffusers(monkeypatch, tmp_path):
 
     def fake_from_pretrained(source, **kw):
         calls.append((source, kw))
-        return tiny_autoencoder()
+        return tiny_autoencoder_kl()
 
     monkeypatch.chdir(tmp_path)  # so "owner/name" cannot exist as a local folder
     monkeypatch.setattr(diffusers_vae.AutoencoderKL, "from_pretrained", staticmethod(fake_from_pretrained))

@@ -1,40 +1,20 @@
-"""VARPipeline (VAR + tokenizer -> images), flowar.pipelines.load_pipeline, and flowar-sample for VAR."""
+"""VARPipeline (VAR + tokenizer -> images) and flowar.registry.load_pipeline (the flowar-sample command for
+both families is tested in test_pipeline_cli.py)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import gen, tiny_flowar_pipeline, tiny_tokenizer, tiny_vae, tiny_var, tiny_var_pipeline
 from PIL import Image
 
-from flowar import FlowAR, FlowARPipeline, get_preset
-from flowar.pipeline import image_grid
-from flowar.pipelines import load_pipeline
-from flowar.var import VAR
-from flowar.cli import main as flowar_sample
-from flowar.var_cli import is_var_invocation
-from flowar.var_config import get_var_preset
+from flowar import FlowARPipeline, VARSampling
+from flowar import load_pipeline as load_pipeline_from_flowar
+from flowar.registry import load_pipeline
 from flowar.var_pipeline import VARPipeline
-from vae import DiffusersVAE
-from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def tiny_var_pipeline(seed=0) -> VARPipeline:
-    """A random VAR (2 blocks, width 64) on msvq's "tiny" tokenizer: scales 1..4, 8x8 images."""
-    torch.manual_seed(seed)
-    config = get_var_preset("var-tiny", scales=(1, 2, 3, 4), vocab_size=32, code_dim=8, depth=2, width=64,
-                            num_heads=4)
-    model = VAR(config)
-    with torch.no_grad():  # sharpen the head so that the draws depend on the weights
-        model.head.weight.normal_(std=0.3)
-    return VARPipeline(model, MultiScaleVQVAE(get_msvq_preset("tiny")))
 
 
 def test_output_types_shapes_and_ranges():
@@ -48,16 +28,35 @@ def test_output_types_shapes_and_ranges():
     pil = pipe([4], output_type="pil", generator=gen())
     assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (8, 8) and pil[0].mode == "RGB"
     # "latent" is the token maps, exactly what VAR.sample draws with the same generator
-    indices = pipe([1, 2, 3], output_type="latent", generator=gen(), cfg=0.5, top_k=5)
-    expected = pipe.model.sample([1, 2, 3], tokenizer=pipe.tokenizer, generator=gen(), cfg=0.5, top_k=5).indices
+    indices = pipe([1, 2, 3], output_type="latent", generator=gen(), var_cfg=0.5, top_k=5)
+    expected = pipe.model.sample([1, 2, 3], tokenizer=pipe.tokenizer, generator=gen(), var_cfg=0.5, top_k=5).indices
     assert [tuple(i.shape) for i in indices] == [(3, s, s) for s in (1, 2, 3, 4)]
     assert all(torch.equal(a, b) for a, b in zip(indices, expected))
     # the images are the tokenizer's decoding of those tokens
-    pt = pipe([1, 2, 3], output_type="pt", generator=gen(), cfg=0.5, top_k=5)
+    pt = pipe([1, 2, 3], output_type="pt", generator=gen(), var_cfg=0.5, top_k=5)
     decoded = (pipe.tokenizer.decode_indices(expected).clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(pt, decoded, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="output_type"):
         pipe([1], output_type="jpeg")
+
+
+def test_sampling_options_three_ways_are_one():
+    """A VARSampling, its fields as keywords, and VAR's own cfg (guidance_scale = 1 + var_cfg) give the same
+    tokens; a FlowAR option is refused naming it."""
+    pipe = tiny_var_pipeline()
+    options = VARSampling(guidance_scale=2.5, top_k=5, top_p=0.9)
+    a = pipe([1, 2], output_type="latent", generator=gen(2), sampling=options)
+    b = pipe([1, 2], output_type="latent", generator=gen(2), guidance_scale=2.5, top_k=5, top_p=0.9)
+    c = pipe([1, 2], output_type="latent", generator=gen(2), var_cfg=1.5, top_k=5, top_p=0.9)
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+    # the saved defaults (var-tiny: guidance 2.5) are what an empty call uses
+    default = pipe([1, 2], output_type="latent", generator=gen(2))
+    assert all(torch.equal(x, y) for x, y in zip(default, pipe([1, 2], output_type="latent", generator=gen(2),
+                                                                  sampling=pipe.model.config.sampling)))
+    with pytest.raises(ValueError, match="steps"):
+        pipe([1], steps=3)
+    with pytest.raises(ValueError, match="not both"):
+        pipe([1], guidance_scale=2.0, var_cfg=1.0)
 
 
 def test_save_and_load_round_trip_gives_identical_images(tmp_path):
@@ -66,14 +65,19 @@ def test_save_and_load_round_trip_gives_identical_images(tmp_path):
     assert json.loads((tmp_path / "pipe" / "config.json").read_text())["model_type"] == "var"
     assert (tmp_path / "pipe" / "tokenizer" / "config.json").is_file()
     loaded = VARPipeline.from_pretrained(tmp_path / "pipe")
-    a = pipe([4, 5], output_type="np", generator=gen(1), cfg=1.5)
-    b = loaded([4, 5], output_type="np", generator=gen(1), cfg=1.5)
+    assert loaded.model.config.sampling == pipe.model.config.sampling
+    a = pipe([4, 5], output_type="np", generator=gen(1), var_cfg=1.5)
+    b = loaded([4, 5], output_type="np", generator=gen(1), var_cfg=1.5)
     np.testing.assert_array_equal(a, b)
     other = tiny_var_pipeline(seed=1)  # a differently initialised pipeline does not (the test can fail)
-    assert not np.array_equal(a, other([4, 5], output_type="np", generator=gen(1), cfg=1.5))
+    assert not np.array_equal(a, other([4, 5], output_type="np", generator=gen(1), var_cfg=1.5))
     # an explicit tokenizer object, or folder, replaces the saved one
     again = VARPipeline.from_pretrained(tmp_path / "pipe", tokenizer=tmp_path / "pipe" / "tokenizer")
-    np.testing.assert_array_equal(a, again([4, 5], output_type="np", generator=gen(1), cfg=1.5))
+    np.testing.assert_array_equal(a, again([4, 5], output_type="np", generator=gen(1), var_cfg=1.5))
+    same = VARPipeline.from_pretrained(tmp_path / "pipe", autoencoder=pipe.tokenizer)
+    np.testing.assert_array_equal(a, same([4, 5], output_type="np", generator=gen(1), var_cfg=1.5))
+    with pytest.raises(ValueError, match="not both"):
+        VARPipeline.from_pretrained(tmp_path / "pipe", autoencoder=pipe.tokenizer, tokenizer=pipe.tokenizer)
 
 
 def test_missing_and_mismatched_tokenizers_are_refused(tmp_path):
@@ -83,27 +87,14 @@ def test_missing_and_mismatched_tokenizers_are_refused(tmp_path):
         VARPipeline.from_pretrained(tmp_path / "model-only")
     VARPipeline.from_pretrained(tmp_path / "model-only", tokenizer=pipe.tokenizer)
     with pytest.raises(ValueError, match="tokenizer does not match"):
-        VARPipeline(pipe.model, MultiScaleVQVAE(get_msvq_preset("tiny", codebook_size=16)))
+        VARPipeline(pipe.model, tiny_tokenizer(codebook_size=16))
 
 
 def test_unconditional_pipeline_takes_batch_size():
-    torch.manual_seed(0)
-    config = get_var_preset("var-tiny", scales=(1, 2, 3, 4), vocab_size=32, code_dim=8, depth=1, width=32,
-                            num_heads=2, num_classes=0)
-    pipe = VARPipeline(VAR(config), MultiScaleVQVAE(get_msvq_preset("tiny")))
+    pipe = VARPipeline(tiny_var(0, sharpen=False, depth=1, width=32, num_heads=2, num_classes=0), tiny_tokenizer())
     assert pipe(batch_size=2, output_type="np").shape == (2, 8, 8, 3)
     with pytest.raises(ValueError, match="class_labels"):
         pipe([1], output_type="np")
-
-
-def tiny_flowar_pipeline() -> FlowARPipeline:
-    torch.manual_seed(0)
-    autoencoder = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-        latent_channels=4, sample_size=16, scaling_factor=0.5,
-    )
-    return FlowARPipeline(FlowAR(get_preset("flowar-tiny")).eval(), DiffusersVAE(autoencoder).eval())
 
 
 def test_load_pipeline_dispatches_on_the_model_type(tmp_path):
@@ -111,6 +102,7 @@ def test_load_pipeline_dispatches_on_the_model_type(tmp_path):
     tiny_flowar_pipeline().save_pretrained(tmp_path / "flowar")
     assert isinstance(load_pipeline(tmp_path / "var"), VARPipeline)
     assert isinstance(load_pipeline(tmp_path / "flowar"), FlowARPipeline)
+    assert load_pipeline_from_flowar is load_pipeline  # ``from flowar import load_pipeline`` still works
     # folders from before the key existed are FlowAR, as FlowAR.from_pretrained reads them
     config_file = tmp_path / "flowar" / "config.json"
     config = json.loads(config_file.read_text())
@@ -122,57 +114,15 @@ def test_load_pipeline_dispatches_on_the_model_type(tmp_path):
         load_pipeline(tmp_path / "flowar")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pipeline(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="vae is for FlowAR"):
+    # the autoencoder that replaces the folder's own is autoencoder= for both families; a FlowAR VAE is no
+    # tokenizer for a VAR folder, as an object or as a folder
+    var_folder = load_pipeline(tmp_path / "var", autoencoder=tmp_path / "var" / "tokenizer")
+    assert isinstance(var_folder, VARPipeline)
+    with pytest.raises(ValueError, match="tokenizer does not match"):
+        load_pipeline(tmp_path / "var", autoencoder=tiny_vae())
+    with pytest.raises((ValueError, FileNotFoundError), match="vae"):
+        load_pipeline(tmp_path / "var", autoencoder=tmp_path / "flowar" / "vae")
+    with pytest.raises(TypeError, match="vae"):
         load_pipeline(tmp_path / "var", vae=tmp_path / "flowar" / "vae")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def test_cli_samples_a_var_folder(tmp_path, capsys):
-    pipe = tiny_var_pipeline()
-    pipe.save_pretrained(tmp_path / "pipe")
-    out = tmp_path / "grid.png"
-    args = [str(tmp_path / "pipe"), "--labels", "1,2", "--num-images", "2", "--cfg", "1.0", "--top-k", "4",
-            "--seed", "3", "--nrow", "2", "--out", str(out), "--device", "cpu"]
-    assert is_var_invocation(args)
-    assert flowar_sample(args) == 0
-    assert "wrote 4 images" in capsys.readouterr().out
-    expected = pipe([1, 1, 2, 2], output_type="np", cfg=1.0, top_k=4, generator=gen(3))
-    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(expected, 2)))
-
-
-def test_cli_samples_released_style_checkpoints(tmp_path, capsys):
-    """A var_dXX.pth-style bare state dict with --preset, and a tokenizer .pth with the authors' key names
-    (here var-tiny with msvq's "mnist" architecture; the default --tokenizer-preset is the release's)."""
-    torch.manual_seed(0)
-    model = VAR(get_var_preset("var-tiny")).eval()
-    tokenizer = MultiScaleVQVAE(get_msvq_preset("mnist")).eval()
-    torch.save(model.state_dict(), tmp_path / "var_tiny.pth")
-    torch.save(tokenizer.state_dict(), tmp_path / "vae_mnist.pth")
-    out = tmp_path / "grid.png"
-    args = [str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer", str(tmp_path / "vae_mnist.pth"),
-            "--tokenizer-preset", "mnist", "--labels", "3,4", "--out", str(out), "--device", "cpu"]
-    assert is_var_invocation(args)
-    assert flowar_sample(args) == 0
-    expected = VARPipeline(model, tokenizer)([3, 4], output_type="np", generator=gen(0))
-    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(expected, 2)))
-    # the released command line needs both --preset and --tokenizer
-    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--out", str(out)]) == 2
-    assert "--preset is required" in capsys.readouterr().err
-    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--out", str(out)]) == 2
-    assert "--tokenizer is required" in capsys.readouterr().err
-    # a tokenizer of another architecture fails cleanly, naming the keys
-    assert flowar_sample([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer",
-                         str(tmp_path / "vae_mnist.pth"), "--tokenizer-preset", "tiny", "--out", str(out)]) == 2
-    assert "does not match" in capsys.readouterr().err
-
-
-def test_flowar_command_lines_are_not_taken_for_var(tmp_path):
-    tiny_flowar_pipeline().save_pretrained(tmp_path / "flowar")
-    assert not is_var_invocation([str(tmp_path / "flowar"), "--labels", "1"])
-    assert not is_var_invocation(["FlowAR-S.pth", "--preset", "flowar-s", "--vae", "kl16.ckpt"])
-    assert is_var_invocation(["var_d16.pth", "--preset", "var-d16", "--tokenizer", "vae_ch160v4096z32.pth"])
-    assert not is_var_invocation([str(tmp_path / "missing")])
-    out = tmp_path / "grid.png"
-    assert flowar_sample([str(tmp_path / "flowar"), "--labels", "1", "--steps", "2", "--out", str(out),
-                     "--device", "cpu"]) == 0
-    assert Image.open(out).size[1] == 16 + 4
+    with pytest.raises(TypeError, match="vae"):
+        VARPipeline.from_pretrained(tmp_path / "var", vae=tmp_path / "flowar" / "vae")
