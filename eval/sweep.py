@@ -30,7 +30,7 @@ import torch
 
 from flowar import FlowARPipeline
 from flowar.outputs import to_uint8_images
-from heads.solvers import SCHEDULES, SOLVERS
+from heads.solvers import SCHEDULES, SOLVERS, check_solver_options
 
 from .fid import compute_metrics
 from .fid import reference_statistics
@@ -68,12 +68,16 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
     for solver in solvers:
         if solver not in SOLVERS:
             raise ValueError(f"solvers must be among {list(SOLVERS)}, got {solver!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     if not steps or any(s < 1 for s in steps):
         raise ValueError(f"steps must be integers >= 1, got {steps}")
-    if not tolerances or any(t <= 0 for t in tolerances):
+    if not tolerances or any(not t > 0 for t in tolerances):
         raise ValueError(f"tolerances must be > 0, got {tolerances}")
+    # The combinations are checked where every sampler checks them (e.g. the flowar grid needs 2 steps),
+    # before anything is sampled.
+    for solver in solvers:
+        for n in ([None] if solver in ADAPTIVE else steps):
+            for tol in (tolerances if solver in ADAPTIVE else [1.0]):
+                check_solver_options(solver=solver, steps=n, schedule=schedule, atol=tol, rtol=tol)
     for low, high in intervals:
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"guidance intervals must satisfy 0 <= low < high <= 1, got ({low}, {high})")

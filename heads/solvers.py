@@ -84,7 +84,11 @@ def _solve(
         return odeint(rhs, y0, grid.to(y0.device), method=solver)[-1]
     span = torch.tensor([1.0, 0.0], dtype=torch.float64, device=y0.device)
     inner = sorted({float(j) for j in jumps if 0.0 < float(j) < 1.0})
-    options = {"jump_t": torch.tensor(inner, dtype=torch.float64, device=y0.device)} if inner else None
+    # step_t: step onto t = 0 instead of past it and back; the head is never asked about times outside [0, 1],
+    # and guidance, decided on the solver's time, stays on up to the end of an interval that ends at 0.
+    options = {"step_t": torch.tensor([0.0], dtype=torch.float64, device=y0.device)}
+    if inner:
+        options["jump_t"] = torch.tensor(inner, dtype=torch.float64, device=y0.device)
     return odeint(rhs, y0, span, method=solver, atol=atol, rtol=rtol, options=options)[-1]
 
 

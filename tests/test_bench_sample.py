@@ -8,7 +8,8 @@ from eval.bench_sample import main, matching_tokenizer, measure
 from flowar import VAR, get_var_preset
 from vae.msvq import MultiScaleVQVAE
 
-FLOWAR_OPTIONS = {"cfg": None, "steps": None, "solver": "euler", "schedule": "flowar", "guidance_interval": None,
+# What main() hands measure() without sampling flags: every option None, i.e. each preset's saved defaults.
+FLOWAR_OPTIONS = {"guidance_scale": None, "steps": None, "solver": None, "schedule": None, "guidance_interval": None,
                   "var_cfg": None, "top_k": None, "top_p": None}
 
 
@@ -36,6 +37,15 @@ def test_guidance_off_halves_the_var_transformer_work():
     guided = measure("var-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "var_cfg": 1.5}, False, 0, 1)
     unguided = measure("var-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "var_cfg": 0.0}, False, 0, 1)
     assert 0.4 < unguided["GFLOP/image"] / guided["GFLOP/image"] < 0.6
+    # guidance_scale 1 is the same unguided run in the shared convention
+    one = measure("var-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "guidance_scale": 1.0}, False, 0, 1)
+    assert one["GFLOP/image"] == pytest.approx(unguided["GFLOP/image"])
+
+
+def test_flowar_options_reach_the_sampler():
+    """4 midpoint steps (2 evaluations each) at each of flowar-tiny's 4 scales; its defaults would give 40."""
+    row = measure("flowar-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "steps": 4, "solver": "midpoint"}, False, 0, 1)
+    assert row["head NFE"] == 4 * 2 * 4
 
 
 def test_released_var_presets_pair_with_the_released_tokenizer():

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from heads.categorical import (
+    CategoricalHead,
     cfg_mix,
     draw_tokens,
     filter_logits,
     gumbel_softmax,
     sample_tokens,
+    smoothing_temperature,
     top_k_filter,
     top_p_filter,
 )
@@ -171,3 +173,64 @@ def test_cfg_mix():
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sample_tokens(torch.zeros(2, 5), **kwargs)
+
+
+def test_smoothing_temperature_follows_var():
+    """VAR's Gumbel temperature: max(0.27 (1 - 0.95 ratio), 0.005) at progress ratio k / (K - 1)."""
+    assert smoothing_temperature(0.0) == pytest.approx(0.27)
+    assert smoothing_temperature(0.5) == pytest.approx(0.27 * 0.525)
+    assert smoothing_temperature(1.0) == pytest.approx(0.0135)
+    assert smoothing_temperature(1.1) == pytest.approx(0.005)  # the floor (0.27 * -0.045 < 0.005)
+
+
+def head_and_logits(seed=0):
+    torch.manual_seed(seed)
+    head = CategoricalHead(8, 16)
+    g = torch.Generator().manual_seed(seed + 1)
+    return head, torch.randn(2, 5, 16, generator=g) * 3, torch.randn(2, 5, 16, generator=g) * 3
+
+
+def test_categorical_head_is_a_linear_layer_with_the_cross_entropy_loss():
+    head, logits, _ = head_and_logits()
+    assert isinstance(head, torch.nn.Linear) and set(head.state_dict()) == {"weight", "bias"}
+    targets = torch.randint(16, (2, 5), generator=torch.Generator().manual_seed(0))
+    loss = head.loss(logits.half(), targets)
+    assert loss.shape == (2, 5) and loss.dtype == torch.float32
+    expected = -logits.half().float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(loss, expected)
+
+
+def test_categorical_head_sample_guides_filters_and_draws_like_var():
+    """(1 + t) cond - t uncond, then top-k / top-p, then one multinomial over the flattened positions."""
+    head, cond, uncond = head_and_logits()
+    t = 1.5
+    out = head.sample(cond, uncond, guidance=t, top_k=6, top_p=0.8, generator=torch.Generator().manual_seed(7))
+    mixed = 2.5 * cond - 1.5 * uncond
+    theirs = torch.multinomial(filter_logits(mixed, top_k=6, top_p=0.8).softmax(-1).view(-1, 16), 1,
+                               replacement=True, generator=torch.Generator().manual_seed(7)).view(2, 5)
+    assert torch.equal(out.ids, theirs) and out.weights is None
+    # guidance 0 (or no null logits) is the conditional logits alone
+    plain = head.sample(cond, generator=torch.Generator().manual_seed(7))
+    zero = head.sample(cond, uncond, guidance=0.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(plain.ids, zero.ids)
+    assert torch.equal(plain.ids, sample_tokens(cond, generator=torch.Generator().manual_seed(7)))
+    # uniforms replace the generator: the inverse-CDF draw of draw_tokens
+    u = torch.rand(2, 5, generator=torch.Generator().manual_seed(3))
+    by_u = head.sample(cond, uncond, guidance=t, uniforms=u)
+    assert torch.equal(by_u.ids, draw_tokens(mixed, uniforms=u))
+    greedy = head.sample(cond, uncond, guidance=t, temperature=0.0)
+    assert torch.equal(greedy.ids, mixed.argmax(-1))
+
+
+def test_categorical_head_smooth_weights_are_gumbel_softmax_of_the_sharpened_logits():
+    head, cond, _ = head_and_logits()
+    ratio = 0.5
+    out = head.sample(cond, top_k=6, smooth_ratio=ratio, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)  # the id draw first, then the Gumbel noise, from one generator
+    filtered = filter_logits(cond, top_k=6)
+    ids = torch.multinomial(filtered.softmax(-1).view(-1, 16), 1, replacement=True, generator=g).view(2, 5)
+    noise = -torch.empty_like(filtered).exponential_(generator=g).log()
+    weights = ((filtered * (1 + ratio) + noise) / (0.27 * (1 - 0.95 * ratio))).softmax(-1)
+    assert torch.equal(out.ids, ids)
+    torch.testing.assert_close(out.weights, weights)
+    assert (out.weights[~torch.isfinite(filtered)] == 0).all()  # filtered-out codes get no weight

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flowar import FlowAR, get_preset
-from flowar.checkpoints import load_released
 
 
 def released_keys(encoder_depth, decoder_depth, head_depth, head_variant):
@@ -59,7 +58,8 @@ def test_state_dict_in_released_layout_loads_without_missing_or_unexpected(tmp_p
     state["mask"] = torch.where(allowed, 0.0, float("-inf"))[None, None]
     path = tmp_path / "FlowAR-T.pth"
     torch.save(state, path)
-    model = load_released(path, config)
+    model = FlowAR.from_released(path, config)
+    assert not model.training
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
 
@@ -69,7 +69,7 @@ def test_checkpoint_of_another_preset_lists_the_mismatched_keys(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(bigger.state_dict(), path)
     with pytest.raises(ValueError) as err:
-        load_released(path, "flowar-tiny")
+        FlowAR.from_released(path, "flowar-tiny")
     message = str(err.value)
     assert "unexpected: encoder_blocks.2." in message
     assert "shape mismatch" in message and "class_emb.weight: checkpoint (11, 96) vs model (11, 64)" in message
@@ -81,6 +81,10 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "flowar" and config["num_classes"] == 5 and config["scales"] == [1, 2, 4]
+    # the saved sampling defaults are one nested object (flowar-tiny: guidance 2.0, 10 steps, interval 0-0.9)
+    assert config["sampling"]["guidance_scale"] == 2.0 and config["sampling"]["steps"] == 10
+    assert config["sampling"]["guidance_interval"] == [0.0, 0.9]
+    assert not any(key.startswith("default_") for key in config)
     loaded = FlowAR.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
@@ -93,10 +97,16 @@ def test_save_and_load_round_trip(tmp_path):
 def test_from_pretrained_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="path"):
         FlowAR.from_pretrained(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         FlowAR.from_pretrained(tmp_path)
+    FlowAR(get_preset("flowar-tiny")).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        FlowAR.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="preset"):
-        load_released(tmp_path / "x.pth", "flowar-xxl")
+        FlowAR.from_released(tmp_path / "x.pth", "flowar-xxl")
+    with pytest.raises(FileNotFoundError, match="x.pth"):
+        FlowAR.from_released(tmp_path / "x.pth", "flowar-tiny")
 
 
 @pytest.mark.parametrize(

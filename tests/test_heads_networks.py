@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from heads.flow import sample_flow
 from heads.networks import HEAD_KINDS, FlowTransformerHead, MLPHead, build_head
 from heads.path import flow_matching_loss
 
@@ -161,6 +162,25 @@ def test_head_trains_through_the_flow_loss():
     loss.backward()
     # Only the zero-initialised output layer gets a gradient at step 0; it must not be zero.
     assert head.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_every_head_owns_its_loss_and_sampler(kind):
+    """head.loss is the flow-matching loss of heads.path and head.sample is sample_flow, on the head itself."""
+    head = _randomise(build_head(kind, token_dim=C, width=W, cond_dim=D, depth=1)).eval()
+    x, t, cond = _inputs()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    loss = head.loss(x, cond, t=t, noise=noise)
+    assert loss.shape == (2,)
+    assert torch.equal(loss, flow_matching_loss(head, x, cond, t=t, noise=noise))
+    assert torch.equal(head.loss(x, cond, generator=torch.Generator().manual_seed(0)),
+                       flow_matching_loss(head, x, cond, generator=torch.Generator().manual_seed(0)))
+    null = torch.randn(cond.shape, generator=torch.Generator().manual_seed(6))
+    options = dict(cond_null=null, guidance_scale=2.0, guidance_interval=(0.0, 0.5), steps=4, schedule="uniform")
+    out = head.sample(noise, cond, **options)
+    ref = sample_flow(head, noise, cond, **options)
+    assert torch.equal(out.x, ref.x) and (out.nfe, out.rows) == (ref.nfe, ref.rows) == (4, 2 * 16 * (2 + 2 * 2))
+    assert (out.x - noise).abs().max() > 1e-3
 
 
 def test_bad_arguments_raise_value_errors():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from heads.flow import sample_flow
 from heads.path import flow_matching_loss, interpolate, velocity_target
 
 
@@ -89,3 +90,29 @@ def test_loss_rejects_noise_of_wrong_shape():
     x = torch.randn(2, 4, 3)
     with pytest.raises(ValueError, match="noise"):
         flow_matching_loss(lambda *a: a[0], x, x, noise=torch.randn(2, 4, 2))
+
+
+def test_known_tokens_ride_the_straight_path_during_a_solve():
+    """Replacement sampling (heads.flow.KnownRegionNet): the head sees the known tokens at (1 - t) target
+    + t noise at every time, and the solve returns exactly the target there."""
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen)
+    target = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen)
+    cond = torch.randn(2, 6, 5, dtype=torch.float64, generator=gen)
+    keep = torch.zeros(2, 6, 1, dtype=torch.bool)
+    keep[0, :2] = keep[1, 4:] = True
+    seen = []
+
+    def net(x_t, t, c):  # tokens interact (a mean over the map), so the unknown ones feel the known ones
+        seen.append((x_t.clone(), t.clone()))
+        return torch.tanh(x_t + x_t.mean(1, keepdim=True)) + c[..., :3]
+
+    out = sample_flow(net, noise, cond, steps=5, schedule="uniform", known=(keep, target))
+    assert torch.equal(out.x[keep.expand_as(out.x)], target[keep.expand_as(target)])
+    for x_t, t in seen:
+        on_path = (1 - t.view(-1, 1, 1)) * target + t.view(-1, 1, 1) * noise
+        torch.testing.assert_close(x_t[keep.expand_as(x_t)], on_path[keep.expand_as(on_path)], rtol=0, atol=1e-12)
+    free = sample_flow(net, noise, cond, steps=5, schedule="uniform")
+    assert (free.x - out.x)[~keep.expand_as(out.x)].abs().max() > 1e-3  # the known tokens steer the others
+    with pytest.raises(ValueError, match="keep"):
+        sample_flow(net, noise, cond, known=(keep.float(), target))

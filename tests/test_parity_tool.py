@@ -44,8 +44,9 @@ class StandIn(FlowAR):
     def sample_tokens(self, num_steps, guidance, cfg, labels):
         batch = labels.shape[0]
         noise = [torch.randn([2 * batch, s * s, self.config.token_dim]) for s in self.config.scales]
-        return self.sample(labels, cfg=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
-                           noise=[n[:batch] for n in noise])
+        # Their cfg is our guidance scale; their sampler runs 50 steps on the uniform grid.
+        return self.sample(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
+                           schedule="uniform" if num_steps == 50 else "flowar", noise=[n[:batch] for n in noise])
 
 
 @pytest.fixture

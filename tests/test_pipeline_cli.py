@@ -113,12 +113,17 @@ def test_cli_reports_bad_input_naming_the_argument(folders, tmp_path, capsys):
     assert "--preset is required" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--top-k", "5"], ["--top-p", "0.9"], ["--temperature", "0.5"],
-                                    ["--more-smooth"], ["--var-cfg", "1.5"]])
-def test_cli_refuses_var_options_on_a_flowar_folder(folders, tmp_path, capsys, option):
-    flowar_dir, _ = folders
+# Each family's own options, refused on the other family's folder (flowar = 0, var = 1 in ``folders``).
+OTHER_FAMILY_OPTIONS = [(0, ["--top-k", "5"]), (0, ["--top-p", "0.9"]), (0, ["--temperature", "0.5"]),
+                        (0, ["--more-smooth"]), (0, ["--var-cfg", "1.5"]),
+                        (1, ["--steps", "3"]), (1, ["--solver", "midpoint"]), (1, ["--schedule", "uniform"]),
+                        (1, ["--guidance-interval", "0,0.5"]), (1, ["--atol", "1e-3"]), (1, ["--rtol", "1e-3"])]
+
+
+@pytest.mark.parametrize("folder, option", OTHER_FAMILY_OPTIONS)
+def test_cli_refuses_options_of_the_other_family(folders, tmp_path, capsys, folder, option):
     out = tmp_path / "grid.png"
-    assert cli_main([str(flowar_dir), "--labels", "1", "--out", str(out), "--device", "cpu", *option]) == 2
+    assert cli_main([str(folders[folder]), "--labels", "1", "--out", str(out), "--device", "cpu", *option]) == 2
     assert option[0] in capsys.readouterr().err and not out.exists()  # the flag is named
 
 
@@ -156,15 +161,6 @@ def test_cli_var_cfg_is_guidance_scale_plus_one(folders, tmp_path):
     by_var_cfg, by_scale = read_grid(tmp_path / "var_cfg.png"), read_grid(tmp_path / "scale.png")
     np.testing.assert_array_equal(by_var_cfg, by_scale)
     assert not np.array_equal(by_scale, read_grid(tmp_path / "unguided.png"))  # guidance changes the grid
-
-
-@pytest.mark.parametrize("option", [["--steps", "3"], ["--solver", "midpoint"], ["--schedule", "uniform"],
-                                    ["--guidance-interval", "0,0.5"], ["--atol", "1e-3"], ["--rtol", "1e-3"]])
-def test_cli_refuses_flowar_options_on_a_var_folder(folders, tmp_path, capsys, option):
-    _, var_dir = folders
-    out = tmp_path / "grid.png"
-    assert cli_main([str(var_dir), "--labels", "1", "--out", str(out), "--device", "cpu", *option]) == 2
-    assert option[0] in capsys.readouterr().err and not out.exists()  # the flag is named
 
 
 def test_cli_refuses_a_vae_on_a_var_folder(folders, tmp_path, capsys):

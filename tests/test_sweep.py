@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from eval.inception import FeatureNetwork
 from eval.reference import write_images_npz
 from eval.sweep import SweepPoint, main, sweep_points
-from tests.test_eval_sample import tiny_pipeline
+from conftest import tiny_flowar_pipeline
 from tests.test_metrics import CountingNet
 
 
@@ -24,7 +24,7 @@ def small_network(monkeypatch):
 
 
 def test_grid_crosses_every_option_and_adaptive_solvers_take_tolerances():
-    points = sweep_points(["euler", "dopri5"], [1, 4], [1e-2, 1e-3, 1e-4], [1.0, 3.0], [(0.0, 1.0)])
+    points = sweep_points(["euler", "dopri5"], [2, 4], [1e-2, 1e-3, 1e-4], [1.0, 3.0], [(0.0, 1.0)])
     assert len(points) == 2 * 2 + 3 * 2
     assert SweepPoint("euler", "flowar", 4, 0.0, 3.0, (0.0, 1.0)) in points
     assert SweepPoint("dopri5", "flowar", 0, 1e-4, 1.0, (0.0, 1.0)) in points
@@ -38,29 +38,37 @@ def test_grid_crosses_every_option_and_adaptive_solvers_take_tolerances():
     ({"schedule": "cosine"}, "schedule"),
 ])
 def test_bad_grids_name_the_option(kwargs, name):
-    options = {"solvers": ["euler"], "steps": [1], "tolerances": [1e-3], "cfgs": [1.0], "intervals": [(0.0, 1.0)]}
+    options = {"solvers": ["euler"], "steps": [2], "tolerances": [1e-3], "cfgs": [1.0], "intervals": [(0.0, 1.0)]}
     with pytest.raises(ValueError, match=name):
         sweep_points(**{**options, **kwargs})
 
 
+def test_a_step_count_the_schedule_cannot_take_is_refused_before_sampling():
+    with pytest.raises(ValueError, match="steps"):
+        sweep_points(["euler"], [1, 4], [1e-3], [1.0], [(0.0, 1.0)], schedule="flowar")
+    assert len(sweep_points(["euler"], [1, 4], [1e-3], [1.0], [(0.0, 1.0)], schedule="uniform")) == 2
+
+
 def test_sweep_writes_csv_tensorboard_and_plot_and_resumes(tmp_path, capsys, small_network):
-    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    tiny_flowar_pipeline().save_pretrained(tmp_path / "pipe")
     reference = tmp_path / "reference.npz"
     write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
     argv = [str(tmp_path / "pipe"), "--out", str(tmp_path / "sweep"), "--solvers", "euler,midpoint",
-            "--steps", "2,4", "--cfg", "2", "--num-samples", "6", "--reference", str(reference), "--batch-size", "4"]
+            "--steps", "2,4", "--guidance-scale", "2", "--num-samples", "6", "--reference", str(reference),
+            "--batch-size", "4"]
     assert main(argv) == 0
     with (tmp_path / "sweep" / "sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["solver"], r["steps"]) for r in rows] == [("euler", "2"), ("euler", "4"), ("midpoint", "2"),
                                                          ("midpoint", "4")]
+    assert {r["guidance_scale"] for r in rows} == {"2"} and "cfg" not in rows[0]
     # flowar-tiny has 4 scales; midpoint costs 2 evaluations per step, euler 1 (even step counts: the
     # flowar schedule has exactly `steps` intervals then).
     assert [float(r["nfe_per_image"]) for r in rows] == [8, 16, 16, 32]
     assert all(float(r["fid"]) > 0 and float(r["seconds_per_image"]) > 0 for r in rows)
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = EventAccumulator(str(tmp_path / "sweep" / "tensorboard")).Reload()
-    assert [e.step for e in events.Scalars("fid/euler cfg=2 gi=0-1")] == [8, 16]
+    assert [e.step for e in events.Scalars("fid/euler w=2 gi=0-1")] == [8, 16]
 
     # A rerun with one more step count samples only the new configurations.
     capsys.readouterr()

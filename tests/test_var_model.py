@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from flowar import FlowAR, get_preset
-from flowar import var as var_module
+import heads.categorical as categorical_module
 from flowar.attention import scale_segments
-from flowar.var import VAR, cfg_ramp, convert_released_var_state_dict
+from flowar.sampling import guidance_excess
+from flowar.var import VAR, convert_released_var_state_dict
 from flowar.var_config import SCALES_256, SCALES_512, VAR_PRESETS, VARConfig, get_var_preset
 from heads.categorical import cfg_mix, sample_tokens
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
@@ -187,7 +188,7 @@ class Payload:
 
 def test_released_file_is_read_without_unpickling_code(tmp_path):
     torch.save({"weights": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+    with pytest.raises(ValueError, match="evil.pth holds Python objects"):
         VAR.from_released(tmp_path / "evil.pth", small_config())
     with pytest.raises(FileNotFoundError):
         VAR.from_released(tmp_path / "absent.pth", small_config())
@@ -275,20 +276,21 @@ def test_drop_path_scales_the_kept_branches(tokenizer):
 
 # ---------------------------------------------------------------------------------------- sampling
 def _record_mixed_logits(monkeypatch) -> list:
-    """The guided logits of each scale, as sample hands them to the filter."""
+    """The guided logits of each scale, as the categorical head hands them to the filter."""
     seen = []
-    original = var_module.filter_logits
+    original = categorical_module.filter_logits
 
     def recording(logits, **kwargs):
         seen.append(logits.clone())
         return original(logits, **kwargs)
 
-    monkeypatch.setattr(var_module, "filter_logits", recording)
+    monkeypatch.setattr(categorical_module, "filter_logits", recording)
     return seen
 
 
 def _sample_without_cache(model, tokenizer, labels, *, cfg, top_k, top_p, generator):
-    """Recompute the whole prefix with block-causal attention at every scale (no KV cache)."""
+    """Recompute the whole prefix with block-causal attention at every scale (no KV cache); cfg is VAR's own
+    (t_max of (1 + t) cond - t uncond, 0 unguided)."""
     c = model.config
     batch = len(labels)
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg else labels
@@ -323,11 +325,13 @@ def test_kv_cache_sampling_equals_full_recompute(monkeypatch, overrides):
     labels = torch.tensor([1, 4, 2])
     seen = _record_mixed_logits(monkeypatch)
     with torch.no_grad():
-        out = model.sample(labels, tokenizer=tok, cfg=2.0, top_k=10, top_p=0.9,
+        out = model.sample(labels, tokenizer=tok, var_cfg=2.0, top_k=10, top_p=0.9,
                            generator=torch.Generator().manual_seed(3))
+        seen = list(seen)  # the reference below filters through the same function
         indices, mixed, f_hat = _sample_without_cache(model, tok, labels, cfg=2.0, top_k=10, top_p=0.9,
                                                       generator=torch.Generator().manual_seed(3))
     assert [tuple(i.shape) for i in out.indices] == [(3, s, s) for s in model.config.scales]
+    assert len(seen) == len(indices)
     for k in range(len(indices)):
         torch.testing.assert_close(seen[k], mixed[k], rtol=1e-5, atol=1e-5)
         assert torch.equal(out.indices[k], indices[k])
@@ -335,27 +339,52 @@ def test_kv_cache_sampling_equals_full_recompute(monkeypatch, overrides):
     torch.testing.assert_close(out.f_hat, tok.indices_to_f_hat(out.indices), rtol=1e-5, atol=1e-5)
 
 
-def test_cfg_ramp_starts_at_the_conditional_logits_and_ends_at_cfg(monkeypatch, tokenizer):
+def _teacher_forced_logits(model, tokenizer, indices, labels):
+    inputs = tokenizer.teacher_forcing_inputs(indices)
+    cond = model.logits(inputs, labels)
+    uncond = model.logits(inputs, labels, drop_mask=torch.ones(len(labels), dtype=torch.bool))
+    return cond, uncond
+
+
+def test_var_ramp_starts_at_the_conditional_logits_and_ends_at_cfg(monkeypatch, tokenizer):
+    """VAR's cfg 3 (guidance_scale 4): t = 3 k / (K - 1) in (1 + t) cond - t uncond."""
     model = small_model()
     c = model.config
     labels = torch.tensor([2, 9])
     seen = _record_mixed_logits(monkeypatch)
     with torch.no_grad():
-        guided = model.sample(labels, tokenizer=tokenizer, cfg=3.0, generator=torch.Generator().manual_seed(0))
-        inputs = tokenizer.teacher_forcing_inputs(guided.indices)
-        cond = model.logits(inputs, labels)
-        uncond = model.logits(inputs, labels, drop_mask=torch.ones(2, dtype=torch.bool))
+        guided = model.sample(labels, tokenizer=tokenizer, var_cfg=3.0, generator=torch.Generator().manual_seed(0))
+        cond, uncond = _teacher_forced_logits(model, tokenizer, guided.indices, labels)
     segments = scale_segments(c.scales)
-    assert cfg_ramp(3.0, 0, 4) == 0.0 and cfg_ramp(3.0, 3, 4) == 3.0 and cfg_ramp(3.0, 1, 4) == 1.0
+    # VAR's ramp is the engine's excess over 1 of guidance_scale = 1 + cfg
+    assert [guidance_excess(4.0, k, 4, "linear") for k in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    assert len(seen) == len(segments)
     torch.testing.assert_close(seen[0], cond[:, : segments[0][1]], rtol=1e-5, atol=1e-5)
     for k, (start, end) in enumerate(segments):
         t = 3.0 * k / (len(c.scales) - 1)
         expected = (1 + t) * cond[:, start:end] - t * uncond[:, start:end]
         torch.testing.assert_close(seen[k], expected, rtol=1e-4, atol=1e-4)
     # the first scale is unguided: the same draws give the same first tokens without guidance at all
-    unguided = model.sample(labels, tokenizer=tokenizer, cfg=0.0, generator=torch.Generator().manual_seed(0))
+    unguided = model.sample(labels, tokenizer=tokenizer, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(unguided.indices[0], guided.indices[0])
     assert any(not torch.equal(a, b) for a, b in zip(unguided.indices[1:], guided.indices[1:]))
+    same = model.sample(labels, tokenizer=tokenizer, guidance_scale=4.0, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(same.indices, guided.indices))
+
+
+def test_constant_cfg_schedule_guides_every_scale(monkeypatch, tokenizer):
+    model = small_model()
+    labels = torch.tensor([2, 9])
+    seen = _record_mixed_logits(monkeypatch)
+    with torch.no_grad():
+        out = model.sample(labels, tokenizer=tokenizer, guidance_scale=2.5, cfg_schedule="constant",
+                           generator=torch.Generator().manual_seed(0))
+        cond, uncond = _teacher_forced_logits(model, tokenizer, out.indices, labels)
+    assert len(seen) == len(model.config.scales)
+    for k, (start, end) in enumerate(scale_segments(model.config.scales)):
+        expected = 2.5 * cond[:, start:end] - 1.5 * uncond[:, start:end]
+        torch.testing.assert_close(seen[k], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(seen[0], cond[:, :1], atol=1e-3)  # unlike the ramp, the first scale is guided
 
 
 def test_same_generator_same_samples_and_another_seed_differs(tokenizer):
@@ -411,16 +440,29 @@ def test_per_token_uniforms_make_each_image_independent_of_its_batch(tokenizer):
     model = small_model()
     g = torch.Generator().manual_seed(0)
     uniforms = [torch.rand(3, side * side, generator=g) for side in model.config.scales]
-    batch = model.sample([1, 2, 3], tokenizer=tokenizer, cfg=1.5, uniforms=uniforms)
+    batch = model.sample([1, 2, 3], tokenizer=tokenizer, var_cfg=1.5, noise=uniforms)
     for row in range(3):
-        alone = model.sample([row + 1], tokenizer=tokenizer, cfg=1.5, uniforms=[u[row:row + 1] for u in uniforms])
+        alone = model.sample([row + 1], tokenizer=tokenizer, var_cfg=1.5, noise=[u[row:row + 1] for u in uniforms])
         assert all(torch.equal(a[0], b[row]) for a, b in zip(alone.indices, batch.indices))
-    other = model.sample([1, 2, 3], tokenizer=tokenizer, cfg=1.5, uniforms=[u.roll(1, 0) for u in uniforms])
+    other = model.sample([1, 2, 3], tokenizer=tokenizer, var_cfg=1.5, noise=[u.roll(1, 0) for u in uniforms])
     assert not all(torch.equal(a, b) for a, b in zip(other.indices, batch.indices))
-    with pytest.raises(ValueError, match="uniforms must be a list"):
-        model.sample([1, 2, 3], tokenizer=tokenizer, uniforms=uniforms[:-1])
+    with pytest.raises(ValueError, match="noise .*must be a list"):
+        model.sample([1, 2, 3], tokenizer=tokenizer, noise=uniforms[:-1])
     with pytest.raises(ValueError, match="more_smooth"):
-        model.sample([1, 2, 3], tokenizer=tokenizer, uniforms=uniforms, more_smooth=True)
+        model.sample([1, 2, 3], tokenizer=tokenizer, noise=uniforms, more_smooth=True)
+
+
+def test_noise_from_seeds_gives_each_row_its_own_uniforms(tokenizer):
+    model = small_model()
+    noise = model.noise_from_seeds([5, 6])
+    assert [tuple(u.shape) for u in noise] == [(2, s * s) for s in model.config.scales]
+    assert all(u.dtype == torch.float64 and u.device.type == "cpu" for u in noise)
+    assert all(bool(((u >= 0) & (u < 1)).all()) for u in noise)
+    assert all(torch.equal(a[1], b[0]) for a, b in zip(noise, model.noise_from_seeds([6])))  # row 1: seed 6 alone
+    assert not all(torch.equal(u[0], u[1]) for u in noise)
+    alone = model.sample([3], tokenizer=tokenizer, noise=model.noise_from_seeds([6]))
+    pair = model.sample([4, 3], tokenizer=tokenizer, noise=noise)
+    assert all(torch.equal(a[0], b[1]) for a, b in zip(alone.indices, pair.indices))
 
 
 def test_unconditional_model(tokenizer):
@@ -430,8 +472,10 @@ def test_unconditional_model(tokenizer):
     assert out.f_hat.shape == (2, 8, 4, 4)
     loss = model(out.indices, tokenizer=tokenizer).loss
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="cfg"):
-        model.sample(tokenizer=tokenizer, batch_size=2, cfg=1.5)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.sample(tokenizer=tokenizer, batch_size=2, guidance_scale=2.5)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.sample(tokenizer=tokenizer, batch_size=2, var_cfg=1.5)
     with pytest.raises(ValueError, match="class_labels"):
         model.sample([1], tokenizer=tokenizer)
 
@@ -523,7 +567,9 @@ def test_var_tiny_matches_the_mnist_tokenizer():
         (dict(top_k=-1), "top_k"),
         (dict(top_p=2.0), "top_p"),
         (dict(temperature=-0.5), "temperature"),
-        (dict(cfg=float("inf")), "cfg"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(var_cfg=float("nan")), "var_cfg"),
+        (dict(cfg=1.5), "cfg is not a sampling option"),
         (dict(batch_size=3), "batch_size"),
     ],
 )
@@ -578,6 +624,9 @@ def test_unknown_preset_and_config_fields():
     config = get_var_preset("var-d20")
     assert VARConfig.from_dict(config.to_dict()) == config
     assert VARConfig.from_depth(20) == config
+    # the authors' FID settings: cfg 1.5 (guidance_scale 2.5), top-k 900, top-p 0.96
+    sampling = config.sampling
+    assert (sampling.guidance_scale, sampling.var_cfg, sampling.top_k, sampling.top_p) == (2.5, 1.5, 900, 0.96)
 
 
 # ---------------------------------------------------------------------------------------- the parity tool

@@ -137,9 +137,12 @@ def read_torch_state_dict(path, *, map_location="cpu", wrappers=("model_ema", "m
     try:
         obj = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"path {file} holds Python objects besides tensors and plain containers, which we do "
-                         "not unpickle") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        if "global" in str(err).lower():  # torch names the class it refused to build
+            raise ValueError(f"path {file} holds Python objects besides tensors and plain containers, which we "
+                             "do not unpickle") from err
+        raise ValueError(f"path {file} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            UnicodeDecodeError) as err:
         raise ValueError(f"path {file} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
     for wrapper in wrappers:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
