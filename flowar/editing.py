@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from vae.pyramid import MASK_RESIZE, scale_masks  # noqa: F401  (re-exported: editing's mask API)
 
 from .outputs import autocast_context, check_output_type, decode_output
 from .sampling import generate
 
-MASK_RESIZE = ("area", "bilinear")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -110,29 +110,6 @@ def prepare_mask(mask, sides: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
-def scale_masks(mask: torch.Tensor, scales, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
-    """Boolean keep maps (B, s, s), one per scale: ``mask`` (B, 1, h, w) resized to s, above 0.5.
-
-    The first ``keep_scales`` scales are kept whole (the authors' demo keeps the 1x1 scale:
-    ``keep_scales=1`` with ``mask_resize="bilinear"`` reproduces its rule for the released scales).
-    """
-    if mask_resize not in MASK_RESIZE:
-        raise ValueError(f"mask_resize must be one of {MASK_RESIZE}, got {mask_resize!r}")
-    if isinstance(keep_scales, bool) or not isinstance(keep_scales, int) or not 0 <= keep_scales <= len(scales):
-        raise ValueError(f"keep_scales must be an integer in [0, {len(scales)}], got {keep_scales!r}")
-    maps = []
-    for k, side in enumerate(scales):
-        if k < keep_scales:
-            maps.append(torch.ones((mask.shape[0], side, side), dtype=torch.bool))
-            continue
-        if mask_resize == "area":
-            resized = F.interpolate(mask, size=(side, side), mode="area")
-        else:
-            resized = F.interpolate(mask, size=(side, side), mode="bilinear", align_corners=False)
-        maps.append(resized[:, 0] > 0.5)
-    return maps
-
-
 def _batch_sizes(images: int, masks: int, labels: int | None) -> int:
     sizes = {n for n in (images, masks, labels) if n is not None}
     batch = max(sizes)
@@ -157,7 +134,7 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
     model's); mask: see :func:`prepare_mask`, at the image's or the latent's resolution. class_label: an
     int, a list (one per image), or None (the null class: no class information; an unconditional model
     takes only None). Image, mask and labels broadcast from a batch of 1. mask_resize / keep_scales: see
-    :func:`scale_masks`. sample_kwargs: the model's sampling options (cfg, steps, top_k, ...).
+    ``vae.pyramid.scale_masks``. sample_kwargs: the model's sampling options (guidance_scale, steps, top_k, ...).
     Returns images as the pipeline's ``__call__`` does for ``output_type`` ("latent": FlowAR latents or
     VAR token maps). A mask of all ones returns the autoencoder's reconstruction of the image; a mask of
     all zeros is ordinary sampling, equal to the pipeline's with the same generator.

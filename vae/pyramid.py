@@ -1,4 +1,5 @@
-"""The scale pyramid: targets by area pooling, next-scale inputs by bicubic up then area down."""
+"""The scale pyramid: targets by area pooling, next-scale inputs by bicubic up then area down, and an editing
+mask taken to every scale."""
 
 from __future__ import annotations
 
@@ -32,3 +33,30 @@ def next_scale_input(latent: torch.Tensor, *, full_side: int, next_side: int) ->
     """
     full = F.interpolate(latent, size=(full_side, full_side), mode="bicubic")
     return F.interpolate(full, size=(next_side, next_side), mode="area")
+
+
+# How an editing mask is taken to each scale's side (see scale_masks).
+MASK_RESIZE = ("area", "bilinear")
+
+
+def scale_masks(mask: torch.Tensor, scales, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
+    """Boolean keep maps (B, s, s), one per scale: ``mask`` (B, 1, h, w) resized to s, above 0.5.
+
+    The first ``keep_scales`` scales are kept whole (the authors' demo keeps the 1x1 scale:
+    ``keep_scales=1`` with ``mask_resize="bilinear"`` reproduces its rule for the released scales).
+    """
+    if mask_resize not in MASK_RESIZE:
+        raise ValueError(f"mask_resize must be one of {MASK_RESIZE}, got {mask_resize!r}")
+    if isinstance(keep_scales, bool) or not isinstance(keep_scales, int) or not 0 <= keep_scales <= len(scales):
+        raise ValueError(f"keep_scales must be an integer in [0, {len(scales)}], got {keep_scales!r}")
+    maps = []
+    for k, side in enumerate(scales):
+        if k < keep_scales:
+            maps.append(torch.ones((mask.shape[0], side, side), dtype=torch.bool))
+            continue
+        if mask_resize == "area":
+            resized = F.interpolate(mask, size=(side, side), mode="area")
+        else:
+            resized = F.interpolate(mask, size=(side, side), mode="bilinear", align_corners=False)
+        maps.append(resized[:, 0] > 0.5)
+    return maps
