@@ -103,14 +103,17 @@ class ScaleWisePipeline:
             if not autoencoder.is_dir():
                 raise FileNotFoundError(f"path {path} has no {cls.autoencoder_folder}/ folder; pass "
                                         f"{cls.autoencoder_folder}=... explicitly")
-        if isinstance(autoencoder, (str, Path)):
-            autoencoder = cls.load_autoencoder(autoencoder, model=model, map_location=map_location)
-        return cls(model, autoencoder.to(map_location))
+        return cls._assemble(model, autoencoder, map_location)
 
     @classmethod
     def from_released(cls, path, preset, autoencoder, *, map_location="cpu"):
         """The authors' released checkpoint ``path`` in ``preset`` with ``autoencoder`` (object, folder or file)."""
         model = cls.model_class.from_released(path, preset, map_location=map_location)
+        return cls._assemble(model, autoencoder, map_location)
+
+    @classmethod
+    def _assemble(cls, model, autoencoder, map_location):
+        """The pipeline of ``model`` and ``autoencoder`` (an object, or a folder or file to load for the model)."""
         if isinstance(autoencoder, (str, Path)):
             autoencoder = cls.load_autoencoder(autoencoder, model=model, map_location=map_location)
         return cls(model, autoencoder.to(map_location))

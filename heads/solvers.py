@@ -36,14 +36,19 @@ def check_solver_options(*, solver: str, steps: int | None, schedule: str, atol:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if solver in _FIXED_GRID:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1 for the {solver} solver, got {steps!r}")
-        if schedule == "flowar" and steps < 2:
-            # linspace(1, 0.3, 0) is empty: the grid would start at 0.25 and hold a single point.
-            raise ValueError(f"steps must be >= 2 for the 'flowar' schedule, got {steps}")
+        _check_grid(steps, schedule, solver=solver)
     elif steps is not None:
         raise ValueError(f"steps must be None for the adaptive {solver} solver (it picks its own steps from "
                          f"atol/rtol), got {steps!r}")
+
+
+def _check_grid(steps, schedule: str, *, solver: str) -> None:
+    """A fixed-step grid's own checks: ``steps`` an integer >= 1, and >= 2 on the "flowar" grid."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 for the {solver} solver, got {steps!r}")
+    if schedule == "flowar" and steps < 2:
+        # linspace(1, 0.3, 0) is empty: the grid would start at 0.25 and hold a single point.
+        raise ValueError(f"steps must be >= 2 for the 'flowar' schedule, got {steps}")
 
 
 def step_schedule(steps: int, kind: str = "flowar") -> torch.Tensor:
@@ -55,7 +60,9 @@ def step_schedule(steps: int, kind: str = "flowar") -> torch.Tensor:
     step count of its H model; here the grid is always the one asked for, and the H preset asks for
     "uniform".)
     """
-    check_solver_options(solver="euler", steps=steps, schedule=kind, atol=1.0, rtol=1.0)
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    _check_grid(steps, kind, solver="fixed-step")
     if kind == "uniform":
         return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     half = steps // 2
