@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from heads.multistage import check_stage_times
 from heads.networks import HEAD_KINDS
+from heads.path import FULL_SPAN
 from heads.solvers import check_solver_options
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
@@ -13,6 +15,9 @@ from vae.pyramid import check_scales
 from .sampling import GuidanceOptions
 
 ADAPTIVE_SOLVERS = ("dopri5",)  # solvers that pick their own steps
+# How the head's flow is laid over the scales: "full", FlowAR's (every scale from noise to data), or
+# "multistage", E-CAR's (scale k integrates only its span of stage_times; heads.multistage).
+FLOWS = ("full", "multistage")
 
 
 @dataclass
@@ -22,12 +27,14 @@ class FlowARSampling(GuidanceOptions):
     guidance_scale: 1 is unguided; with ``cfg_schedule="linear"`` the weight ramps from 1 at the first scale
     to ``guidance_scale`` at the last, as the authors do. guidance_interval: (low, high) times in which
     guidance applies (t = 1 noise, t = 0 data). solver / steps / schedule / atol / rtol: the head's ODE
-    solve per scale (``heads.solvers``); dopri5 is adaptive and takes ``steps=None``.
+    solve per scale (``heads.solvers``); dopri5 is adaptive and takes ``steps=None``. ``steps`` is one count
+    for every scale or a list with one count per scale (e.g. fewer at the late scales); each scale's grid is
+    the schedule laid onto that scale's span of time (all of [1, 0] unless the model's flow is multistage).
     """
 
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     solver: str = "euler"
-    steps: int | None = 25
+    steps: int | tuple[int, ...] | None = 25
     schedule: str = "flowar"
     atol: float = 1e-5
     rtol: float = 1e-5
@@ -41,8 +48,23 @@ class FlowARSampling(GuidanceOptions):
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {self.guidance_interval}")
         self.guidance_interval = (low, high)
-        check_solver_options(solver=self.solver, steps=self.steps, schedule=self.schedule, atol=self.atol,
-                             rtol=self.rtol)
+        if isinstance(self.steps, list):
+            self.steps = tuple(self.steps)
+        per_scale = self.steps if isinstance(self.steps, tuple) else (self.steps,)
+        if not per_scale:
+            raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")
+        for count in per_scale:
+            check_solver_options(solver=self.solver, steps=count, schedule=self.schedule, atol=self.atol,
+                                 rtol=self.rtol)
+
+    def steps_at(self, k: int) -> int | None:
+        """The step count of scale k."""
+        return self.steps[k] if isinstance(self.steps, tuple) else self.steps
+
+    def check_model(self, config) -> None:
+        if isinstance(self.steps, tuple) and len(self.steps) != len(config.scales):
+            raise ValueError(f"steps must hold one count per scale ({len(config.scales)} for scales "
+                             f"{config.scales}), got {len(self.steps)}: {list(self.steps)}")
 
     def _complete(self, given: dict) -> dict:
         # Switching to an adaptive solver drops the step count inherited from the defaults.
@@ -70,6 +92,8 @@ class FlowARConfig(ConfigMixin):
     proj_dropout: float = 0.1
     label_drop: float = 0.1  # classifier-free guidance training: share of labels replaced by null
     grad_checkpointing: bool = False
+    flow: str = "full"  # one of FLOWS; every released model is "full"
+    stage_times: tuple[tuple[float, float], ...] | None = None  # multistage only: (start, end) per scale
     # Sampling defaults (the authors' evaluation settings for the released models).
     sampling: FlowARSampling = field(default_factory=FlowARSampling)
 
@@ -88,6 +112,17 @@ class FlowARConfig(ConfigMixin):
         for name in ("token_dim", "width", "num_heads", "head_width", "head_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.flow not in FLOWS:
+            raise ValueError(f"flow must be one of {FLOWS}, got {self.flow!r}")
+        if self.flow == "multistage":
+            if self.stage_times is None:
+                raise ValueError("stage_times must be given for flow='multistage': one (start, end) pair per scale, "
+                                 "e.g. heads.multistage.stages_from_ends([...])")
+            self.stage_times = check_stage_times(self.stage_times, len(self.scales))
+        elif self.stage_times is not None:
+            raise ValueError(f"stage_times is only for flow='multistage' (flow is {self.flow!r}), got "
+                             f"{self.stage_times!r}")
+        self.sampling.check_model(self)
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:
@@ -104,6 +139,11 @@ class FlowARConfig(ConfigMixin):
                 sampling.setdefault("schedule", "uniform")
             data = {**data, "sampling": sampling}
         return data
+
+    @property
+    def spans(self) -> tuple[tuple[float, float], ...]:
+        """The span of time each scale's head integrates: [1, 0] everywhere for the full flow."""
+        return self.stage_times if self.flow == "multistage" else (FULL_SPAN,) * len(self.scales)
 
     @property
     def seq_len(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +11,9 @@ import torch.utils.checkpoint
 
 from heads.flow import FlowSample
 from heads.layers import RMSNorm, xavier_init_linears
+from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
+from heads.path import draw_times, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, next_scale_input
 
@@ -30,6 +33,13 @@ def to_tokens(latent: torch.Tensor) -> torch.Tensor:
 def from_tokens(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """(B, side*side, C) -> (B, C, side, side)."""
     return tokens.transpose(1, 2).unflatten(2, (side, side))
+
+
+class ScaleInput(NamedTuple):
+    """What a FlowAR canvas hands the next scale."""
+
+    tokens: torch.Tensor  # (B, s*s, C): the previous scale's result upsampled to this scale, the transformer's input
+    previous: torch.Tensor | None = None  # (B, s'*s', C): that result itself, where a multistage stage starts from
 
 
 @dataclass
@@ -70,7 +80,7 @@ class FlowAR(ScaleWiseModel):
     config_class = FlowARConfig
     legacy_model_type = MODEL_TYPE  # folders written before config.json recorded the type
     sampling_class = FlowARSampling
-    interchangeable_fields = ("scales", "token_dim", "num_classes")
+    interchangeable_fields = ("scales", "token_dim", "num_classes", "flow", "stage_times")
     training_data = "latents"
 
     def __init__(self, config: FlowARConfig):
@@ -159,7 +169,8 @@ class FlowAR(ScaleWiseModel):
             )
 
     def input_tokens(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        """Teacher-forced input tokens for scales 2..K from the target pyramid, (B, L-1, C)."""
+        """Teacher-forced input tokens for scales 2..K from each scale's map (the targets; a multistage flow's
+        stage ends), (B, L-1, C)."""
         full_side = self.config.scales[-1]
         inputs = [
             to_tokens(next_scale_input(target, full_side=full_side, next_side=side))
@@ -185,7 +196,7 @@ class FlowAR(ScaleWiseModel):
 
         return {
             "drop_mask": rand(batch_size) < c.label_drop,
-            "flow_times": [rand(batch_size) for _ in c.scales],
+            "flow_times": [draw_times(batch_size, span, generator=generator, device=device) for span in c.spans],
             "flow_noise": [randn(batch_size, s * s, c.token_dim) for s in c.scales],
         }
 
@@ -195,7 +206,9 @@ class FlowAR(ScaleWiseModel):
 
         In training mode a share ``label_drop`` of the labels becomes the null class. ``drop_mask`` (B,),
         ``flow_times`` and ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale; see
-        :meth:`draw_randomness`) replace the random draws, to reproduce a computation exactly.
+        :meth:`draw_randomness`) replace the random draws, to reproduce a computation exactly. A multistage
+        flow trains each scale on its stage (``heads.multistage``): its transformer sees the previous stage's
+        noisy end, and ``flow_noise[k]`` is the noise of scale k's jump.
         """
         self._check_latents(latents)
         labels = self.check_labels(class_labels, latents.shape[0]).to(latents.device)
@@ -205,10 +218,11 @@ class FlowAR(ScaleWiseModel):
             labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
         pyramid = area_pyramid(latents, self.config.scales)
         class_embedding = self.class_emb(labels)  # (B, D)
+        if self.config.flow == "multistage":
+            return self._multistage_loss(pyramid, class_embedding, generator, flow_times, flow_noise)
         tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(pyramid))], dim=1)
         z = self.transformer(tokens, class_embedding)  # (B, L, D)
 
-        total = self.config.scales[-1] ** 2
         losses = []
         for k, ((start, end), target) in enumerate(zip(scale_segments(self.config.scales), pyramid)):
             per_image = self.flownet.loss(
@@ -218,6 +232,33 @@ class FlowAR(ScaleWiseModel):
                 generator=generator,
             )
             losses.append(per_image.mean())
+        return self._weighted(losses)
+
+    def _multistage_loss(self, pyramid, class_embedding, generator, flow_times, flow_noise) -> FlowAROutput:
+        c = self.config
+        batch, device = pyramid[0].shape[0], pyramid[0].device
+        if flow_times is None or flow_noise is None:  # per scale a time, then its noise: the full flow's order
+            drawn_times, drawn_noise = [], []
+            for span, side in zip(c.spans, c.scales):
+                drawn_times.append(draw_times(batch, span, generator=generator, device=device, dtype=pyramid[0].dtype))
+                drawn_noise.append(torch.randn((batch, side * side, c.token_dim), generator=generator, device=device))
+            flow_times = drawn_times if flow_times is None else flow_times
+            flow_noise = drawn_noise if flow_noise is None else flow_noise
+        xis = [from_tokens(n.to(pyramid[0]), side) for n, side in zip(flow_noise, c.scales)]
+        stages = training_stages(pyramid, xis, c.stage_times)
+        ends = [end for _, end in stages]
+        tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(ends))], dim=1)
+        z = self.transformer(tokens, class_embedding)
+        losses = [
+            segment_loss(self.flownet, to_tokens(start), to_tokens(end), z[:, first:last], t=flow_times[k],
+                         span=c.stage_times[k]).mean()
+            for k, ((first, last), (start, end)) in enumerate(zip(scale_segments(c.scales), stages))
+        ]
+        return self._weighted(losses)
+
+    def _weighted(self, losses: list[torch.Tensor]) -> FlowAROutput:
+        """The released weighting: each scale's loss times its share of the last scale's tokens."""
+        total = self.config.scales[-1] ** 2
         losses = torch.stack(losses)
         weights = torch.tensor([s * s / total for s in self.config.scales], device=losses.device, dtype=losses.dtype)
         return FlowAROutput(loss=(losses * weights).sum(), loss_per_scale=losses.detach())
@@ -276,6 +317,9 @@ class FlowAR(ScaleWiseModel):
             latents = autoencoder.encode(images)
         latents = latents.float()
         self._check_latents(latents)
+        if self.config.flow != "full":
+            raise ValueError(f"editing needs a model with flow='full' (this one's flow is {self.config.flow!r}): "
+                             "known regions are held on the full path")
         pyramid = area_pyramid(latents.to(self.device, torch.float32), self.config.scales)
         return [(to_tokens(m.to(self.device)[:, None]), to_tokens(target)) for m, target in zip(keep, pyramid)]
 
@@ -307,17 +351,19 @@ class FlowARStepper(CachedStepper):
     Under guidance the head evaluates the null rows only inside the guidance interval."""
 
     z = None  # head conditions of the last scale fed, (rows, s*s, D)
+    previous = None  # the result of the scale before the one fed last, (B, s'*s', C) (a ScaleInput's)
 
     def release(self) -> None:
-        self.cache = self.z = None
+        self.cache = self.z = self.previous = None
 
     def _first_pass(self, prefill: bool) -> None:
         self.class_embedding = self.model.class_emb(self.labels)
         self._run(self.class_embedding[:, None], 0)  # the first scale's input is the class token
 
-    def _pass(self, scale_input: torch.Tensor, k: int, prefill: bool) -> None:
-        """scale_input: the previous scale's tokens upsampled to this one, (B, s*s, C)."""
-        self._run(self.model.z_proj(torch.cat([scale_input, scale_input]) if self.guided else scale_input), k)
+    def _pass(self, scale_input: ScaleInput, k: int, prefill: bool) -> None:
+        tokens = scale_input.tokens
+        self.previous = scale_input.previous
+        self._run(self.model.z_proj(torch.cat([tokens, tokens]) if self.guided else tokens), k)
 
     def _run(self, tokens: torch.Tensor, k: int) -> None:
         side = self.model.config.scales[k]
@@ -327,20 +373,26 @@ class FlowARStepper(CachedStepper):
     def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
              known: Known | None = None) -> FlowSample:
         """Solve the head's ODE for the scale fed last, from ``noise`` (B, s*s, C) or noise drawn from
-        ``generator``; ``known`` holds part of it on the target's path (see ``heads.flow.KnownRegionNet``)."""
+        ``generator``; ``known`` holds part of it on the target's path (see ``heads.flow.KnownRegionNet``).
+        A multistage stage after the first starts from the previous result re-noised with that noise
+        (``heads.multistage.renoise``) and integrates only its span."""
         o, c, k = self.options, self.model.config, self.scales_seen - 1
-        side = c.scales[k]
+        side, span = c.scales[k], c.spans[k]
         with self.timer:
             if noise is not None:
                 x_init = noise.to(device=self.device, dtype=torch.float32)
             else:
                 x_init = torch.randn((self.batch, side * side, c.token_dim), generator=generator, device=self.device)
+            if c.flow == "multistage" and k > 0:
+                previous = from_tokens(self.previous.float(), c.scales[k - 1])
+                x_init = to_tokens(renoise(previous, from_tokens(x_init, side), previous_end=c.spans[k - 1][1],
+                                           start=span[0]))
             weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
             z = self.z
             flow = self.model.flownet.sample(
                 x_init, z[:self.batch].float(), cond_null=z[self.batch:].float() if self.guided else None,
-                guidance_scale=weight, guidance_interval=o.guidance_interval, solver=o.solver, steps=o.steps,
-                schedule=o.schedule, atol=o.atol, rtol=o.rtol, known=known)
+                guidance_scale=weight, guidance_interval=o.guidance_interval, solver=o.solver,
+                steps=o.steps_at(k), schedule=o.schedule, atol=o.atol, rtol=o.rtol, known=known, span=span)
         self.counts.nfe += flow.nfe
         self.counts.head_rows += flow.rows
         return flow
@@ -355,7 +407,7 @@ class FlowARCanvas:
         self.out = SampleOutput(latents=None)
         self.last = None
 
-    def add(self, k: int, flow: FlowSample) -> torch.Tensor | None:
+    def add(self, k: int, flow: FlowSample) -> ScaleInput | None:
         c = self.config
         self.out.nfe_per_scale.append(flow.nfe)
         self.out.head_rows += flow.rows
@@ -364,7 +416,7 @@ class FlowARCanvas:
             return None
         upsampled = next_scale_input(from_tokens(self.last, c.scales[k]), full_side=c.scales[-1],
                                      next_side=c.scales[k + 1])
-        return to_tokens(upsampled)
+        return ScaleInput(to_tokens(upsampled), self.last)
 
     def output(self) -> SampleOutput:
         self.out.latents = from_tokens(self.last, self.config.scales[-1])

@@ -96,6 +96,10 @@ class GuidanceOptions(ConfigMixin):
         """Hook: options implied by the ones given (a family's own rules)."""
         return given
 
+    def check_model(self, config) -> None:
+        """Hook: raise ValueError naming the option where it does not fit the model of ``config`` (e.g. a
+        per-scale list of the wrong length)."""
+
 
 @dataclass
 class StepCounts:

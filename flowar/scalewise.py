@@ -49,6 +49,7 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         if not isinstance(base, self.sampling_class):
             raise ValueError(f"sampling must be a {self.sampling_class.__name__}, got {type(base).__name__}")
         options = base.replace(**overrides)
+        options.check_model(self.config)
         if self.config.unconditional and options.guided:
             if sampling is None and overrides.get("guidance_scale") is None and overrides.get("var_cfg") is None:
                 return options.replace(guidance_scale=1.0)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .path import VelocityNet, flow_matching_loss, interpolate, velocity_target
+from .path import FULL_SPAN, VelocityNet, check_span, flow_matching_loss, interpolate, velocity_target
 from .solvers import integrate
 
 
@@ -112,7 +112,7 @@ class KnownRegionNet:
 class FlowSample:
     """Result of :func:`sample_flow`."""
 
-    x: torch.Tensor  # (B, N, C) samples at t = 0, in the noise's dtype
+    x: torch.Tensor  # (B, N, C) samples at the span's end (t = 0 for the full span), in the start's dtype
     nfe: int  # velocity evaluations (a guided one counts once)
     rows: int  # token rows pushed through the head in total (doubled where guided): a cost measure
 
@@ -132,23 +132,28 @@ def sample_flow(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     known: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    span: tuple[float, float] = FULL_SPAN,
 ) -> FlowSample:
-    """Sample tokens for one scale: integrate the head from ``noise`` (B, N, C) at t = 1 to t = 0.
+    """Sample tokens for one scale: integrate the head from ``noise`` (B, N, C) at t = 1 to t = 0, or, for a
+    stage of the multistage flow, from the stage's start state ``noise`` at t = span[0] to span[1].
 
     cond / cond_null (B, N, D) and guidance: see :class:`HeadVelocity`; solver options: ``heads.solvers``.
     known: (keep (B, N, 1) bool, target (B, N, C)): those tokens follow the target's path during the solve
-    and equal the target afterwards (see :class:`KnownRegionNet`).
+    and equal the target afterwards (see :class:`KnownRegionNet`); full span only.
     """
     if noise.ndim != 3:
         raise ValueError(f"noise must be (B, N, C), got {tuple(noise.shape)}")
     if cond.ndim != 3 or cond.shape[:2] != noise.shape[:2]:
         raise ValueError(f"cond must be ({noise.shape[0]}, {noise.shape[1]}, D) to match noise, got {tuple(cond.shape)}")
+    span = check_span(span)
     if known is not None:
+        if span != FULL_SPAN:
+            raise ValueError(f"known regions need the full span (1, 0): the known path is the full one; got span {span}")
         net = KnownRegionNet(net, known[0], known[1], noise)
     velocity = HeadVelocity(net, cond, cond_null=cond_null, guidance_scale=guidance_scale,
                             guidance_interval=guidance_interval, dtype=noise.dtype)
     x0, nfe = integrate(velocity, noise, solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol,
-                        jumps=velocity.jumps)
+                        jumps=velocity.jumps, span=span)
     x = x0.to(noise.dtype)
     if known is not None:
         x = torch.where(known[0].to(x.device), known[1].to(x), x)  # exactly the target at t = 0
@@ -165,5 +170,5 @@ class FlowHead:
         return flow_matching_loss(self, x, cond, t=t, noise=noise, generator=generator)
 
     def sample(self, noise: torch.Tensor, cond: torch.Tensor, **options) -> FlowSample:
-        """Tokens at t = 0 from ``noise`` at t = 1; options as :func:`sample_flow`'s."""
+        """Tokens at t = 0 from ``noise`` at t = 1 (or along ``span=``); options as :func:`sample_flow`'s."""
         return sample_flow(self, noise, cond, **options)

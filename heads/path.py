@@ -1,10 +1,19 @@
-"""The probability path and the flow-matching loss: the one place the time convention is stated.
+"""The probability paths and the flow-matching loss: the one place the time convention is stated.
 
-    x_t = (1 - t) * x + t * eps,    t = 1 is pure noise, t = 0 is data,
-    v   = d x_t / dt = eps - x.
+Every flow in this library moves along straight segments in time. A segment runs from the state ``x_s`` at
+time ``s`` to the state ``x_e`` at an earlier time ``e`` (1 >= s > e >= 0; t = 1 is pure noise, t = 0 data):
 
-This is FlowAR's own convention, so the released head checkpoints predict exactly this ``v`` and the
-solvers in ``heads.solvers`` integrate it from t = 1 down to t = 0.
+    x_t = (t - e) / (s - e) * x_s + (s - t) / (s - e) * x_e,
+    v   = d x_t / dt = (x_s - x_e) / (s - e).
+
+FlowAR's path is the full segment: s = 1 with ``x_s = eps`` and e = 0 with ``x_e = x``, so
+
+    x_t = (1 - t) * x + t * eps,    v = eps - x.
+
+This is the released models' own convention, so their head checkpoints predict exactly this ``v`` and the
+solvers in ``heads.solvers`` integrate it downwards in t. (The segment formula gives the full path bit for bit:
+with s = 1, e = 0 each coefficient is computed exactly.) The multistage flow of ``heads.multistage`` chains one
+shorter segment per scale.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import torch
 # net(x_t (B, N, C), t (B,), cond (B, N, D)) -> v (B, N, C)
 VelocityNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+FULL_SPAN = (1.0, 0.0)  # FlowAR's: from pure noise to data
+
 
 def _expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample time (B,) to broadcast against x (B, ...)."""
@@ -24,15 +35,64 @@ def _expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def check_span(span) -> tuple[float, float]:
+    """(s, e) as floats, or a ValueError unless 1 >= s > e >= 0."""
+    try:
+        s, e = (float(v) for v in span)
+    except (TypeError, ValueError):
+        raise ValueError(f"span must be two times (start, end), got {span!r}") from None
+    if not 1.0 >= s > e >= 0.0:
+        raise ValueError(f"span must satisfy 1 >= start > end >= 0 (t = 1 is noise), got {span!r}")
+    return s, e
+
+
+def segment_point(x_start: torch.Tensor, x_end: torch.Tensor, t: torch.Tensor, span=FULL_SPAN) -> torch.Tensor:
+    """x_t on the segment from ``x_start`` at t = span[0] to ``x_end`` at t = span[1]; t (B,)."""
+    s, e = span
+    t = _expand_time(t, x_start)
+    return (t - e) / (s - e) * x_start + (s - t) / (s - e) * x_end
+
+
+def segment_velocity(x_start: torch.Tensor, x_end: torch.Tensor, span=FULL_SPAN) -> torch.Tensor:
+    """The segment's constant velocity d x_t / dt."""
+    s, e = span
+    return (x_start - x_end) / (s - e)
+
+
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x + t noise, with t (B,) broadcast over the non-batch dims of x."""
+    """The full path: x_t = (1 - t) x + t noise, with t (B,) broadcast over the non-batch dims of x."""
     t = _expand_time(t, x)
     return (1 - t) * x + t * noise
 
 
 def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity of the straight path, noise - x; it does not depend on t."""
+    """The velocity of the full path, noise - x; it does not depend on t."""
     return noise - x
+
+
+def segment_loss(net: VelocityNet, x_start: torch.Tensor, x_end: torch.Tensor, cond: torch.Tensor, *,
+                 t: torch.Tensor, span=FULL_SPAN) -> torch.Tensor:
+    """Per-sample flow-matching loss (B,) on one segment, at times t (B,) inside ``span``.
+
+    The squared error is averaged over every non-batch dim (FlowAR's ``mean_flat``); the caller does any
+    weighting across samples or scales.
+    """
+    if x_end.shape != x_start.shape:
+        raise ValueError(f"x_end must have the shape of x_start {tuple(x_start.shape)}, got {tuple(x_end.shape)}")
+    t = t.to(device=x_start.device, dtype=x_start.dtype)
+    pred = net(segment_point(x_start, x_end, t, span), t, cond)
+    # At least float32 for the error: a bf16 subtraction of two nearly equal velocities loses the loss.
+    acc = torch.promote_types(x_start.dtype, torch.float32)
+    err = (pred.to(acc) - segment_velocity(x_start, x_end, span).to(acc)).pow(2)
+    return err.mean(dim=tuple(range(1, x_start.ndim)))
+
+
+def draw_times(batch: int, span=FULL_SPAN, *, generator: Optional[torch.Generator] = None, device=None,
+               dtype=torch.float32) -> torch.Tensor:
+    """One training time per sample, uniform on the span: e + (s - e) u with u ~ U(0, 1) (for the full span, u
+    itself: the released loss's draw)."""
+    s, e = span
+    return e + (s - e) * torch.rand(batch, generator=generator, device=device).to(dtype)
 
 
 def flow_matching_loss(
@@ -44,26 +104,17 @@ def flow_matching_loss(
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Per-sample flow-matching loss, shape (B,).
+    """Per-sample flow-matching loss on the full path, shape (B,).
 
     x: (B, ...) clean data, cond: whatever ``net`` takes as its condition. One t ~ U(0, 1) per sample
     and Gaussian noise are drawn with ``generator`` on x's device unless given; passing them makes the
-    loss deterministic, e.g. to reproduce a reference. The squared error is averaged over every
-    non-batch dim (FlowAR's ``mean_flat``); the caller does any weighting across samples or scales.
+    loss deterministic, e.g. to reproduce a reference.
     """
-    batch = x.shape[0]
     # t first, then noise: the order the released loss draws them in.
     if t is None:
-        t = torch.rand(batch, generator=generator, device=x.device).to(x.dtype)
+        t = draw_times(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
     elif noise.shape != x.shape:
         raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
-    t = t.to(device=x.device, dtype=x.dtype)
-
-    x_t = interpolate(x, noise, t)
-    pred = net(x_t, t, cond)
-    # At least float32 for the error: a bf16 subtraction of two nearly equal velocities loses the loss.
-    acc = torch.promote_types(x.dtype, torch.float32)
-    err = (pred.to(acc) - velocity_target(x, noise).to(acc)).pow(2)
-    return err.mean(dim=tuple(range(1, x.ndim)))
+    return segment_loss(net, noise, x, cond, t=t)

@@ -1,4 +1,5 @@
-"""ODE samplers for the flow head: integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data).
+"""ODE samplers for the flow head: integrate dx/dt = v(x, t) down a span of time, by default from t = 1
+(noise) to t = 0 (data); a stage of the multistage flow integrates a shorter span.
 
 Time convention: ``heads.path`` (x_t = (1 - t) x + t eps, v = eps - x). The integration itself is
 torchdiffeq's; this module adds the step schedules FlowAR uses, float64 state (as the released Euler
@@ -13,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 from torchdiffeq import odeint
+
+from .path import FULL_SPAN, check_span
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 SCHEDULES = ("flowar", "uniform")
@@ -81,22 +84,25 @@ def _solve(
     atol: float,
     rtol: float,
     jumps: Sequence[float] = (),
+    span: tuple[float, float] = FULL_SPAN,
 ) -> torch.Tensor:
-    """Run torchdiffeq on ``rhs(t, y)`` (0-dim float64 time, float64 state) from t = 1 to t = 0."""
+    """Run torchdiffeq on ``rhs(t, y)`` (0-dim float64 time, float64 state) from t = span[0] down to span[1]."""
     check_solver_options(solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol)
+    start, end = check_span(span)
     if solver in _FIXED_GRID:
-        grid = step_schedule(steps, schedule)
+        # The schedule's grid on [0, 1], laid onto the span (for the full span, the grid itself).
+        grid = end + (start - end) * step_schedule(steps, schedule)
         # Without step_size torchdiffeq uses the given times as the grid. Going down in t it negates
         # both times and velocity, which is exact, so Euler is x + (t_next - t_cur) v bit for bit.
         return odeint(rhs, y0, grid.to(y0.device), method=solver)[-1]
-    span = torch.tensor([1.0, 0.0], dtype=torch.float64, device=y0.device)
-    inner = sorted({float(j) for j in jumps if 0.0 < float(j) < 1.0})
-    # step_t: step onto t = 0 instead of past it and back; the head is never asked about times outside [0, 1],
-    # and guidance, decided on the solver's time, stays on up to the end of an interval that ends at 0.
-    options = {"step_t": torch.tensor([0.0], dtype=torch.float64, device=y0.device)}
+    times = torch.tensor([start, end], dtype=torch.float64, device=y0.device)
+    inner = sorted({float(j) for j in jumps if end < float(j) < start})
+    # step_t: step onto the end instead of past it and back; the head is never asked about times outside the
+    # span, and guidance, decided on the solver's time, stays on up to the end of an interval that ends there.
+    options = {"step_t": torch.tensor([end], dtype=torch.float64, device=y0.device)}
     if inner:
         options["jump_t"] = torch.tensor(inner, dtype=torch.float64, device=y0.device)
-    return odeint(rhs, y0, span, method=solver, atol=atol, rtol=rtol, options=options)[-1]
+    return odeint(rhs, y0, times, method=solver, atol=atol, rtol=rtol, options=options)[-1]
 
 
 def integrate(
@@ -109,14 +115,16 @@ def integrate(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     jumps: Sequence[float] = (),
+    span: tuple[float, float] = FULL_SPAN,
 ) -> tuple[torch.Tensor, int]:
-    """Integrate from x at t = 1 down to t = 0; returns (x0 in float64, number of velocity calls).
+    """Integrate from x at t = span[0] (default 1) down to t = span[1] (default 0); returns (the end state in
+    float64, number of velocity calls).
 
     The state is float64 throughout. ``velocity(x_t, t)`` gets x_t in x's dtype and t as a (B,) float64
     tensor, the solver's own time (a network wrapper such as ``heads.flow.HeadVelocity`` casts it for its
     network and decides guidance on it); its output is promoted to float64 for the update.
     Fixed-step solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule RK4) step exactly on
-    ``step_schedule(steps, schedule)``; dopri5 is adaptive with ``atol``/``rtol`` and takes ``steps=None``.
+    ``step_schedule(steps, schedule)`` laid onto the span; dopri5 is adaptive with ``atol``/``rtol`` and takes ``steps=None``.
     ``jumps`` lists times where velocity is discontinuous (e.g. the ends of a guidance interval): dopri5
     steps onto them instead of rejecting steps across them; fixed-step solvers ignore them.
     """
@@ -129,5 +137,5 @@ def integrate(
         return velocity(y.to(dtype), t.to(y.device).expand(batch)).to(torch.float64)
 
     x0 = _solve(rhs, x.to(torch.float64), solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol,
-                jumps=jumps)
+                jumps=jumps, span=span)
     return x0, nfe

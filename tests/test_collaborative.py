@@ -10,6 +10,7 @@ from conftest import gen, sharpened, tiny_flowar, tiny_tokenizer, tiny_vae, tiny
 from flowar import FlowAR, FlowARPipeline, get_preset
 from flowar.attention import scale_segments
 from flowar.collaborative import CollaborativePipeline, collaborative_sample
+from flowar.model import ScaleInput
 from flowar.sampling import run_scales
 from flowar.var import VAR
 from flowar.var_pipeline import VARPipeline
@@ -115,7 +116,7 @@ def test_flowar_refiner_prefill_equals_teacher_forcing():
     labels = torch.tensor(LABELS)
     stepper = small.stepper(labels, small.sampling_options(guidance_scale=2.0, steps=2))
     for k in range(3):  # scales 1 and 2 drafted, then scale 4's input
-        stepper.feed(inputs[:, segments[k][0] - 1:segments[k][1] - 1] if k else None, prefill=k < 2)
+        stepper.feed(ScaleInput(inputs[:, segments[k][0] - 1:segments[k][1] - 1]) if k else None, prefill=k < 2)
     class_embedding = small.class_emb(labels)
     tokens = torch.cat([class_embedding[:, None], small.z_proj(inputs)], dim=1)
     with torch.no_grad():
