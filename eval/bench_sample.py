@@ -5,6 +5,7 @@ and achieved TFLOP/s, every row measured in the same run.
     python eval/bench_sample.py --preset flowar-s --batch 4 --precision fp32,bf16     # precisions side by side
     python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4                  # FlowAR beside VAR
     python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4 --decode         # ... up to pixels
+    python eval/bench_sample.py --preset flowar-s,flowar-s-multistage --batch 4      # E-CAR's multistage flow
 
 Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
 final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
@@ -98,7 +99,7 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
         def sample(labels, generator):
             out = model.sample(labels, tokenizer=tokenizer, generator=generator, **kwargs)
             result = tokenizer.decode_f_hat(out.f_hat) if decode else out.f_hat
-            return result, {"passes": len(model.config.scales), "head NFE": "-"}
+            return result, {"passes": len(model.config.scales), "head NFE": "-", "head rows/image": "-"}
 
         parts = [model] + ([tokenizer.post_quant_conv, tokenizer.decoder] if decode else [])
     else:
@@ -118,7 +119,8 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
         def sample(labels, generator):
             out = model.sample_with_stats(labels, generator=generator, **kwargs)
             result = vae.decode(out.latents.to(vae.dtype)) if decode else out.latents
-            return result, {"passes": len(model.config.scales), "head NFE": out.nfe}
+            return result, {"passes": len(model.config.scales), "head NFE": out.nfe,
+                            "head rows/image": out.head_rows / out.latents.shape[0]}
 
         parts = [model] + ([vae.autoencoder.post_quant_conv, vae.autoencoder.decoder] if decode else [])
     params = sum(p.numel() for part in parts for p in part.parameters())
@@ -238,6 +240,8 @@ def main(argv=None) -> int:
         base = rows[0]
         print(f"images/s relative to {base['preset']} {base['precision']}: " +
               ", ".join(f"{r['preset']} {r['precision']} {r['images/s'] / base['images/s']:.2f}x" for r in rows[1:]))
+        print(f"GFLOP/image relative to {base['preset']} {base['precision']}: " +
+              ", ".join(f"{r['preset']} {r['precision']} {r['GFLOP/image'] / base['GFLOP/image']:.2f}x" for r in rows[1:]))
     return 0
 
 

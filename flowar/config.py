@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from heads.multistage import check_stage_times
+from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN
 from heads.solvers import check_solver_options
@@ -178,6 +178,15 @@ PRESETS: dict[str, FlowARConfig] = {
         head="transformer-v2", head_width=1536, head_depth=12, grad_checkpointing=True,
         # The released sampler runs H's 50 steps on the uniform grid.
         sampling=FlowARSampling(guidance_scale=2.4, steps=50, schedule="uniform", guidance_interval=(0.0, 0.7)),
+    ),
+    # Our own, not released: FlowAR-S with E-CAR's multistage flow (heads.multistage). Stages end at noise levels
+    # 0.7, 0.5, 0.35, 0.2 and each next one starts as low as the jump allows; 8 uniform steps per stage, about
+    # S's 25 per unit of time, so the head runs 8 of S's 24 evaluations per scale.
+    "flowar-s-multistage": FlowARConfig(
+        width=768, encoder_depth=6, decoder_depth=6, num_heads=12,
+        head="transformer-v1", head_width=1024, head_depth=2,
+        flow="multistage", stage_times=stages_from_ends([0.7, 0.5, 0.35, 0.2]),
+        sampling=FlowARSampling(guidance_scale=4.3, steps=8, schedule="uniform", guidance_interval=(0.0, 0.9)),
     ),
     # For tests and the CPU demo: 8x8 latents, a few thousand tokens of compute.
     "flowar-tiny": FlowARConfig(

@@ -1,7 +1,9 @@
 """The end-to-end demo on the bundled MNIST digits, on the CPU in about ten minutes:
 
-    python -m train.demo --out runs/demo                 # FlowAR
-    python -m train.demo --out runs/demo-var --model var # the VAR baseline, same training budget
+    python -m train.demo --out runs/demo                                   # FlowAR
+    python -m train.demo --out runs/demo-var --model var                   # the VAR baseline, same training budget
+    python -m train.demo --out runs/demo-ms --model flowar-multistage      # FlowAR with E-CAR's multistage flow
+    python -m train.demo --out runs/demo-s1 --seed 1 --fid                 # another seed, and FID too
 
 FlowAR:
 1. train a small diffusers AutoencoderKL on the digits (32x32 -> 4x8x8 latents),
@@ -12,12 +14,22 @@ FlowAR:
 
 VAR: the same, with VAR's multi-scale VQ tokenizer (scales 1, 2, 4, 8) instead of the VAE and a VAR
 transformer trained with the same steps, batch and learning-rate schedule.
+
+flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
+only its stage of time and fewer head steps are run at the late scales.
+
+Everything a run measures is also written to ``OUT/results.json`` (``eval.demo_table`` puts seeds and models
+side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
+the FID of the scored samples against the 4,500 training digits (the Inception network on the CPU: about
+a minute more per run, plus two the first time, while the reference's features are cached).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -26,6 +38,9 @@ import torch
 from eval.quality import DigitScorer, sample_digits
 from flowar import load_pipeline
 from flowar.outputs import image_grid
+from flowar.sampling import generate
+from heads.multistage import stages_from_ends
+from vae.files import atomic_write
 
 from .cache_latents import cache_latents
 from .config import load_config
@@ -45,6 +60,13 @@ DEMO_FLOWAR = {"num_classes": 10, "token_dim": 4, "scales": [1, 2, 4, 8], "width
 # The VAR baseline at about the same transformer size: 4 blocks of width 128 (var-tiny); scales, vocabulary
 # and code size come from the tokenizer.
 DEMO_VAR = {"num_classes": 10, "sampling": {"guidance_scale": 6.0}}
+# The multistage FlowAR: the same model, each scale one stage. Stages end at noise levels 0.6, 0.4 and 0.25
+# and the next starts as low as the jump allows (0.75, 0.57, 0.4); on these short spans the uniform grid,
+# with fewer steps at the late scales: 8, 6, 5, 4 head evaluations per scale against FlowAR's 10 each.
+DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage",
+                   "stage_times": [list(span) for span in stages_from_ends([0.6, 0.4, 0.25])],
+                   "sampling": {**DEMO_FLOWAR["sampling"], "steps": [8, 6, 5, 4], "schedule": "uniform"}}
+MODELS = {"flowar": DEMO_FLOWAR, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the
 # linear guidance ramp, at the guidance scale that gave the lowest Frechet distance of 500 samples in the
 # digit classifier's features (FlowAR 1.5 to 10; VAR 2.5 to 9, i.e. VAR's own cfg 1.5 to 8; README,
@@ -54,31 +76,39 @@ DEMO_VAR = {"num_classes": 10, "sampling": {"guidance_scale": 6.0}}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for every output")
-    p.add_argument("--model", default="flowar", choices=("flowar", "var"))
+    p.add_argument("--model", default="flowar", choices=tuple(MODELS))
     p.add_argument("--vae-steps", type=int, default=None,
                    help="VAE (FlowAR, default 300) or tokenizer (VAR, default 600) training steps")
     p.add_argument("--steps", type=int, default=400, help="FlowAR / VAR training steps")
     p.add_argument("--per-class", type=int, default=100, help="samples per digit for the score (0: no score)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the autoencoder's and the model's training and the samples")
+    p.add_argument("--fid", action="store_true", help="also the FID of the scored samples against the training digits")
     args = p.parse_args(argv)
+    if args.fid and not args.per_class:
+        p.error("--fid needs samples to score: --per-class must be >= 1")
     out = Path(args.out)
     start = time.perf_counter()
     var = args.model == "var"
+    results = {"model": args.model, "seed": args.seed, "steps": args.steps, "cpu": platform.processor() or "cpu",
+               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
     if var:
         steps = args.vae_steps or 600  # what every scale needs to use over half of the codebook
         print(f"[1/5] training the MNIST multi-scale VQ tokenizer ({steps} steps)")
         encoder_dir = out / "tokenizer"
-        result = train_tokenizer(encoder_dir, steps=steps)
+        result = train_tokenizer(encoder_dir, steps=steps, seed=args.seed)
         usage = " ".join(f"{s}x{s}:{u:.0%}" for s, u in zip(result["scales"], result["usage"]))
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
         encoder = load_tokenizer(str(encoder_dir))
+        results["codebook_use"] = list(result["usage"])
     else:
         steps = args.vae_steps or 300
         print(f"[1/5] training the MNIST VAE ({steps} steps)")
         encoder_dir = out / "vae"
-        result = train_vae(encoder_dir, steps=steps)
+        result = train_vae(encoder_dir, steps=steps, seed=args.seed)
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
         encoder = load_any_vae(str(encoder_dir))
+    results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
 
     print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
@@ -86,14 +116,14 @@ def main(argv=None) -> int:
 
     name = "VAR" if var else "FlowAR"
     print(f"[3/5] training {name} ({args.steps} steps)")
-    model = dict(DEMO_FLOWAR)
+    model = dict(MODELS[args.model])
     if var:  # the transformer's vocabulary and inputs are the tokenizer's
-        model = {**DEMO_VAR, "scales": list(encoder.scales), "vocab_size": encoder.codebook_size,
+        model = {**model, "scales": list(encoder.scales), "vocab_size": encoder.codebook_size,
                  "code_dim": encoder.code_dim}
     cfg = load_config(None, [
         f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
         "global_batch=64", f"total_steps={args.steps}", "warmup_steps=40", "lr=2e-3", "min_lr=1e-4", "ema=0.995",
-        "checkpoint_every=100", f"sample_every={max(args.steps // 4, 1)}", "log_every=10",
+        "checkpoint_every=100", f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
         *(f"model.{k}={json.dumps(v)}" for k, v in model.items()),
     ])
     run_dir = train(cfg)
@@ -102,17 +132,28 @@ def main(argv=None) -> int:
     release = export(run_dir, out / f"{args.model}-release")
     pipe = load_pipeline(release)
     labels = [digit for digit in range(10) for _ in range(10)]
-    images = pipe(labels, output_type="np", generator=torch.Generator().manual_seed(0))
+    images = pipe(labels, output_type="np", generator=torch.Generator().manual_seed(args.seed))
     grid_path = out / "grid.png"
     image_grid(images, nrow=10).save(grid_path)
+    results.update(sampling_cost(pipe), release=str(release))
 
     report = None
     if args.per_class:
         print(f"[5/5] scoring {10 * args.per_class} samples with the digit classifier")
         scorer = DigitScorer.load_or_train(out / "digit-classifier", progress=False)
-        images, labels = sample_digits(pipe, per_class=args.per_class, seed=1)
+        began = time.perf_counter()
+        images, labels = sample_digits(pipe, per_class=args.per_class, seed=args.seed + 1)
+        results["sampling_ms_per_image"] = 1000 * (time.perf_counter() - began) / len(labels)
         report = scorer.score(images, labels)
         print("      " + report.summary())
+        results.update(num_samples=report.num_samples, class_consistency=report.class_consistency,
+                       per_digit=report.per_digit, frechet_distance=report.frechet_distance,
+                       real_heldout_frechet=report.real_heldout_frechet)
+        if args.fid:
+            results["fid"] = training_digits_fid(images)
+            print(f"      FID against the 4,500 training digits {results['fid']:.2f}")
+    results["minutes"] = (time.perf_counter() - start) / 60
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
     print(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min. Outputs:")
     print(f"  {'tokenizer' if var else 'VAE'} (folder)".ljust(32) + str(encoder_dir))
@@ -121,10 +162,35 @@ def main(argv=None) -> int:
     print("  TensorBoard logs".ljust(32) + f"{run_dir / 'tensorboard'}   (tensorboard --logdir {run_dir})")
     print(f"  release folder (EMA + {'tokenizer' if var else 'VAE'})".ljust(32) + str(release))
     print("  sample grid, row = digit".ljust(32) + str(grid_path))
+    print("  measured results".ljust(32) + str(out / "results.json"))
     if report is not None:
         print("  digit classifier".ljust(32) + str(out / "digit-classifier"))
         print("  class-consistency".ljust(32) + f"{report.class_consistency:.1%}")
     return 0
+
+
+def sampling_cost(pipe) -> dict:
+    """Per image, at the release's saved sampling settings: transformer passes, head evaluations (FlowAR's ODE
+    steps summed over scales; 0 for VAR, whose head is a linear layer inside each pass) and head token rows
+    (rows through the head, doubled where guided: the head's FLOPs are proportional to them)."""
+    model = pipe.model
+    out = generate(model, list(range(10)), autoencoder=pipe.autoencoder, generator=torch.Generator().manual_seed(0))
+    return {"transformer_passes": len(model.config.scales), "head_evaluations": int(getattr(out, "nfe", 0)),
+            "head_rows_per_image": getattr(out, "head_rows", 0) / 10}
+
+
+def training_digits_fid(images) -> float:
+    """FID of uint8 digit images against the 4,500 training digits, with the default Inception network; the
+    reference's features are cached in eval.reference's default cache folder."""
+    from eval.fid import compute_metrics
+    from eval.quality import write_reference
+    from eval.reference import default_cache_dir
+
+    reference = default_cache_dir() / "mnist-train-32.npz"
+    if not reference.exists():
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        write_reference(reference)
+    return float(compute_metrics(images, str(reference), cache_dir=default_cache_dir(), progress=False)["fid"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Demo runs side by side: mean +- sd over seeds of what ``train.demo`` measured, one row per model.
+
+    python -m eval.demo_table runs/demo-s0 runs/demo-s1 runs/demo-s2 runs/ms-s0 ... [--time]
+
+Each argument is a demo output folder holding ``results.json``. Rows group the runs by model; each cell is
+the mean +- sample sd over the runs (seeds) of that model. ``--time`` also times sampling in this one
+process: each model's first release samples the same 100 labels at its saved settings, the models taking
+turns, ``--repeats`` rounds, the fastest round counting; so the ms/image column is a side-by-side
+measurement, unlike the demo's own wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+COLUMNS = [  # (results.json key, header, format)
+    ("head_evaluations", "head evaluations / image", "{:.0f}"),
+    ("head_rows_per_image", "head token rows / image", "{:.0f}"),
+    ("class_consistency", "class-consistency %", "{:.1f}"),
+    ("worst_digit", "worst digit %", "{:.1f}"),
+    ("frechet_distance", "classifier Frechet", "{:.1f}"),
+    ("fid", "FID", "{:.1f}"),
+    ("minutes", "demo minutes", "{:.1f}"),
+]
+PERCENT = ("class_consistency", "worst_digit")
+
+
+def read_runs(folders) -> dict[str, list[dict]]:
+    """results.json of each folder, grouped by model (in the order first seen)."""
+    groups: dict[str, list[dict]] = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no results.json (written by python -m train.demo)")
+        run = json.loads(path.read_text())
+        if run.get("per_digit"):
+            run["worst_digit"] = min(run["per_digit"])
+        groups.setdefault(run["model"], []).append(run)
+    return groups
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, sd
+
+
+def cell(runs: list[dict], key: str, fmt: str) -> str:
+    values = [float(r[key]) * (100 if key in PERCENT else 1) for r in runs if r.get(key) is not None]
+    if not values:
+        return "-"
+    mean, sd = mean_sd(values)
+    if len(values) == 1 or sd == 0:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 100) -> dict[str, float]:
+    """ms/image of each model's first release, the models interleaved in this process."""
+    from flowar import load_pipeline
+
+    pipes = {model: load_pipeline(runs[0]["release"]) for model, runs in groups.items()}
+    labels = [i % 10 for i in range(batch)]
+    best = {model: math.inf for model in pipes}
+    for round_ in range(repeats):
+        for model, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe(labels, output_type="np", generator=torch.Generator().manual_seed(round_))
+            best[model] = min(best[model], 1000 * (time.perf_counter() - start) / batch)
+    return best
+
+
+def format_table(groups: dict[str, list[dict]], timing: dict[str, float] | None = None) -> str:
+    headers = ["model", "seeds", *(h for _, h, _ in COLUMNS)] + (["sampling ms / image (one run)"] if timing else [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for model, runs in groups.items():
+        row = [model, ", ".join(str(r["seed"]) for r in runs), *(cell(runs, k, f) for k, _, f in COLUMNS)]
+        if timing:
+            row.append(f"{timing[model]:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="demo output folders (each with results.json)")
+    p.add_argument("--time", action="store_true", help="time each model's sampling, interleaved in this process")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of --time; the fastest counts")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        groups = read_runs(args.runs)
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:
+        p.error(str(err))
+    timing = time_sampling(groups, repeats=args.repeats) if args.time else None
+    first = next(iter(groups.values()))[0]
+    print(f"{first.get('cores')} cores, {first.get('torch_threads')} torch threads, torch {first.get('torch')}")
+    print(format_table(groups, timing))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""eval.demo_table: seeds grouped by model, mean +- sd per column, and a missing results file named."""
+
+import json
+
+import pytest
+
+from eval.demo_table import format_table, main, read_runs
+
+
+def write_run(folder, model, seed, consistency, fid=None):
+    folder.mkdir(parents=True)
+    run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
+           "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
+           "frechet_distance": 90.0 + seed, "minutes": 5.0, "cores": 2, "torch_threads": 2, "torch": "x"}
+    if fid is not None:
+        run["fid"] = fid
+    (folder / "results.json").write_text(json.dumps(run))
+    return folder
+
+
+def test_seeds_of_a_model_become_one_row_with_mean_and_sd(tmp_path):
+    runs = [write_run(tmp_path / f"a{s}", "flowar", s, c, fid=f) for s, c, f in [(0, 0.95, 80.0), (1, 0.97, 84.0)]]
+    runs.append(write_run(tmp_path / "b0", "var", 0, 0.9))
+    groups = read_runs(runs)
+    assert list(groups) == ["flowar", "var"] and len(groups["flowar"]) == 2
+    table = format_table(groups).splitlines()
+    flowar, var = table[2], table[3]
+    # mean 96.0, sample sd of (95, 97) = 1.414; worst digit 85 and 87; FID 82 +- 2.83
+    assert "| 0, 1 |" in flowar and "96.0 ± 1.4" in flowar and "86.0 ± 1.4" in flowar and "82.0 ± 2.8" in flowar
+    assert "| 90.0 |" in var and var.rstrip(" |").endswith("5.0") and "| - |" in var  # one seed; no FID
+
+
+def test_a_folder_without_results_is_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])
+    assert "holds no results.json" in capsys.readouterr().err
