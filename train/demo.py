@@ -20,8 +20,8 @@ only its stage of time and fewer head steps are run at the late scales.
 
 Everything a run measures is also written to ``OUT/results.json`` (``eval.demo_table`` puts seeds and models
 side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
-the FID of the scored samples against the 4,500 training digits (the Inception network on the CPU: about
-a minute more per run, plus two the first time, while the reference's features are cached).
+the FID of the scored samples against the 4,500 training digits (the Inception network on a 2-core CPU:
+about two minutes more per run, plus about eight the first time, while the reference's features are cached).
 """
 
 from __future__ import annotations
