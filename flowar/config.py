@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
-from heads.path import FULL_SPAN
+from heads.path import FULL_SPAN, check_time_distribution
 from heads.solvers import check_solver_options
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
@@ -18,6 +18,10 @@ ADAPTIVE_SOLVERS = ("dopri5",)  # solvers that pick their own steps
 # How the head's flow is laid over the scales: "full", FlowAR's (every scale from noise to data), or
 # "multistage", E-CAR's (scale k integrates only its span of stage_times; heads.multistage).
 FLOWS = ("full", "multistage")
+# How the per-scale flow losses add up: "area", the released weighting (each scale by its share s^2 / S^2 of
+# the last scale's tokens, so the 1x1 scale gets 1/64 of the 8x8 one's weight), or "equal" (1 per scale, so
+# the coarse scales, where the class and layout are decided, train as hard as the last one).
+SCALE_WEIGHTS = ("area", "equal")
 
 
 @dataclass
@@ -94,6 +98,19 @@ class FlowARConfig(ConfigMixin):
     grad_checkpointing: bool = False
     flow: str = "full"  # one of FLOWS; every released model is "full"
     stage_times: tuple[tuple[float, float], ...] | None = None  # multistage only: (start, end) per scale
+    # Training levers (ours; the defaults are the released training, so a released model trains as published).
+    time_distribution: str = "uniform"  # the head's training times (heads.path.TIME_DISTRIBUTIONS)
+    time_logit_mean: float = 0.0  # logit-normal only: t = sigmoid(mean + std n)
+    time_logit_std: float = 1.0
+    scale_weights: str = "area"  # one of SCALE_WEIGHTS
+    # How many (time, noise) draws each token's condition trains the head on per step (MAR's diffusion_batch_mul):
+    # the transformer runs once and the light head m times, so the head sees m times the samples per step.
+    head_batch_mul: int = 1
+    # Noisy context (after xAR, by FlowAR's authors): in training, each teacher-forced coarser scale is moved
+    # to a noise level tau ~ U(0, context_noise) on the straight path, (1 - tau) x + tau eps, before it becomes
+    # the next scale's input, so the model learns to correct the imperfect scales it is given when sampling
+    # (exposure bias). Sampling is unchanged: its inputs are the generated scales. 0 = off.
+    context_noise: float = 0.0
     # Sampling defaults (the authors' evaluation settings for the released models).
     sampling: FlowARSampling = field(default_factory=FlowARSampling)
 
@@ -122,6 +139,18 @@ class FlowARConfig(ConfigMixin):
         elif self.stage_times is not None:
             raise ValueError(f"stage_times is only for flow='multistage' (flow is {self.flow!r}), got "
                              f"{self.stage_times!r}")
+        check_time_distribution(self.time_distribution, self.time_logit_mean, self.time_logit_std)
+        if self.scale_weights not in SCALE_WEIGHTS:
+            raise ValueError(f"scale_weights must be one of {SCALE_WEIGHTS}, got {self.scale_weights!r}")
+        if not (isinstance(self.head_batch_mul, int) and self.head_batch_mul >= 1):
+            raise ValueError(f"head_batch_mul must be an integer >= 1, got {self.head_batch_mul!r}")
+        if not 0.0 <= self.context_noise <= 1.0:
+            raise ValueError(f"context_noise must be in [0, 1] (a noise level; 0 = off), got {self.context_noise}")
+        if self.flow == "multistage" and (self.head_batch_mul != 1 or self.context_noise):
+            # The stages chain one noise per scale (each start is the previous end, re-noised) and their inputs
+            # are noisy already; neither lever is defined on that chain.
+            raise ValueError("head_batch_mul and context_noise are for flow='full' only; got head_batch_mul="
+                             f"{self.head_batch_mul}, context_noise={self.context_noise} with flow='multistage'")
         self.sampling.check_model(self)
 
     @classmethod

@@ -13,7 +13,7 @@ from heads.flow import FlowSample
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
-from heads.path import draw_times, segment_loss
+from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, next_scale_input
 
@@ -183,10 +183,13 @@ class FlowAR(ScaleWiseModel):
         """Every random draw of one training forward, per image (leading dim ``batch_size``).
 
         A trainer draws these for the global batch and hands each process its rows, so a run gives the
-        same result however it is split over processes and accumulation steps.
+        same result however it is split over processes and accumulation steps. With ``head_batch_mul`` m > 1
+        each scale's times are (B, m) and its noise (B, m, s*s, C); with ``context_noise`` the draws add each
+        coarser scale's context level (B,) and noise (B, s*s, C).
         """
         c = self.config
         device = self.class_emb.weight.device if device is None else device
+        m = c.head_batch_mul
 
         def rand(*shape):
             return torch.rand(shape, generator=generator, device=device)
@@ -194,19 +197,39 @@ class FlowAR(ScaleWiseModel):
         def randn(*shape):
             return torch.randn(shape, generator=generator, device=device)
 
-        return {
+        def times(span):
+            drawn = draw_times(batch_size * m, span, generator=generator, device=device, **self._time_law())
+            return drawn if m == 1 else drawn.reshape(batch_size, m)
+
+        draws = {
             "drop_mask": rand(batch_size) < c.label_drop,
-            "flow_times": [draw_times(batch_size, span, generator=generator, device=device) for span in c.spans],
-            "flow_noise": [randn(batch_size, s * s, c.token_dim) for s in c.scales],
+            "flow_times": [times(span) for span in c.spans],
+            "flow_noise": [randn(batch_size, s * s, c.token_dim) if m == 1 else randn(batch_size, m, s * s, c.token_dim)
+                           for s in c.scales],
         }
+        if c.context_noise:
+            draws["context_levels"] = [c.context_noise * rand(batch_size) for _ in c.scales[:-1]]
+            draws["context_noise"] = [randn(batch_size, s * s, c.token_dim) for s in c.scales[:-1]]
+        return draws
+
+    def _time_law(self) -> dict:
+        c = self.config
+        return {"distribution": c.time_distribution, "logit_mean": c.time_logit_mean, "logit_std": c.time_logit_std}
+
+    def _draws_as_released(self) -> bool:
+        """Whether the loss draws what the released loss draws (per scale a time, then its noise): no lever
+        that changes the draws is on."""
+        c = self.config
+        return c.time_distribution == "uniform" and c.head_batch_mul == 1 and not c.context_noise
 
     def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
-                flow_noise=None):
+                flow_noise=None, context_levels=None, context_noise=None):
         """Flow-matching loss of a batch of scaled VAE latents (B, C, S, S).
 
         In training mode a share ``label_drop`` of the labels becomes the null class. ``drop_mask`` (B,),
-        ``flow_times`` and ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale; see
-        :meth:`draw_randomness`) replace the random draws, to reproduce a computation exactly. A multistage
+        ``flow_times`` and ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale), and with
+        ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale), replace the random
+        draws (see :meth:`draw_randomness` for their shapes), to reproduce a computation exactly. A multistage
         flow trains each scale on its stage (``heads.multistage``): its transformer sees the previous stage's
         noisy end, and ``flow_noise[k]`` is the noise of scale k's jump.
         """
@@ -220,17 +243,29 @@ class FlowAR(ScaleWiseModel):
         class_embedding = self.class_emb(labels)  # (B, D)
         if self.config.flow == "multistage":
             return self._multistage_loss(pyramid, class_embedding, generator, flow_times, flow_noise)
-        tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(pyramid))], dim=1)
+        c = self.config
+        given = {"flow_times": flow_times, "flow_noise": flow_noise, "context_levels": context_levels,
+                 "context_noise": context_noise}
+        if not self._draws_as_released() and any(v is None for v in given.values()):
+            drawn = self.draw_randomness(latents.shape[0], generator=generator, device=latents.device)
+            given = {k: drawn.get(k) if v is None else v for k, v in given.items()}
+        context = pyramid[:-1]
+        if c.context_noise:
+            context = [interpolate(x, from_tokens(eps.to(x), x.shape[-1]), level.to(x))
+                       for x, level, eps in zip(context, given["context_levels"], given["context_noise"])]
+        tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens([*context, pyramid[-1]]))], dim=1)
         z = self.transformer(tokens, class_embedding)  # (B, L, D)
 
         losses = []
-        for k, ((start, end), target) in enumerate(zip(scale_segments(self.config.scales), pyramid)):
-            per_image = self.flownet.loss(
-                to_tokens(target), z[:, start:end],
-                t=None if flow_times is None else flow_times[k],
-                noise=None if flow_noise is None else flow_noise[k],
-                generator=generator,
-            )
+        for k, ((start, end), target) in enumerate(zip(scale_segments(c.scales), pyramid)):
+            x, cond = to_tokens(target), z[:, start:end]
+            t = None if given["flow_times"] is None else given["flow_times"][k]
+            noise = None if given["flow_noise"] is None else given["flow_noise"][k]
+            if c.head_batch_mul > 1:  # each token's condition, m times, with its own times and noise
+                m = c.head_batch_mul
+                x, cond = x.repeat_interleave(m, dim=0), cond.repeat_interleave(m, dim=0)
+                t, noise = t.reshape(-1), noise.reshape(-1, *noise.shape[2:])
+            per_image = self.flownet.loss(x, cond, t=t, noise=noise, generator=generator)
             losses.append(per_image.mean())
         return self._weighted(losses)
 
@@ -240,7 +275,8 @@ class FlowAR(ScaleWiseModel):
         if flow_times is None or flow_noise is None:  # per scale a time, then its noise: the full flow's order
             drawn_times, drawn_noise = [], []
             for span, side in zip(c.spans, c.scales):
-                drawn_times.append(draw_times(batch, span, generator=generator, device=device, dtype=pyramid[0].dtype))
+                drawn_times.append(draw_times(batch, span, generator=generator, device=device, dtype=pyramid[0].dtype,
+                                              **self._time_law()))
                 drawn_noise.append(torch.randn((batch, side * side, c.token_dim), generator=generator, device=device))
             flow_times = drawn_times if flow_times is None else flow_times
             flow_noise = drawn_noise if flow_noise is None else flow_noise
@@ -257,10 +293,14 @@ class FlowAR(ScaleWiseModel):
         return self._weighted(losses)
 
     def _weighted(self, losses: list[torch.Tensor]) -> FlowAROutput:
-        """The released weighting: each scale's loss times its share of the last scale's tokens."""
-        total = self.config.scales[-1] ** 2
+        """The scales' losses added up by ``scale_weights``: by default the released weighting, each scale's loss
+        times its share of the last scale's tokens."""
         losses = torch.stack(losses)
-        weights = torch.tensor([s * s / total for s in self.config.scales], device=losses.device, dtype=losses.dtype)
+        if self.config.scale_weights == "equal":
+            weights = torch.ones_like(losses)
+        else:
+            total = self.config.scales[-1] ** 2
+            weights = torch.tensor([s * s / total for s in self.config.scales], device=losses.device, dtype=losses.dtype)
         return FlowAROutput(loss=(losses * weights).sum(), loss_per_scale=losses.detach())
 
     # ------------------------------------------------------------------ sampling

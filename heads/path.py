@@ -87,12 +87,34 @@ def segment_loss(net: VelocityNet, x_start: torch.Tensor, x_end: torch.Tensor, c
     return err.mean(dim=tuple(range(1, x_start.ndim)))
 
 
+# How training draws the head's time on a span: "uniform" (the released loss's), or "logit-normal", SD3's
+# t = sigmoid(m + s n) with n ~ N(0, 1), which puts more of the training at the middle times, where the
+# velocity is hardest to predict, and less at the ends (m > 0 shifts it toward noise, m < 0 toward data).
+TIME_DISTRIBUTIONS = ("uniform", "logit-normal")
+
+
+def check_time_distribution(distribution: str, logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+    if distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(f"time_distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}")
+    if not logit_std > 0:
+        raise ValueError(f"time_logit_std must be > 0, got {logit_std}")
+    if distribution == "uniform" and (logit_mean, logit_std) != (0.0, 1.0):
+        raise ValueError("time_logit_mean / time_logit_std only apply to time_distribution='logit-normal'; "
+                         f"got {logit_mean} / {logit_std} with 'uniform'")
+
+
 def draw_times(batch: int, span=FULL_SPAN, *, generator: Optional[torch.Generator] = None, device=None,
-               dtype=torch.float32) -> torch.Tensor:
-    """One training time per sample, uniform on the span: e + (s - e) u with u ~ U(0, 1) (for the full span, u
-    itself: the released loss's draw)."""
+               dtype=torch.float32, distribution: str = "uniform", logit_mean: float = 0.0,
+               logit_std: float = 1.0) -> torch.Tensor:
+    """One training time per sample on the span: e + (s - e) u, with u ~ U(0, 1) (for the full span, u itself:
+    the released loss's draw) or, for ``distribution="logit-normal"``, u = sigmoid(logit_mean + logit_std n)."""
+    check_time_distribution(distribution, logit_mean, logit_std)
     s, e = span
-    return e + (s - e) * torch.rand(batch, generator=generator, device=device).to(dtype)
+    if distribution == "uniform":
+        u = torch.rand(batch, generator=generator, device=device)
+    else:
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=device))
+    return e + (s - e) * u.to(dtype)
 
 
 def flow_matching_loss(

@@ -66,6 +66,9 @@ DEMO_VAR = {"num_classes": 10, "sampling": {"guidance_scale": 6.0}}
 DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage",
                    "stage_times": [list(span) for span in stages_from_ends([0.6, 0.4, 0.25])],
                    "sampling": {**DEMO_FLOWAR["sampling"], "steps": [8, 6, 5, 4], "schedule": "uniform"}}
+# Equal compute: the VAE and the VQ tokenizer train for the same steps, as many as the tokenizer needs to use
+# over half of its codebook at every scale.
+AUTOENCODER_STEPS = 600
 MODELS = {"flowar": DEMO_FLOWAR, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the
 # linear guidance ramp, at the guidance scale that gave the lowest Frechet distance of 500 samples in the
@@ -78,36 +81,54 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for every output")
     p.add_argument("--model", default="flowar", choices=tuple(MODELS))
     p.add_argument("--vae-steps", type=int, default=None,
-                   help="VAE (FlowAR, default 300) or tokenizer (VAR, default 600) training steps")
+                   help=f"VAE (FlowAR) or tokenizer (VAR) training steps (default {AUTOENCODER_STEPS} for both)")
     p.add_argument("--steps", type=int, default=400, help="FlowAR / VAR training steps")
     p.add_argument("--per-class", type=int, default=100, help="samples per digit for the score (0: no score)")
     p.add_argument("--seed", type=int, default=0, help="seeds the autoencoder's and the model's training and the samples")
     p.add_argument("--fid", action="store_true", help="also the FID of the scored samples against the training digits")
+    p.add_argument("--autoencoder", default=None,
+                   help="a VAE (FlowAR) or tokenizer (VAR) folder trained before, e.g. OUT/vae of another run, "
+                        "used instead of training one (step 1): for ablations that change only the generator")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training-config override as train.train takes it, e.g. model.head_batch_mul=4 or "
+                        "lr=1e-3 (repeatable; applied after the demo's own settings)")
     args = p.parse_args(argv)
     if args.fid and not args.per_class:
         p.error("--fid needs samples to score: --per-class must be >= 1")
+    if args.autoencoder is not None and args.vae_steps is not None:
+        p.error("--vae-steps trains an autoencoder and --autoencoder reuses one: give one of them")
+    for override in args.overrides:
+        if "=" not in override:
+            p.error(f"--set takes KEY=VALUE, got {override!r}")
     out = Path(args.out)
     start = time.perf_counter()
     var = args.model == "var"
     results = {"model": args.model, "seed": args.seed, "steps": args.steps, "cpu": platform.processor() or "cpu",
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
-    if var:
-        steps = args.vae_steps or 600  # what every scale needs to use over half of the codebook
+    steps = args.vae_steps or AUTOENCODER_STEPS
+    encoder_dir = Path(args.autoencoder) if args.autoencoder else out / ("tokenizer" if var else "vae")
+    if args.autoencoder:
+        print(f"[1/5] reusing the {'tokenizer' if var else 'VAE'} in {encoder_dir}")
+        result = json.loads((encoder_dir / "demo_autoencoder.json").read_text()) \
+            if (encoder_dir / "demo_autoencoder.json").exists() else {"psnr": float("nan"), "steps": None}
+        steps = result.get("steps")
+    elif var:
         print(f"[1/5] training the MNIST multi-scale VQ tokenizer ({steps} steps)")
-        encoder_dir = out / "tokenizer"
         result = train_tokenizer(encoder_dir, steps=steps, seed=args.seed)
         usage = " ".join(f"{s}x{s}:{u:.0%}" for s, u in zip(result["scales"], result["usage"]))
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
-        encoder = load_tokenizer(str(encoder_dir))
-        results["codebook_use"] = list(result["usage"])
     else:
-        steps = args.vae_steps or 300
         print(f"[1/5] training the MNIST VAE ({steps} steps)")
-        encoder_dir = out / "vae"
         result = train_vae(encoder_dir, steps=steps, seed=args.seed)
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
-        encoder = load_any_vae(str(encoder_dir))
+    if not args.autoencoder:  # what a later --autoencoder run reports about it
+        summary = {"steps": steps, "psnr": float(result["psnr"]), "seed": args.seed,
+                   **({"usage": list(result["usage"])} if var else {})}
+        atomic_write(encoder_dir / "demo_autoencoder.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+    encoder = load_tokenizer(str(encoder_dir)) if var else load_any_vae(str(encoder_dir))
+    if var and "usage" in result:
+        results["codebook_use"] = list(result["usage"])
     results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
 
     print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
@@ -124,8 +145,9 @@ def main(argv=None) -> int:
         f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
         "global_batch=64", f"total_steps={args.steps}", "warmup_steps=40", "lr=2e-3", "min_lr=1e-4", "ema=0.995",
         "checkpoint_every=100", f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
-        *(f"model.{k}={json.dumps(v)}" for k, v in model.items()),
+        *(f"model.{k}={json.dumps(v)}" for k, v in model.items()), *args.overrides,
     ])
+    results["overrides"] = list(args.overrides)
     run_dir = train(cfg)
 
     print("[4/5] exporting the EMA weights and sampling a 10x10 grid")
