@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -32,6 +31,7 @@ from train.data import MNISTDataset
 
 from . import metrics
 from .inception import FeatureNetwork, as_uint8_nchw, load_feature_network
+from .machine import cpu_flags, cpu_name
 from .reference import ImageSet, default_cache_dir, image_set_features, load_cached_features, store_cached_features
 
 TIMED_IMAGES = 1000
@@ -46,15 +46,6 @@ def mnist_digits(image_size: int = 32) -> np.ndarray:
     return digits
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def in_memory_set(name: str, images: np.ndarray) -> ImageSet:
@@ -117,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "network": net.identity,
         "device": str(net.device),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_before_timing": load_before,

@@ -18,6 +18,10 @@ transformer trained with the same steps, batch and learning-rate schedule.
 flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
 only its stage of time and fewer head steps are run at the late scales.
 
+For ablations of the generator: ``--autoencoder DIR`` reuses the VAE (or tokenizer) folder of an earlier run
+instead of training one, and ``--set KEY=VALUE`` (repeatable) overrides the training config, e.g.
+``--set model.head_batch_mul=4``; the overrides are recorded in results.json.
+
 Everything a run measures is also written to ``OUT/results.json`` (``eval.demo_table`` puts seeds and models
 side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
 the FID of the scored samples against the 4,500 training digits (the Inception network on a 2-core CPU:
@@ -28,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from eval.machine import describe_cpu
 from eval.quality import DigitScorer, sample_digits
 from flowar import load_pipeline
 from flowar.outputs import image_grid
@@ -97,14 +100,15 @@ def main(argv=None) -> int:
         p.error("--fid needs samples to score: --per-class must be >= 1")
     if args.autoencoder is not None and args.vae_steps is not None:
         p.error("--vae-steps trains an autoencoder and --autoencoder reuses one: give one of them")
+    if args.autoencoder is not None and not (Path(args.autoencoder) / "config.json").is_file():
+        p.error(f"--autoencoder {args.autoencoder}: not a VAE or tokenizer folder (no config.json there)")
     for override in args.overrides:
         if "=" not in override:
             p.error(f"--set takes KEY=VALUE, got {override!r}")
     out = Path(args.out)
     start = time.perf_counter()
     var = args.model == "var"
-    results = {"model": args.model, "seed": args.seed, "steps": args.steps, "cpu": platform.processor() or "cpu",
-               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = {"model": args.model, "seed": args.seed, "steps": args.steps, **describe_cpu()}
 
     steps = args.vae_steps or AUTOENCODER_STEPS
     encoder_dir = Path(args.autoencoder) if args.autoencoder else out / ("tokenizer" if var else "vae")

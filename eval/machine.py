@@ -1,0 +1,43 @@
+"""What a measurement ran on, in the words a reader needs to compare it: the CPU's name and the matrix flags
+that decide its speed (float results and timings change with them and with the thread count)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+# The flags that change matmul speed the most on x86 (AMX bf16 gave one machine ~7x the fp32 matmul rate).
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Which of MATMUL_FLAGS the CPU has (empty where /proc/cpuinfo cannot be read)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in MATMUL_FLAGS if flag in present]
+    return []
+
+
+def describe_cpu() -> dict:
+    """The machine fields of a results file: CPU name, matmul flags, cores and torch threads."""
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.readlines()
+    except OSError:
+        return []

@@ -1,0 +1,24 @@
+"""train.demo's arguments: combinations it refuses before any training starts, with the flag named."""
+
+import pytest
+
+from train import demo
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--autoencoder", "runs/demo/vae", "--vae-steps", "10"], "--vae-steps trains an autoencoder and --autoencoder reuses one"),
+    (["--set", "lr"], "--set takes KEY=VALUE, got 'lr'"),
+    (["--fid", "--per-class", "0"], "--fid needs samples to score"),
+])
+def test_bad_combinations_exit_with_the_flag_named(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_missing_autoencoder_folder_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "out"), "--autoencoder", str(tmp_path / "nowhere")])
+    assert "--autoencoder" in capsys.readouterr().err
