@@ -7,13 +7,15 @@ import pytest
 from eval.demo_table import format_table, main, read_runs
 
 
-def write_run(folder, model, seed, consistency, fid=None):
+def write_run(folder, model, seed, consistency, fid=None, overrides=None):
     folder.mkdir(parents=True)
     run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
            "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
            "frechet_distance": 90.0 + seed, "minutes": 5.0, "cores": 2, "torch_threads": 2, "torch": "x"}
     if fid is not None:
         run["fid"] = fid
+    if overrides is not None:
+        run["overrides"] = overrides
     (folder / "results.json").write_text(json.dumps(run))
     return folder
 
@@ -28,6 +30,15 @@ def test_seeds_of_a_model_become_one_row_with_mean_and_sd(tmp_path):
     # mean 96.0, sample sd of (95, 97) = 1.414; worst digit 85 and 87; FID 82 +- 2.83
     assert "| 0, 1 |" in flowar and "96.0 ± 1.4" in flowar and "86.0 ± 1.4" in flowar and "82.0 ± 2.8" in flowar
     assert "| 90.0 |" in var and var.rstrip(" |").endswith("5.0") and "| - |" in var  # one seed; no FID
+
+
+def test_runs_with_other_overrides_are_other_rows(tmp_path):
+    base = [write_run(tmp_path / f"base{s}", "flowar", s, 0.95, overrides=[]) for s in (0, 1)]
+    lever = [write_run(tmp_path / f"lever{s}", "flowar", s, 0.97, overrides=["model.scale_weights=equal"]) for s in (0, 1)]
+    old = write_run(tmp_path / "old", "flowar", 2, 0.96)  # written before results.json recorded overrides
+    groups = read_runs([*base, *lever, old])
+    assert list(groups) == ["flowar", "flowar model.scale_weights=equal"]
+    assert [r["seed"] for r in groups["flowar"]] == [0, 1, 2] and len(groups["flowar model.scale_weights=equal"]) == 2
 
 
 def test_a_folder_without_results_is_named(tmp_path, capsys):
