@@ -2,10 +2,13 @@
 
     python -m eval.sweep runs/demo/flowar-release --out runs/sweep --digits \\
         --solvers euler,midpoint,rk4,dopri5 --steps 2,4,8 --guidance-scale 3 --num-samples 1000
+    python -m eval.sweep runs/demo/flowar-release --out runs/anneal --digits --solvers euler \\
+        --steps 10,10/8/6/4,10/6/4/2                    # per-scale step counts: fewer at the late scales
 
 Every configuration samples the same labels (cycling over the classes) from the same seed, so rows differ
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
-its ``--tolerances`` take the place of ``--steps``), the wall time per image of sampling and decoding, and
+its ``--tolerances`` take the place of ``--steps``; an entry a/b/c/d of ``--steps`` is one count per scale,
+coarse to fine, as ``FlowARSampling.steps`` takes them), the wall time per image of sampling and decoding, and
 FID against ``--reference`` (an image folder, an images npz or a mu/sigma npz; default with ``--digits``:
 the bundled training digits). ``--digits`` also scores samples with the MNIST digit classifier
 (``eval.quality``): class-consistency and the Frechet distance in its feature space.
@@ -50,14 +53,18 @@ class SweepPoint:
 
     solver: str
     schedule: str  # the step schedule of heads.solvers (fixed-step solvers)
-    steps: int  # 0 for adaptive solvers
+    steps: int | tuple[int, ...]  # one count for every scale, or one per scale; 0 for adaptive solvers
     tolerance: float  # atol = rtol for adaptive solvers; 0 otherwise
     guidance_scale: float  # 1 = unguided
     guidance: tuple[float, float]
 
     def key(self) -> tuple:
-        return (self.solver, self.schedule, str(self.steps), f"{self.tolerance:g}", f"{self.guidance_scale:g}", f"{self.guidance[0]:g}",
+        return (self.solver, self.schedule, self.steps_label(), f"{self.tolerance:g}", f"{self.guidance_scale:g}", f"{self.guidance[0]:g}",
                 f"{self.guidance[1]:g}")
+
+    def steps_label(self) -> str:
+        """The steps as the CSV and ``--steps`` write them: "8", or "8/6/5/4" per scale."""
+        return "/".join(map(str, self.steps)) if isinstance(self.steps, tuple) else str(self.steps)
 
     def series(self) -> str:
         """The plot/TensorBoard line this point belongs to (everything but steps and tolerance)."""
@@ -68,14 +75,15 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
     for solver in solvers:
         if solver not in SOLVERS:
             raise ValueError(f"solvers must be among {list(SOLVERS)}, got {solver!r}")
-    if not steps or any(s < 1 for s in steps):
-        raise ValueError(f"steps must be integers >= 1, got {steps}")
+    counts = [c for s in steps for c in (s if isinstance(s, tuple) else (s,))]
+    if not steps or not counts or any(c < 1 for c in counts):
+        raise ValueError(f"steps must be integers >= 1 (or per-scale lists of them), got {steps}")
     if not tolerances or any(not t > 0 for t in tolerances):
         raise ValueError(f"tolerances must be > 0, got {tolerances}")
     # The combinations are checked where every sampler checks them (e.g. the flowar grid needs 2 steps),
     # before anything is sampled.
     for solver in solvers:
-        for n in ([None] if solver in ADAPTIVE else steps):
+        for n in ([None] if solver in ADAPTIVE else counts):
             for tol in (tolerances if solver in ADAPTIVE else [1.0]):
                 check_solver_options(solver=solver, steps=n, schedule=schedule, atol=tol, rtol=tol)
     for low, high in intervals:
@@ -159,6 +167,11 @@ def run_sweep(pipeline_dir, out, points: list[SweepPoint], *, num_samples: int, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = FlowARPipeline.from_pretrained(pipeline_dir).to(device)
+    scales = pipe.model.config.scales
+    for point in points:  # before anything is sampled: a per-scale list must fit the model
+        if isinstance(point.steps, tuple) and len(point.steps) != len(scales):
+            raise ValueError(f"steps {point.steps_label()} gives {len(point.steps)} counts; the model has "
+                             f"{len(scales)} scales {tuple(scales)}")
     network = load_feature_network(network, device=device) if not isinstance(network, FeatureNetwork) else network
     scorer = DigitScorer.load_or_train(out / "digit-classifier") if digits else None
     if reference is None:
@@ -195,13 +208,21 @@ def run_sweep(pipeline_dir, out, points: list[SweepPoint], *, num_samples: int, 
         rows.append(row)
         writer.add_scalar(f"fid/{point.series()}", fid, int(round(nfe)))
         writer.add_scalar(f"seconds_per_image/{point.series()}", seconds, int(round(nfe)))
-        print(f"{point.series():40s} steps {point.steps:3d} tol {point.tolerance:g}: NFE {nfe:6.1f}, "
+        print(f"{point.series():40s} steps {point.steps_label():>3s} tol {point.tolerance:g}: NFE {nfe:6.1f}, "
               f"{seconds * 1000:7.1f} ms/img, FID {fid:7.2f}"
               + (f", class-consistency {float(row['class_consistency']):.1%}" if scorer is not None else ""))
     writer.close()
     if rows:
         plot(rows, out / "sweep.png")
     return rows
+
+
+def parse_steps(text: str) -> list[int | tuple[int, ...]]:
+    """``--steps``: "2,4,8" -> [2, 4, 8]; "10,8/6/5/4" -> [10, (8, 6, 5, 4)]."""
+    try:
+        return [tuple(int(c) for c in v.split("/")) if "/" in v else int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"--steps takes integers and per-scale lists such as 8/6/5/4, comma-separated; got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
@@ -213,7 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("pipeline", help="a FlowAR release folder (model + vae/)")
     p.add_argument("--out", required=True)
     p.add_argument("--solvers", default="euler,midpoint,rk4,dopri5")
-    p.add_argument("--steps", default="2,4,8", help="comma list, fixed-step solvers")
+    p.add_argument("--steps", default="2,4,8",
+                   help="comma list, fixed-step solvers; an entry a/b/c/d is one count per scale, coarse to fine")
     p.add_argument("--schedule", default="flowar", choices=SCHEDULES, help="step schedule of fixed-step solvers")
     p.add_argument("--tolerances", default="1e-2,1e-3", help="comma list of atol=rtol, adaptive solvers")
     p.add_argument("--guidance-scale", default="3", help="comma list (1 = unguided)")
@@ -230,7 +252,7 @@ def main(argv=None) -> int:
         intervals = [tuple(_floats(v)) for v in (args.guidance_interval or ["0,1"])]
         if any(len(i) != 2 for i in intervals):
             raise ValueError(f"--guidance-interval takes LOW,HIGH, got {args.guidance_interval}")
-        points = sweep_points(args.solvers.split(","), [int(v) for v in args.steps.split(",") if v],
+        points = sweep_points(args.solvers.split(","), parse_steps(args.steps),
                               _floats(args.tolerances), _floats(args.guidance_scale), intervals, schedule=args.schedule)
         run_sweep(args.pipeline, args.out, points, num_samples=args.num_samples, reference=args.reference,
                   digits=args.digits, batch_size=args.batch_size, seed=args.seed, device=args.device)

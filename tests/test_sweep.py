@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from eval.inception import FeatureNetwork
 from eval.reference import write_images_npz
-from eval.sweep import SweepPoint, main, sweep_points
+from eval.sweep import SweepPoint, main, parse_steps, sweep_points
 from conftest import tiny_flowar_pipeline
 from tests.test_metrics import CountingNet
 
@@ -79,6 +79,27 @@ def test_sweep_writes_csv_tensorboard_and_plot_and_resumes(tmp_path, capsys, sma
     assert printed.count("steps   6") == 2 and "steps   2" not in printed
     with (tmp_path / "sweep" / "sweep.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
+
+
+def test_per_scale_step_lists_parse_validate_and_count_their_evaluations(tmp_path, small_network):
+    assert parse_steps("10,8/6/5/4") == [10, (8, 6, 5, 4)]
+    with pytest.raises(ValueError, match="--steps takes integers"):
+        parse_steps("8/x")
+    with pytest.raises(ValueError, match="steps"):
+        sweep_points(["euler"], [(4, 0, 2, 2)], [1e-3], [1.0], [(0.0, 1.0)])
+    tiny_flowar_pipeline().save_pretrained(tmp_path / "pipe")
+    reference = tmp_path / "reference.npz"
+    write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    argv = [str(tmp_path / "pipe"), "--out", str(tmp_path / "sweep"), "--solvers", "euler", "--num-samples", "4",
+            "--reference", str(reference), "--guidance-scale", "1"]
+    assert main([*argv, "--steps", "4,6/4/2/2"]) == 0
+    with (tmp_path / "sweep" / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # Euler: one evaluation per step, summed over flowar-tiny's 4 scales: 4 x 4 = 16 and 6 + 4 + 2 + 2 = 14.
+    assert [(r["steps"], float(r["nfe_per_image"])) for r in rows] == [("4", 16.0), ("6/4/2/2", 14.0)]
+    # A list that does not fit the model's 4 scales is refused before anything is sampled.
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--steps", "4/4/4"]) == 2
+    assert not (tmp_path / "bad" / "sweep.csv").exists()
 
 
 def test_a_reference_is_required_without_digits(tmp_path, capsys):
