@@ -30,10 +30,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from eval.machine import cpu_flags, cpu_name
 from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
 from heads.solvers import SCHEDULES, SOLVERS
-
-from .machine import cpu_flags, cpu_name
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
