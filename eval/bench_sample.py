@@ -30,7 +30,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.machine import cpu_flags, cpu_name
+from eval.machine import device_label
 from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
 from heads.solvers import SCHEDULES, SOLVERS
 
@@ -229,8 +229,7 @@ def main(argv=None) -> int:
     options = {"guidance_scale": args.guidance_scale, "steps": args.steps, "solver": args.solver, "schedule": args.schedule,
                "guidance_interval": args.guidance_interval, "var_cfg": args.var_cfg, "top_k": args.top_k,
                "top_p": args.top_p}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{cpu_name()}; {' '.join(cpu_flags()) or 'no AVX/AMX flags read'}"
+    where = device_label(device)
     print(f"sampling batch {args.batch}{' to pixels' if args.decode else ''}, device {device} [{where}], "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {warmup} warm-up + {args.repeats} timed")
     rows = [run_isolated(measure, preset, args.batch, precision, str(device), options, args.decode, warmup,

@@ -46,8 +46,6 @@ def mnist_digits(image_size: int = 32) -> np.ndarray:
     return digits
 
 
-
-
 def in_memory_set(name: str, images: np.ndarray) -> ImageSet:
     """An in-memory set the feature cache can key: its fingerprint is a hash of the pixels."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()

@@ -29,6 +29,13 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def device_label(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's with its matmul flags: what a benchmark's header names."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}; {' '.join(cpu_flags()) or 'no AVX/AMX flags read'}"
+
+
 def describe_cpu() -> dict:
     """The machine fields of a results file: CPU name, matmul flags, cores and torch threads."""
     return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),

@@ -66,6 +66,14 @@ class SweepPoint:
         """The steps as the CSV and ``--steps`` write them: "8", or "8/6/5/4" per scale."""
         return "/".join(map(str, self.steps)) if isinstance(self.steps, tuple) else str(self.steps)
 
+    def sampling_options(self) -> dict:
+        """This point as ``FlowARSampling`` fields."""
+        options = dict(guidance_scale=self.guidance_scale, guidance_interval=self.guidance, solver=self.solver,
+                       schedule=self.schedule, steps=None if self.tolerance else self.steps)
+        if self.tolerance:
+            options.update(atol=self.tolerance, rtol=self.tolerance)
+        return options
+
     def series(self) -> str:
         """The plot/TensorBoard line this point belongs to (everything but steps and tolerance)."""
         return f"{self.solver} w={self.guidance_scale:g} gi={self.guidance[0]:g}-{self.guidance[1]:g}"
@@ -101,11 +109,7 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
 @torch.no_grad()
 def sample_point(pipe: FlowARPipeline, point: SweepPoint, labels, *, batch_size: int, seed: int):
     """uint8 images, NFE per image, seconds per image (sampling and decoding) for one configuration."""
-    generator = torch.Generator(pipe.device).manual_seed(seed)
-    options = dict(guidance_scale=point.guidance_scale, guidance_interval=point.guidance, solver=point.solver,
-                   schedule=point.schedule, steps=None if point.tolerance else point.steps, generator=generator)
-    if point.tolerance:
-        options.update(atol=point.tolerance, rtol=point.tolerance)
+    options = dict(point.sampling_options(), generator=torch.Generator(pipe.device).manual_seed(seed))
     images, nfe = [], []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
@@ -167,11 +171,8 @@ def run_sweep(pipeline_dir, out, points: list[SweepPoint], *, num_samples: int, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = FlowARPipeline.from_pretrained(pipeline_dir).to(device)
-    scales = pipe.model.config.scales
-    for point in points:  # before anything is sampled: a per-scale list must fit the model
-        if isinstance(point.steps, tuple) and len(point.steps) != len(scales):
-            raise ValueError(f"steps {point.steps_label()} gives {len(point.steps)} counts; the model has "
-                             f"{len(scales)} scales {tuple(scales)}")
+    for point in points:  # the model's own checks, before anything is sampled (e.g. one count per scale)
+        pipe.model.sampling_options(**point.sampling_options())
     network = load_feature_network(network, device=device) if not isinstance(network, FeatureNetwork) else network
     scorer = DigitScorer.load_or_train(out / "digit-classifier") if digits else None
     if reference is None:
