@@ -136,7 +136,7 @@ def check_same_decoder(a, b, *, name: str = "vae") -> None:
     problems = []
     if type(a) is not type(b):
         problems.append(f"types {type(a).__name__} vs {type(b).__name__}")
-    for attr in ("scaling_factor", "shift_factor", "config"):
+    for attr in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "config"):
         if getattr(a, attr, None) != getattr(b, attr, None):
             problems.append(f"{attr} differs")
     if not problems:

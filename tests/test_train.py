@@ -70,6 +70,40 @@ def test_two_gloo_processes_match_one_process_at_double_batch(tmp_path):
     assert start["optimizer"]["state"], "the optimizer really stepped"
 
 
+def test_ema_bias_correction_averages_only_trained_weights():
+    """n updates give sum_i (1 - d) d**(n - i) theta_i / (1 - d**n) with the correction, and keep d**n of the
+    initial weights without it; the weights' sequence here is arbitrary."""
+    from train.train import ema_decay, update_ema
+
+    decay, thetas = 0.9, [torch.tensor([3.0]), torch.tensor([-1.0]), torch.tensor([5.0]), torch.tensor([2.0])]
+    init = torch.tensor([100.0])
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(init.clone())
+    corrected, plain = {"w": init.clone()}, {"w": init.clone()}
+    for n, theta in enumerate(thetas, start=1):
+        module.w.data.copy_(theta)
+        update_ema(corrected, module, ema_decay(decay, n, bias_correction=True))
+        update_ema(plain, module, ema_decay(decay, n, bias_correction=False))
+        weights = [(1 - decay) * decay ** (n - i) for i in range(1, n + 1)]
+        average = sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
+        torch.testing.assert_close(corrected["w"], average)
+        torch.testing.assert_close(plain["w"], decay ** n * init + sum(w * t for w, t in zip(weights, thetas)))
+    assert ema_decay(decay, 1, bias_correction=True) == 0.0  # the first update copies the weights
+    assert ema_decay(0.9999, 10**6, bias_correction=True) == pytest.approx(0.9999, abs=1e-12)
+
+
+def test_ema_after_one_step_is_the_trained_weights_unless_uncorrected(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    common = [f"latent_cache={cache}", *COMMON, "total_steps=1", "checkpoint_every=1", "ema=0.9"]
+    run_train([*common, f"out_dir={tmp_path / 'corrected'}"])
+    run_train([*common, f"out_dir={tmp_path / 'plain'}", "ema_bias_correction=false"])
+    corrected, plain = final_state(tmp_path / "corrected"), final_state(tmp_path / "plain")
+    for key, value in corrected["ema"].items():
+        assert torch.equal(value, corrected["model"][key].float()), key
+        assert torch.equal(plain["model"][key], corrected["model"][key])  # the EMA does not touch training
+    assert any(not torch.allclose(plain["ema"][k], plain["model"][k].float()) for k in plain["ema"])
+
+
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     cache = make_cache(tmp_path / "cache")
     common = [f"latent_cache={cache}", *COMMON, "total_steps=12", "checkpoint_every=3"]

@@ -126,6 +126,70 @@ def test_save_and_load_round_trip(tmp_path):
     assert again.dtype == torch.float64 and again.scaling_factor == 3.0 and again.shift_factor == -0.2
 
 
+@torch.no_grad()
+def test_channel_stats_applied_both_ways():
+    """diffusers' latents_mean / latents_std (SDXL convention): each channel shifted and divided before the
+    global factor, and undone exactly before decoding."""
+    autoencoder = tiny_autoencoder_kl()
+    mean_c, std_c = (0.5, -1.0, 0.0, 2.0), (1.0, 0.5, 4.0, 2.0)
+    vae = DiffusersVAE(autoencoder, scaling_factor=0.4, shift_factor=0.1, sample_posterior=False)
+    vae.set_scaling(0.4, 0.1, latents_mean=mean_c, latents_std=std_c)
+    x = images()
+    raw = posterior(autoencoder, x).mean
+    z = vae.encode(x)
+    for c in range(4):
+        torch.testing.assert_close(z[:, c], (raw[:, c] - 0.1 - mean_c[c]) * 0.4 / std_c[c])
+    torch.testing.assert_close(vae.decode(z), autoencoder.decode(raw).sample, rtol=1e-5, atol=1e-5)
+    # The cached (mean, std) still give exactly the posterior samples encode draws.
+    vae.sample_posterior = True
+    mean, std = vae.encode_distribution(x)
+    eps = torch.randn(raw.shape, generator=torch.Generator().manual_seed(5))
+    sample = posterior(autoencoder, x).mean + posterior(autoencoder, x).std * eps
+    torch.testing.assert_close(mean + std * eps, vae._to_scaled(sample), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_estimate_channel_stats_gives_unit_channels():
+    vae = DiffusersVAE(tiny_autoencoder_kl(), sample_posterior=False)
+    x = images(4)
+    mean_c, std_c = vae.estimate_channel_stats(x)
+    assert vae.latents_mean is None and vae.latents_std is None  # estimating changes nothing
+    before = vae.encode(x).double()
+    assert before.mean(dim=(0, 2, 3)).abs().max() > 1e-2  # this random model's channels are not centred
+    vae.set_scaling(1.0, latents_mean=mean_c, latents_std=std_c)
+    z = vae.encode(x).double()
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3)), torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_channel_stats_round_trip(tmp_path):
+    vae = DiffusersVAE(tiny_autoencoder_kl(), sample_posterior=False)
+    vae.set_scaling(1.0, latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
+    vae.save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["latents_mean"] == [0.1, 0.2, 0.3, 0.4] and config["latents_std"] == [1.0, 2.0, 3.0, 4.0]
+    loaded = DiffusersVAE.from_pretrained(tmp_path / "vae", sample_posterior=False)
+    assert loaded.latents_mean == (0.1, 0.2, 0.3, 0.4) and loaded.latents_std == (1.0, 2.0, 3.0, 4.0)
+    torch.testing.assert_close(loaded.encode(images()), vae.encode(images()))
+    # Without them a folder saves None, as diffusers' own configs do.
+    DiffusersVAE(tiny_autoencoder_kl()).save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["latents_mean"] is None and config["latents_std"] is None
+
+
+def test_channel_stats_reject_bad_values():
+    vae = DiffusersVAE(tiny_autoencoder_kl())
+    with pytest.raises(ValueError, match="latents_mean must be 4"):
+        vae.set_scaling(1.0, latents_mean=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="latents_mean"):
+        vae.set_scaling(1.0, latents_mean=[0.0, float("nan"), 0.0, 0.0])
+    for bad in ([1.0, 1.0, 0.0, 1.0], [1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, float("inf")]):
+        with pytest.raises(ValueError, match="latents_std must be 4 positive"):
+            vae.set_scaling(1.0, latents_std=bad)
+    assert vae.latents_std is None  # a refused call changes nothing
+
+
 def test_zero_shift_saved_as_none(tmp_path):
     DiffusersVAE(tiny_autoencoder_kl(), scaling_factor=1.5).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

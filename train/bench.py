@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eval.bench_sample import PRECISIONS, format_table, peak_memory_mib, run_isolated
-from eval.machine import cpu_flags, cpu_name
+from eval.machine import device_label
 from flowar import PRESETS, FlowAR, get_preset
 
 from .train import param_groups, update_ema
@@ -97,8 +97,7 @@ def main(argv=None) -> int:
     if warmup < 0 or steps < 1:
         p.error(f"--warmup must be >= 0 and --steps >= 1, got {warmup} and {steps}")
     params = sum(p.numel() for p in FlowAR(get_preset(args.preset)).parameters()) / 1e6
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{cpu_name()}; {' '.join(cpu_flags()) or 'no AVX/AMX flags read'}"
+    where = device_label(device)
     print(f"training {args.preset} ({params:.1f}M params), batch {args.batch}, device {device} [{where}], "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {warmup} warm-up + {steps} timed steps")
     rows = [run_isolated(measure, args.preset, args.batch, precision, str(device), warmup, steps)

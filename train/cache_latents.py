@@ -90,7 +90,8 @@ def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", data_source: str
     if tokens:
         extra.update(kind="tokens", scales=list(vae.scales), tokenizer=vae_path)
         return write_cache(out_dir, shards, classes=classes, extra=extra)
-    extra.update(kind="latents", scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor)
+    extra.update(kind="latents", scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor,
+                 latents_mean=getattr(vae, "latents_mean", None), latents_std=getattr(vae, "latents_std", None))
     return write_cache(out_dir, shards, classes=classes, vae=vae_path, extra=extra)
 
 

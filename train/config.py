@@ -37,6 +37,9 @@ class TrainConfig:
     total_steps: int = 1000
     grad_clip: float = 3.0
     ema: float = 0.9999
+    # True: the EMA averages only trained weights (train.train.ema_decay); False: it starts at the random init,
+    # as in the authors' code, which for runs shorter than a few 1 / (1 - ema) steps keeps part of that init.
+    ema_bias_correction: bool = True
     bf16: bool = False
     seed: int = 0
     # output and monitoring

@@ -55,9 +55,21 @@ def evaluate_psnr(vae: DiffusersVAE, images: torch.Tensor, batch: int = 128) -> 
     return psnr(torch.cat(out), images)
 
 
+# How the latents are scaled for the generator: "global", LDM's one factor for unit std over all elements, or
+# "per-channel", each channel centred and given unit std (diffusers' latents_mean / latents_std).
+LATENT_NORMS = ("global", "per-channel")
+
+
 def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
-              image_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
-    """Train, estimate the scaling factor, save; returns {"psnr": held-out dB, "scaling_factor": ...}."""
+              latent_norm: str = "global", image_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """Train, estimate the latent scaling, save; returns {"psnr": held-out dB, "scaling_factor": ...}.
+
+    kl_weight: the KL term's weight against the per-pixel reconstruction loss (LDM's ratio at 1e-6); a larger
+    one gives wider posteriors, which the decoder learns to decode. latent_norm: one of LATENT_NORMS."""
+    if latent_norm not in LATENT_NORMS:
+        raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {latent_norm!r}")
+    if not kl_weight >= 0 or kl_weight == float("inf"):
+        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight}")
     torch.manual_seed(seed)
     train_set = build_dataset("mnist", image_size=image_size, split="train")
     held_out = build_dataset("mnist", image_size=image_size, split="heldout")
@@ -86,7 +98,12 @@ def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2
     autoencoder.eval()
     vae = DiffusersVAE(autoencoder)
     with torch.no_grad():
-        vae.set_scaling(*vae.estimate_scaling(train_images[:1000], generator=torch.Generator().manual_seed(seed)))
+        stats_generator = torch.Generator().manual_seed(seed)
+        if latent_norm == "per-channel":
+            mean, std = vae.estimate_channel_stats(train_images[:1000], generator=stats_generator)
+            vae.set_scaling(1.0, latents_mean=mean, latents_std=std)
+        else:
+            vae.set_scaling(*vae.estimate_scaling(train_images[:1000], generator=stats_generator))
     held_out_psnr = evaluate_psnr(vae, stack(held_out, range(len(held_out))))
     vae.save_pretrained(out_dir)
     return {"psnr": held_out_psnr, "scaling_factor": vae.scaling_factor, "seconds": time.perf_counter() - start}
@@ -98,12 +115,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight against the per-pixel reconstruction loss")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default="global",
+                   help="one scaling factor for all latents, or a mean and std per channel")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
     try:
-        result = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        result = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           kl_weight=args.kl_weight, latent_norm=args.latent_norm)
     except (ValueError, RuntimeError) as err:
         print(f"train_vae: {err}", file=sys.stderr)
         return 2

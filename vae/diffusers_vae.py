@@ -1,4 +1,10 @@
-"""Any diffusers ``AutoencoderKL`` behind the ``LatentAutoencoder`` protocol, with its latent scaling."""
+"""Any diffusers ``AutoencoderKL`` behind the ``LatentAutoencoder`` protocol, with its latent scaling.
+
+The map from the autoencoder's raw latents to the generator's follows diffusers' config fields:
+``scaled = (raw - shift_factor - latents_mean) * scaling_factor / latents_std``, where ``latents_mean`` and
+``latents_std`` are per-channel (SDXL-style VAEs such as Playground v2.5's carry them; 0 and 1 where absent)
+and ``shift_factor`` is one number (SD3 / Flux).
+"""
 
 from __future__ import annotations
 
@@ -60,7 +66,8 @@ class DiffusersVAE(nn.Module):
             scaling_factor = 1.0 if scaling_factor is None else scaling_factor
         if shift_factor is None:
             shift_factor = config.get("shift_factor", None)
-        self.set_scaling(scaling_factor, 0.0 if shift_factor is None else shift_factor)
+        self.set_scaling(scaling_factor, 0.0 if shift_factor is None else shift_factor,
+                         latents_mean=config.get("latents_mean", None), latents_std=config.get("latents_std", None))
         # FlowAR trains on posterior samples (the latent noise acts as augmentation); the mean is the
         # deterministic choice for reconstructions and for caching latents.
         self.sample_posterior = sample_posterior
@@ -92,10 +99,13 @@ class DiffusersVAE(nn.Module):
         )
 
     def save_pretrained(self, path: str | os.PathLike, **kw) -> None:
-        """Write a diffusers folder whose config carries this wrapper's current scaling and shift."""
-        # None for a zero shift keeps the config in the form most diffusers checkpoints use.
+        """Write a diffusers folder whose config carries this wrapper's current scaling, shift and channel stats."""
+        # None for a zero shift (and for absent channel stats) keeps the config in the form most diffusers
+        # checkpoints use.
         self.autoencoder.register_to_config(
-            scaling_factor=self._scaling_factor, shift_factor=self._shift_factor or None
+            scaling_factor=self._scaling_factor, shift_factor=self._shift_factor or None,
+            latents_mean=None if self._latents_mean is None else list(self._latents_mean),
+            latents_std=None if self._latents_std is None else list(self._latents_std),
         )
         self.autoencoder.save_pretrained(os.fspath(path), **kw)
 
@@ -117,6 +127,16 @@ class DiffusersVAE(nn.Module):
         return self._shift_factor
 
     @property
+    def latents_mean(self) -> tuple[float, ...] | None:
+        """Per-channel mean subtracted from the raw latent, or None."""
+        return self._latents_mean
+
+    @property
+    def latents_std(self) -> tuple[float, ...] | None:
+        """Per-channel std the raw latent is divided by, or None."""
+        return self._latents_std
+
+    @property
     def device(self) -> torch.device:
         return next(self.autoencoder.parameters()).device
 
@@ -124,15 +144,46 @@ class DiffusersVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.autoencoder.parameters()).dtype
 
-    def set_scaling(self, scaling_factor: float, shift_factor: float = 0.0) -> None:
-        """Set the map ``scaled = (raw - shift_factor) * scaling_factor`` used by encode and decode."""
+    def set_scaling(self, scaling_factor: float, shift_factor: float = 0.0, *,
+                    latents_mean=None, latents_std=None) -> None:
+        """Set the map ``scaled = (raw - shift_factor - latents_mean) * scaling_factor / latents_std`` used by
+        encode and decode; ``latents_mean`` / ``latents_std`` are one number per latent channel, or None (0 / 1)."""
         scaling_factor, shift_factor = float(scaling_factor), float(shift_factor)
         if not scaling_factor > 0 or scaling_factor == float("inf"):
             raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor}")
         if shift_factor != shift_factor or abs(shift_factor) == float("inf"):
             raise ValueError(f"shift_factor must be a finite number, got {shift_factor}")
+        latents_mean = self._channel_stats("latents_mean", latents_mean, positive=False)
+        latents_std = self._channel_stats("latents_std", latents_std, positive=True)
+        self._latents_mean, self._latents_std = latents_mean, latents_std
         self._scaling_factor = scaling_factor
         self._shift_factor = shift_factor
+
+    def _channel_stats(self, name: str, values, *, positive: bool) -> tuple[float, ...] | None:
+        if values is None:
+            return None
+        values = tuple(float(v) for v in (values.tolist() if torch.is_tensor(values) else values))
+        allowed = "positive finite numbers" if positive else "finite numbers"
+        if len(values) != self.latent_channels or not all(
+                v == v and abs(v) != float("inf") and (v > 0 or not positive) for v in values):
+            raise ValueError(f"{name} must be {self.latent_channels} {allowed} (one per latent channel) or None, "
+                             f"got {list(values)}")
+        return values
+
+    def _channel_view(self, values: tuple[float, ...] | None, default: float, like: torch.Tensor) -> torch.Tensor:
+        if values is None:
+            return torch.full((1, 1, 1, 1), default, device=like.device, dtype=like.dtype)
+        return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+    def _to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        mean = self._channel_view(self._latents_mean, 0.0, raw)
+        std = self._channel_view(self._latents_std, 1.0, raw)
+        return (raw - self._shift_factor - mean) * (self._scaling_factor / std)
+
+    def _to_raw(self, scaled: torch.Tensor) -> torch.Tensor:
+        mean = self._channel_view(self._latents_mean, 0.0, scaled)
+        std = self._channel_view(self._latents_std, 1.0, scaled)
+        return scaled * (std / self._scaling_factor) + mean + self._shift_factor
 
     def _check_images(self, images: torch.Tensor) -> None:
         f = self.downsample
@@ -155,11 +206,12 @@ class DiffusersVAE(nn.Module):
         """
         self._check_images(images)
         posterior = self.autoencoder.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
-        return (posterior.mean - self._shift_factor) * self._scaling_factor, posterior.std * self._scaling_factor
+        std = self._channel_view(self._latents_std, 1.0, posterior.std)
+        return self._to_scaled(posterior.mean), posterior.std * (self._scaling_factor / std)
 
     def encode(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) scaled latents."""
-        return (self._raw_latents(images, generator) - self._shift_factor) * self._scaling_factor
+        return self._to_scaled(self._raw_latents(images, generator))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, h*f, w*f) images, about [-1, 1] (not clamped)."""
@@ -167,7 +219,7 @@ class DiffusersVAE(nn.Module):
             raise ValueError(
                 f"latents must be (B, {self.latent_channels}, h, w), got {tuple(latents.shape)}"
             )
-        raw = latents.to(device=self.device, dtype=self.dtype) / self._scaling_factor + self._shift_factor
+        raw = self._to_raw(latents.to(device=self.device, dtype=self.dtype))
         return self.autoencoder.decode(raw).sample
 
     @torch.no_grad()
@@ -185,3 +237,18 @@ class DiffusersVAE(nn.Module):
         scaling_factor = 1.0 / raw.std().item()
         shift_factor = raw.mean().item() if shift else 0.0
         return scaling_factor, shift_factor
+
+    @torch.no_grad()
+    def estimate_channel_stats(
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(latents_mean, latents_std) of this batch's raw latents, per channel: with them (and scaling_factor 1,
+        shift 0) every channel of the scaled latents has zero mean and unit std. A VAE's channels can differ
+        several-fold in scale and carry offsets that one global factor keeps, so the generator's unit noise would
+        swamp some channels and barely reach others. Nothing is changed; pass the result to ``set_scaling``."""
+        raw = self._raw_latents(images, generator).double()
+        if raw.shape[0] * raw.shape[2] * raw.shape[3] < 2:
+            raise ValueError("images must give at least 2 latent values per channel to estimate a std")
+        mean = raw.mean(dim=(0, 2, 3))
+        std = raw.std(dim=(0, 2, 3))
+        return tuple(mean.tolist()), tuple(std.clamp_min(1e-12).tolist())

@@ -31,7 +31,8 @@ class LatentAutoencoder(Protocol):
 
     @property
     def scaling_factor(self) -> float:
-        """Multiplies the shifted raw latent: ``scaled = (raw - shift_factor) * scaling_factor``."""
+        """Multiplies the shifted raw latent: ``scaled = (raw - shift_factor) * scaling_factor`` (a diffusers VAE
+        may also normalise each channel, see ``vae.diffusers_vae``)."""
         ...
 
     @property
