@@ -6,6 +6,7 @@ and achieved TFLOP/s, every row measured in the same run.
     python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4                  # FlowAR beside VAR
     python eval/bench_sample.py --preset flowar-s,var-d16 --batch 4 --decode         # ... up to pixels
     python eval/bench_sample.py --preset flowar-s,flowar-s-multistage --batch 4      # E-CAR's multistage flow
+    python eval/bench_sample.py --preset flowar-s --batch 4 --compile off,on         # torch.compile side by side
 
 Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
 final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
@@ -128,8 +129,10 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
 
 
 def measure(preset: str, batch: int, precision: str, device_name: str, options: dict, decode: bool,
-            warmup: int, repeats: int) -> dict:
-    """One row: ``repeats`` timed sampling calls (the fastest counts) after ``warmup`` untimed ones."""
+            warmup: int, repeats: int, compiled: bool = False) -> dict:
+    """One row: ``repeats`` timed sampling calls (the fastest counts) after ``warmup`` untimed ones. Compiled
+    (``ScaleWiseModel.compile_for_sampling``): FLOPs are counted on the eager model first (the same
+    arithmetic), then one more untimed call compiles; its time is reported as the compile cost."""
     device = torch.device(device_name)
     model, sample, params = build_sampler(preset, options, device, decode)
     num_classes = model.config.num_classes
@@ -147,12 +150,18 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
             raise FloatingPointError(f"{preset} {precision} sampled non-finite values")
         return counts
 
-    for i in range(warmup):
-        once(i)
     counter = FlopCounterMode(display=False)
     with counter:
         counts = once(0)
     flops = counter.get_total_flops()
+    compile_note = "off"
+    if compiled:
+        model.compile_for_sampling()
+        start = time.perf_counter()
+        once(0)
+        compile_note = f"on ({time.perf_counter() - start:.0f} s first call)"
+    for i in range(warmup):
+        once(i)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -165,6 +174,7 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
         "preset": preset,
         "params (M)": params / 1e6,
         "precision": precision,
+        "compile": compile_note,
         "images/s": batch / seconds,
         "ms/image": 1000 * seconds / batch,
         **counts,
@@ -202,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="images per sampling call, the same for every row")
     p.add_argument("--precision", default="fp32", help="comma list of " + ", ".join(PRECISIONS))
     p.add_argument("--decode", action="store_true", help="time the decoder to pixels too")
+    p.add_argument("--compile", default="off", help="comma list of off, on: torch.compile the hot modules "
+                   "(ScaleWiseModel.compile_for_sampling); the first call's time is reported, not counted")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 0 on CPU, 2 on GPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls; the fastest is reported")
@@ -218,6 +230,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     presets = comma_list(p, "--preset", args.preset, {**PRESETS, **VAR_PRESETS})
     precisions = comma_list(p, "--precision", args.precision, PRECISIONS)
+    compiles = comma_list(p, "--compile", args.compile, {"off": False, "on": True})
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
     if args.repeats < 1 or (args.warmup is not None and args.warmup < 0):
@@ -233,15 +246,19 @@ def main(argv=None) -> int:
     print(f"sampling batch {args.batch}{' to pixels' if args.decode else ''}, device {device} [{where}], "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {warmup} warm-up + {args.repeats} timed")
     rows = [run_isolated(measure, preset, args.batch, precision, str(device), options, args.decode, warmup,
-                         args.repeats)
-            for preset in presets for precision in precisions]
+                         args.repeats, compiled == "on")
+            for preset in presets for precision in precisions for compiled in compiles]
     print(format_table(rows))
     if len(rows) > 1:
         base = rows[0]
-        print(f"images/s relative to {base['preset']} {base['precision']}: " +
-              ", ".join(f"{r['preset']} {r['precision']} {r['images/s'] / base['images/s']:.2f}x" for r in rows[1:]))
-        print(f"GFLOP/image relative to {base['preset']} {base['precision']}: " +
-              ", ".join(f"{r['preset']} {r['precision']} {r['GFLOP/image'] / base['GFLOP/image']:.2f}x" for r in rows[1:]))
+
+        def name(row):
+            return f"{row['preset']} {row['precision']}" + (" compiled" if row["compile"] != "off" else "")
+
+        print(f"images/s relative to {name(base)}: " +
+              ", ".join(f"{name(r)} {r['images/s'] / base['images/s']:.2f}x" for r in rows[1:]))
+        print(f"GFLOP/image relative to {name(base)}: " +
+              ", ".join(f"{name(r)} {r['GFLOP/image'] / base['GFLOP/image']:.2f}x" for r in rows[1:]))
     return 0
 
 

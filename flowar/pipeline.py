@@ -50,6 +50,12 @@ class ScaleWisePipeline:
         self.autoencoder.to(device=device, dtype=dtype)
         return self
 
+    def compile(self, *, mode: str | None = None, dynamic: bool | None = None):
+        """Compile the generator's sampling hot spots in place (``ScaleWiseModel.compile_for_sampling``); the
+        first call afterwards compiles, later ones are faster. Returns the pipeline."""
+        self.model.compile_for_sampling(mode=mode, dynamic=dynamic)
+        return self
+
     @torch.no_grad()
     def __call__(self, class_labels=None, *, batch_size: int | None = None, sampling=None,
                  generator: torch.Generator | None = None, noise: list[torch.Tensor] | None = None,

@@ -78,7 +78,29 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         if self.device != other.device:
             raise ValueError(f"draft_model and refine_model must be on one device, got {self.device} and {other.device}")
 
+    def compile_for_sampling(self, *, mode: str | None = None, dynamic: bool | None = None) -> "ScaleWiseModel":
+        """Compile, in place, the modules sampling spends its time in (:meth:`sampling_hot_modules`), with
+        ``torch.compile`` through ``nn.Module.compile``: parameter names and state-dict keys stay as they are,
+        so saving, loading and training the model are unchanged. Returns the model.
+
+        mode: torch.compile's mode; None picks "reduce-overhead" (CUDA graphs: the head is called dozens of
+        times per scale on small batches, where kernel-launch latency dominates) on CUDA, and "default" on
+        other devices. dynamic: torch.compile's; None lets torch make a dimension dynamic once a second size of
+        it is seen, so the scales' token counts and the guided (doubled) batch do not each compile a graph.
+        The first sampling call compiles (tens of seconds on a CPU); later calls run the compiled code.
+        """
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        for module in self.sampling_hot_modules():
+            module.compile(mode=mode, dynamic=dynamic)
+        return self
+
     # ---- the family's hooks
+    def sampling_hot_modules(self) -> list[nn.Module]:
+        """The modules :meth:`compile_for_sampling` compiles: those whose calls have no Python-side state
+        (the KV cache's bookkeeping stays eager)."""
+        raise NotImplementedError
+
     def stepper(self, labels: torch.Tensor, options, *, timed: bool = False):
         """A stepper (``flowar.sampling.Stepper``) sampling ``labels`` (B,) (null class allowed) with ``options``."""
         raise NotImplementedError

@@ -392,6 +392,10 @@ class VAR(ScaleWiseModel):
         return generate(self, class_labels, autoencoder=tokenizer, batch_size=batch_size, sampling=sampling,
                         generator=generator, noise=noise, progress=progress, **options)
 
+    def sampling_hot_modules(self) -> list[nn.Module]:
+        # VAR's sampling is its transformer: each block's feed-forward is about two thirds of a block's FLOPs.
+        return [block.ffn for block in self.blocks]
+
     def stepper(self, labels: torch.Tensor, options: VARSampling, *, timed: bool = False) -> "VARStepper":
         return VARStepper(self, labels, options, timed=timed)
 

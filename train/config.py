@@ -41,6 +41,8 @@ class TrainConfig:
     # as in the authors' code, which for runs shorter than a few 1 / (1 - ema) steps keeps part of that init.
     ema_bias_correction: bool = True
     bf16: bool = False
+    # torch.compile the model's forward (the loss) in place; checkpoints are unchanged. The first steps compile.
+    compile: bool = False
     seed: int = 0
     # output and monitoring
     out_dir: str = "runs/flowar"

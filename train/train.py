@@ -139,6 +139,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     source: LatentSource = build_latent_source(cfg, device=device, load_vae=is_main)
     model = build_model(cfg).to(device)
     check_data_matches(model, source)
+    if cfg.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     model_inputs = model.training_inputs(source.autoencoder)  # VAR: its frozen tokenizer; FlowAR: nothing
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas)
     ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}

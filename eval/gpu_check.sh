@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check, one short script (about 5 minutes on one H100 / H200; nothing is downloaded):
+#   1. the CUDA tests (tests/test_cuda.py, compile tests included),
+#   2. the FlowAR parity tool on CUDA, when a checkout of the authors' code is given,
+#   3. the sampling benchmark of FlowAR-S at batch 1 and 64, fp32 and bf16, compile off and on,
+#   4. the training benchmark of FlowAR-S at batch 64, fp32 and bf16, compile off and on.
+#
+#   bash eval/gpu_check.sh                      # steps 1, 3, 4
+#   bash eval/gpu_check.sh /path/to/FlowAR      # and step 2 (wangqiang9/FlowAR; needs timm importable)
+#
+# Every table is printed with the device's name; the numbers go into the README's GPU table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reference="${1:-}"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: torch sees no CUDA device')"
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+
+echo "== 1. CUDA tests"
+python -m pytest tests/test_cuda.py -m "slow or not slow" -q
+
+if [ -n "$reference" ]; then
+  echo "== 2. parity with the authors' FlowAR-S on CUDA"
+  python eval/parity_flowar.py --reference "$reference" --preset flowar-s --batch 4
+else
+  echo "== 2. parity skipped: no reference checkout given"
+fi
+
+echo "== 3. sampling benchmark"
+for batch in 1 64; do
+  python eval/bench_sample.py --preset flowar-s --batch "$batch" --precision fp32,bf16 --compile off,on \
+    --device cuda --repeats 3
+done
+
+echo "== 4. training benchmark"
+python -m train.bench --preset flowar-s --batch 64 --precision fp32,bf16 --compile off,on --device cuda
