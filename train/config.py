@@ -36,7 +36,7 @@ class TrainConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     grad_clip: float = 3.0
-    ema: float = 0.9999
+    ema: float = 0.9999  # the EMA's decay; 0 keeps no average (the EMA, and so the export, is the trained weights)
     # True: the EMA averages only trained weights (train.train.ema_decay); False: it starts at the random init,
     # as in the authors' code, which for runs shorter than a few 1 / (1 - ema) steps keeps part of that init.
     ema_bias_correction: bool = True
