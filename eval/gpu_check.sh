@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one short script (about 5 minutes on one H100 / H200; nothing is downloaded):
+# The GPU check, one short script (sized to stay under 8 minutes on one H100 / H200, not yet run on one;
+# nothing is downloaded):
 #   1. the CUDA tests (tests/test_cuda.py, compile tests included),
 #   2. the FlowAR parity tool on CUDA, when a checkout of the authors' code is given,
 #   3. the sampling benchmark of FlowAR-S at batch 1 and 64, fp32 and bf16, compile off and on,

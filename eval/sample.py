@@ -243,8 +243,8 @@ def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None 
     sampling: overrides of the model's sampling options (fields of ``FlowARSampling`` / ``VARSampling``, e.g.
     guidance_scale (1 = unguided), steps, top_k, or VAR's var_cfg; None: the model's saved default).
     compiled: torch.compile the generator's hot modules first (``FlowARPipeline.compile``); the images equal the
-    eager ones up to float rounding. Returns ``out``. ``stop_after`` is a test hook: raise :class:`SimulatedKill` once this process has
-    written that many PNGs.
+    eager ones up to float rounding. Returns ``out``. ``stop_after`` is a test hook: raise
+    :class:`SimulatedKill` once this process has written that many PNGs.
     """
     sizes = dict(per_class=per_class, num_samples=num_samples, num_classes=num_classes, seed=seed, precision=precision)
     check_options(batch_size=batch_size, format=format, **sizes)

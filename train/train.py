@@ -215,7 +215,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        update_ema(ema, model, ema_decay(cfg.ema, done, bias_correction=cfg.ema_bias_correction))
+        decay = ema_decay(cfg.ema, done, bias_correction=cfg.ema_bias_correction)
+        update_ema(ema, model, decay)
         images_since += cfg.global_batch
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")

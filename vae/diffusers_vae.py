@@ -170,9 +170,10 @@ class DiffusersVAE(nn.Module):
                              f"got {list(values)}")
         return values
 
-    def _channel_view(self, values: tuple[float, ...] | None, default: float, like: torch.Tensor) -> torch.Tensor:
+    def _channel_view(self, values: tuple[float, ...] | None, default: float, like: torch.Tensor):
+        """Per-channel values shaped (1, C, 1, 1) like ``like``, or the plain ``default`` where there are none."""
         if values is None:
-            return torch.full((1, 1, 1, 1), default, device=like.device, dtype=like.dtype)
+            return default
         return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
 
     def _to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
