@@ -48,3 +48,28 @@ def _cpuinfo_lines() -> list[str]:
             return f.readlines()
     except OSError:
         return []
+
+
+def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, *, size: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's achieved TFLOP/s on a square ``size`` matmul in ``dtype``: the fastest of repeated calls
+    over about ``seconds`` after two warm-up calls. A benchmark divides its own rate by this to say how much
+    of what the hardware does on its best-shaped work its model reaches."""
+    import time
+
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, generator=generator, device=device).to(dtype)
+    b = torch.randn(size, size, generator=generator, device=device).to(dtype)
+    best = float("inf")
+    spent = 0.0
+    for call in range(1000):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if call >= 2:  # the first calls pick kernels and fault pages in
+            best = min(best, elapsed)
+            spent += elapsed
+            if spent >= seconds and call >= 5:
+                break
+    return 2 * size**3 / best / 1e12

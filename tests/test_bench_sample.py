@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import fake_flowar_checkout
 from eval.bench_sample import main, matching_tokenizer, measure
 from flowar import VAR, get_var_preset
 from vae.msvq import MultiScaleVQVAE
@@ -72,6 +73,43 @@ def test_cli_puts_flowar_and_var_in_one_table(capsys):
     (["--repeats", "0"], "--repeats"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_reference_mode_times_the_authors_sampler_against_ours_on_the_same_weights(tmp_path, capsys):
+    """A stand-in checkout (its sampler is ours, so fp32 at the same settings must match its latents once the
+    harness hands its initial noise over); fewer steps must show as fewer head evaluations and a gap."""
+    checkout = fake_flowar_checkout(tmp_path / "FlowAR")
+    assert main(["--preset", "flowar-s", "--batch", "1", "--small", "--reference", checkout, "--repeats", "1",
+                 "--precision", "fp32,bf16", "--steps", "25,4/2/2/2/2"]) == 0
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| authors") or line.startswith("| ours")]
+    header = [cell.strip() for cell in next(line for line in out.splitlines() if line.startswith("| impl")).strip("|").split("|")]
+    table = [dict(zip(header, row)) for row in rows]
+    assert [(r["implementation"], r["precision"], r["steps"]) for r in table] == [
+        ("authors", "fp32", "25"), ("ours", "fp32", "25"), ("ours", "bf16", "25"),
+        ("ours", "fp32", "4/2/2/2/2"), ("ours", "bf16", "4/2/2/2/2")]
+    # theirs at the preset's 25; the flowar grid of n steps has n // 2 + n // 2 + 1 points: 25 -> 24 intervals,
+    # 4 -> 4, 2 -> 2; five scales
+    assert [int(r["head NFE"]) for r in table] == [120, 120, 120, 12, 12]
+    assert float(table[1]["vs authors' latents"]) < 1e-5
+    assert 1e-5 < float(table[2]["vs authors' latents"]) < 0.2  # bf16: close, not equal
+    assert float(table[3]["vs authors' latents"]) > 1e-3
+    assert "speed against the authors' fp32: fp32 25 steps" in out and "% peak" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "flowar-s,var-d16", "--reference", "."], "--reference"),
+    (["--preset", "flowar-tiny", "--reference", "."], "--reference"),
+    (["--preset", "flowar-s", "--reference", ".", "--decode"], "--decode"),
+    (["--small"], "--small"),
+    (["--steps", "4/x"], "--steps"),
+    (["--batch", "2,a"], "--batch"),
+])
+def test_bad_reference_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
