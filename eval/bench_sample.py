@@ -49,9 +49,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from eval.machine import device_label, matmul_peak_tflops
 from eval.sweep import parse_steps
 from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
+from flowar.outputs import PRECISIONS
 from heads.solvers import SCHEDULES, SOLVERS, step_schedule
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def peak_memory_mib(device: torch.device) -> float:

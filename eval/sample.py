@@ -45,13 +45,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from flowar.outputs import PRECISIONS
 from flowar.registry import load_pipeline as load_any_pipeline
 from flowar.sampling import CFG_SCHEDULES
 from heads.solvers import SCHEDULES, SOLVERS
 from vae.files import atomic_write
 
 FORMATS = ("png", "npz", "both")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 DEFAULT_PER_CLASS = 50
 RUN_FILE, LABELS_FILE, NPZ_FILE, IMAGES_DIR = "run.json", "labels.npy", "samples.npz", "images"
 # run.json holds the arguments that define the samples, and a resume must match every one of them. The

@@ -1,9 +1,12 @@
-"""Sweep a FlowAR pipeline's sampler: solver x steps x guidance scale x guidance interval -> FID, NFE and wall time.
+"""Sweep a FlowAR pipeline's sampler: solver x steps x guidance scale x guidance interval x precision -> FID, NFE
+and wall time.
 
     python -m eval.sweep runs/demo/flowar-release --out runs/sweep --digits \\
         --solvers euler,midpoint,rk4,dopri5 --steps 2,4,8 --guidance-scale 3 --num-samples 1000
     python -m eval.sweep runs/demo/flowar-release --out runs/anneal --digits --solvers euler \\
         --steps 10,10/8/6/4,10/6/4/2                    # per-scale step counts: fewer at the late scales
+    python -m eval.sweep runs/demo/flowar-release --out runs/bf16 --digits --solvers euler --steps 10 \
+        --precision fp32,bf16                           # the generator under bf16 autocast (never the decoder)
 
 Every configuration samples the same labels (cycling over the classes) from the same seed, so rows differ
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from flowar import FlowARPipeline
-from flowar.outputs import to_uint8_images
+from flowar.outputs import PRECISIONS, autocast_context, to_uint8_images
 from heads.solvers import SCHEDULES, SOLVERS, check_solver_options
 
 from .fid import compute_metrics
@@ -42,8 +45,8 @@ from .metrics import feature_statistics
 from .quality import DigitScorer
 from .reference import default_cache_dir, write_stats_npz
 
-CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "nfe_per_image",
-              "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
+CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "precision",
+              "nfe_per_image", "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
 ADAPTIVE = ("dopri5",)
 
 
@@ -57,10 +60,11 @@ class SweepPoint:
     tolerance: float  # atol = rtol for adaptive solvers; 0 otherwise
     guidance_scale: float  # 1 = unguided
     guidance: tuple[float, float]
+    precision: str = "fp32"  # a key of PRECISIONS: the generator's autocast
 
     def key(self) -> tuple:
         return (self.solver, self.schedule, self.steps_label(), f"{self.tolerance:g}", f"{self.guidance_scale:g}", f"{self.guidance[0]:g}",
-                f"{self.guidance[1]:g}")
+                f"{self.guidance[1]:g}", self.precision)
 
     def steps_label(self) -> str:
         """The steps as the CSV and ``--steps`` write them: "8", or "8/6/5/4" per scale."""
@@ -76,10 +80,19 @@ class SweepPoint:
 
     def series(self) -> str:
         """The plot/TensorBoard line this point belongs to (everything but steps and tolerance)."""
-        return f"{self.solver} w={self.guidance_scale:g} gi={self.guidance[0]:g}-{self.guidance[1]:g}"
+        return series_name(self.solver, f"{self.guidance_scale:g}", f"{self.guidance[0]:g}", f"{self.guidance[1]:g}",
+                           self.precision)
 
 
-def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str = "flowar") -> list[SweepPoint]:
+def series_name(solver: str, scale: str, low: str, high: str, precision: str) -> str:
+    return f"{solver} w={scale} gi={low}-{high}" + ("" if precision == "fp32" else f" {precision}")
+
+
+def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str = "flowar",
+                 precisions=("fp32",)) -> list[SweepPoint]:
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precisions must be among {list(PRECISIONS)}, got {precision!r}")
     for solver in solvers:
         if solver not in SOLVERS:
             raise ValueError(f"solvers must be among {list(SOLVERS)}, got {solver!r}")
@@ -98,11 +111,11 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"guidance intervals must satisfy 0 <= low < high <= 1, got ({low}, {high})")
     points = []
-    for solver, cfg, interval in itertools.product(solvers, cfgs, intervals):
+    for solver, cfg, interval, precision in itertools.product(solvers, cfgs, intervals, precisions):
         if solver in ADAPTIVE:
-            points += [SweepPoint(solver, schedule, 0, tol, cfg, interval) for tol in tolerances]
+            points += [SweepPoint(solver, schedule, 0, tol, cfg, interval, precision) for tol in tolerances]
         else:
-            points += [SweepPoint(solver, schedule, n, 0.0, cfg, interval) for n in steps]
+            points += [SweepPoint(solver, schedule, n, 0.0, cfg, interval, precision) for n in steps]
     return points
 
 
@@ -113,8 +126,9 @@ def sample_point(pipe: FlowARPipeline, point: SweepPoint, labels, *, batch_size:
     images, nfe = [], []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
-        out = pipe.model.sample_with_stats(None if pipe.model.config.unconditional else chunk.to(pipe.device),
-                                           batch_size=len(chunk), **options)
+        with autocast_context(pipe.device, PRECISIONS[point.precision]):
+            out = pipe.model.sample_with_stats(None if pipe.model.config.unconditional else chunk.to(pipe.device),
+                                               batch_size=len(chunk), **options)
         images.append(to_uint8_images(pipe.vae.decode(out.latents)))
         nfe.append(out.nfe)
     seconds = (time.perf_counter() - start) / len(labels)
@@ -130,7 +144,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def row_key(row: dict) -> tuple:
     """What makes a row: its sampler configuration and sample count (a rerun with more samples redoes it)."""
-    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["guidance_scale"], row["guidance_low"], row["guidance_high"])
+    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["guidance_scale"],
+            row["guidance_low"], row["guidance_high"], row.get("precision") or "fp32")  # files from before the axis: fp32
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -142,7 +157,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     series: dict[str, list[dict]] = {}
     for row in rows:
-        name = f"{row['solver']} w={row['guidance_scale']} gi={row['guidance_low']}-{row['guidance_high']}"
+        name = series_name(row["solver"], row["guidance_scale"], row["guidance_low"], row["guidance_high"],
+                           row.get("precision") or "fp32")
         series.setdefault(name, []).append(row)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for name, members in sorted(series.items()):
@@ -242,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-scale", default="3", help="comma list (1 = unguided)")
     p.add_argument("--guidance-interval", action="append", metavar="LOW,HIGH",
                    help="repeatable; default 0,1 (guidance everywhere)")
+    p.add_argument("--precision", default="fp32", help="comma list of " + ", ".join(PRECISIONS)
+                   + ": the generator's autocast (the decoder stays in its own dtype)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--reference", help="image folder, images npz or mu/sigma npz (default with --digits: MNIST)")
     p.add_argument("--digits", action="store_true", help="also score with the MNIST digit classifier")
@@ -254,7 +272,8 @@ def main(argv=None) -> int:
         if any(len(i) != 2 for i in intervals):
             raise ValueError(f"--guidance-interval takes LOW,HIGH, got {args.guidance_interval}")
         points = sweep_points(args.solvers.split(","), parse_steps(args.steps),
-                              _floats(args.tolerances), _floats(args.guidance_scale), intervals, schedule=args.schedule)
+                              _floats(args.tolerances), _floats(args.guidance_scale), intervals, schedule=args.schedule,
+                              precisions=[v for v in args.precision.split(",") if v])
         run_sweep(args.pipeline, args.out, points, num_samples=args.num_samples, reference=args.reference,
                   digits=args.digits, batch_size=args.batch_size, seed=args.seed, device=args.device)
     except (ValueError, FileNotFoundError) as err:

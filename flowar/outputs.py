@@ -16,6 +16,10 @@ def check_output_type(output_type: str) -> None:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
+# The precisions the command-line tools offer, as the generator's autocast dtype (None: float32 throughout).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

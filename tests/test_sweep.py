@@ -4,11 +4,12 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eval.inception import FeatureNetwork
 from eval.reference import write_images_npz
-from eval.sweep import SweepPoint, main, parse_steps, sweep_points
+from eval.sweep import SweepPoint, main, parse_steps, sample_point, sweep_points
 from conftest import tiny_flowar_pipeline
 from tests.test_metrics import CountingNet
 
@@ -105,3 +106,37 @@ def test_per_scale_step_lists_parse_validate_and_count_their_evaluations(tmp_pat
 def test_a_reference_is_required_without_digits(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "s")]) == 2
     assert "reference is required" in capsys.readouterr().err
+
+
+def test_precision_is_an_axis_that_changes_the_samples_and_keeps_old_files_readable(tmp_path, small_network):
+    with pytest.raises(ValueError, match="precisions"):
+        sweep_points(["euler"], [2], [1e-3], [1.0], [(0.0, 1.0)], precisions=["fp16"])
+    pipe = tiny_flowar_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    reference = tmp_path / "reference.npz"
+    write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    argv = [str(tmp_path / "pipe"), "--out", str(tmp_path / "sweep"), "--solvers", "euler", "--num-samples", "6",
+            "--reference", str(reference), "--steps", "4", "--precision", "fp32,bf16"]
+    assert main(argv) == 0
+    with (tmp_path / "sweep" / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    events = EventAccumulator(str(tmp_path / "sweep" / "tensorboard")).Reload()
+    assert {"fid/euler w=3 gi=0-1", "fid/euler w=3 gi=0-1 bf16"} <= set(events.Tags()["scalars"])
+    # the bf16 point really ran under autocast: same seed, different images
+    points = sweep_points(["euler"], [4], [1e-3], [3.0], [(0.0, 1.0)], precisions=["fp32", "bf16"])
+    labels = torch.arange(4) % pipe.model.config.num_classes
+    fp32, _, _ = sample_point(pipe, points[0], labels, batch_size=4, seed=0)
+    bf16, _, _ = sample_point(pipe, points[1], labels, batch_size=4, seed=0)
+    assert fp32.shape == bf16.shape and not np.array_equal(fp32, bf16)
+    # A file written before the axis (no precision column) counts as fp32: the rerun adds nothing.
+    with (tmp_path / "sweep" / "sweep.csv").open(newline="") as f:
+        old = [{k: v for k, v in r.items() if k != "precision"} for r in csv.DictReader(f) if r["precision"] == "fp32"]
+    with (tmp_path / "sweep" / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    argv[argv.index("--precision") + 1] = "fp32"
+    assert main(argv) == 0
+    with (tmp_path / "sweep" / "sweep.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 1
