@@ -310,7 +310,8 @@ def format_table(rows) -> str:
            "peak MiB": "{:.0f}", "GFLOP/image": "{:.1f}", "TFLOP/s": "{:.3f}", "% peak": "{:.0f}"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.get(c, "{}").format(row[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt.get(c, "{}").format(row[c]) if isinstance(row[c], (int, float))
+                                       else str(row[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 

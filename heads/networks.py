@@ -214,9 +214,17 @@ class FlowTransformerHead(FlowHead, nn.Module):
         """x (B, N, C) with N = s*s, t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype."""
         _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
         side = _square_side(x.shape[1])
-        # Every block's RoPE holds the same frequencies; build the (N, head_dim) tables once per call.
+        # Every block's RoPE holds the same frequencies; its tables are built once per grid and cached.
         cos, sin = self.res_blocks[0].attn.rope.tables((side,), x.device) if self.depth else (None, None)
+        return self._velocity(x, t, cond, cos, sin)
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` the arithmetic of ``forward`` (``nn.Module.compile``'s arguments). The checks and
+        the RoPE table cache stay eager: a dict filled while tracing would be a guard that fails at every new
+        grid, so every scale would recompile, past dynamo's limit, and fall back to eager."""
+        self._velocity = torch.compile(self._velocity, *args, **kwargs)
+
+    def _velocity(self, x, t, cond, cos, sin) -> torch.Tensor:
         h = self.input_proj(x)  # (B, N, W)
         t_emb = self.time_embed(t).unsqueeze(1)  # (B, 1, W)
         c = self.cond_embed(cond)  # (B, N, W)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import fake_flowar_checkout
 from flowar import FlowAR, get_preset
 from train import bench
 from train.bench import main, measure
@@ -87,3 +88,52 @@ def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "flowar-tiny", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_reference_mode_steps_the_authors_model_beside_ours(tmp_path, capsys):
+    checkout = fake_flowar_checkout(tmp_path / "FlowAR")
+    assert main(["--preset", "flowar-s", "--batch", "2", "--small", "--reference", checkout, "--warmup", "0",
+                 "--steps", "1", "--precision", "fp32,bf16", "--checkpointing", "off,on"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| authors") or line.startswith("| ours")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [(c[0], c[1], c[3]) for c in cells] == [("authors", "fp32", "off"), ("ours", "fp32", "off"),
+                                                   ("ours", "fp32", "on"), ("ours", "bf16", "off"),
+                                                   ("ours", "bf16", "on")]
+    header = [c.strip() for c in next(l for l in out.splitlines() if l.startswith("| step")).strip("|").split("|")]
+    flops = [float(c[header.index("GFLOP/image")]) for c in cells]
+    # The stand-in's step is our own loss on the same model, so the FLOPs agree; checkpointing recomputes the
+    # transformer's forward in the backward, which costs more.
+    assert flops[1] == pytest.approx(flops[0], rel=0.02) and flops[2] > flops[1] * 1.05
+    assert float(cells[0][header.index("peak MiB")]) > 0  # theirs, from its own process
+    assert "speed-up vs authors fp32: fp32" in out
+
+
+def test_the_ema_update_is_one_foreach_lerp_of_every_parameter():
+    from train.train import update_ema
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    update_ema(ema, model, 0.75)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema[name], 0.25 * p.detach(), atol=1e-7), name
+
+
+def test_the_optimizer_is_fused_adamw_over_flowars_groups():
+    from train.train import build_optimizer
+
+    model = FlowAR(get_preset("flowar-tiny"))
+    optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.02]
+    # Fused and the per-tensor loop make the same update, to float rounding.
+    loop = torch.optim.AdamW(bench.param_groups(reference := FlowAR(get_preset("flowar-tiny")), 0.02), lr=1e-3,
+                             betas=(0.9, 0.95))
+    reference.load_state_dict(model.state_dict())
+    latents = torch.randn(2, 4, 8, 8)
+    for net, opt in ((model, optimizer), (reference, loop)):
+        torch.manual_seed(0)  # the same dropout masks
+        net(latents, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0)).loss.backward()
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -6,14 +6,29 @@ import torch
 from conftest import gen, tiny_flowar, tiny_flowar_pipeline, tiny_var, tiny_tokenizer
 
 from flowar.cli import main as cli_main
+from heads.networks import FlowTransformerHead
 
 
 @pytest.fixture
 def compile_calls(monkeypatch):
     """Record nn.Module.compile calls instead of compiling: (module, kwargs) pairs."""
     calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((self, kw)))
+    record = lambda self, **kw: calls.append((self, kw))  # noqa: E731
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    monkeypatch.setattr(FlowTransformerHead, "compile", record)  # it compiles its arithmetic only, see below
     return calls
+
+
+def test_flowars_head_compiles_its_arithmetic_and_keeps_the_rope_cache_eager(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
+    head = tiny_flowar().flownet
+    head.compile(dynamic=None)
+    (fn, kw), = compiled
+    assert fn.__func__ is FlowTransformerHead._velocity and kw == {"dynamic": None}
+    x, cond = torch.randn(2, 16, head.token_dim), torch.randn(2, 16, head.cond_dim)
+    head(x, torch.rand(2), cond)  # the table cache is filled outside the compiled function
+    assert list(head.res_blocks[0].attn.rope._tables) == [((4,), "cpu")]
 
 
 def test_flowar_compiles_its_head_and_block_mlps(compile_calls):
