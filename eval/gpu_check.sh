@@ -4,10 +4,12 @@
 #   1. the CUDA tests (tests/test_cuda.py, compile tests included),
 #   2. the FlowAR parity tool on CUDA, when a checkout of the authors' code is given,
 #   3. the sampling benchmark of FlowAR-S at batch 1 and 64, fp32 and bf16, compile off and on,
-#   4. the training benchmark of FlowAR-S at batch 64, fp32 and bf16, compile off and on.
+#   4. the training benchmark of FlowAR-S at batch 64, fp32 and bf16, compile off and on;
+#   with a checkout, 3 and 4 also time the authors' code beside ours (their --reference mode).
 #
 #   bash eval/gpu_check.sh                      # steps 1, 3, 4
-#   bash eval/gpu_check.sh /path/to/FlowAR      # and step 2 (wangqiang9/FlowAR; needs timm importable)
+#   bash eval/gpu_check.sh /path/to/FlowAR      # and step 2, and the authors' code in 3 and 4
+#                                               # (wangqiang9/FlowAR; needs timm importable)
 #
 # Every table is printed with the device's name; the numbers go into the README's GPU table.
 set -euo pipefail
@@ -26,11 +28,14 @@ else
   echo "== 2. parity skipped: no reference checkout given"
 fi
 
+# With a checkout, the benchmarks put the authors' code beside ours (same weights, interleaved, one process).
+with_reference=()
+if [ -n "$reference" ]; then with_reference=(--reference "$reference"); fi
+
 echo "== 3. sampling benchmark"
-for batch in 1 64; do
-  python eval/bench_sample.py --preset flowar-s --batch "$batch" --precision fp32,bf16 --compile off,on \
-    --device cuda --repeats 3
-done
+python eval/bench_sample.py --preset flowar-s --batch 1,64 --precision fp32,bf16 --compile off,on \
+  --device cuda --repeats 3 ${with_reference[@]+"${with_reference[@]}"}
 
 echo "== 4. training benchmark"
-python -m train.bench --preset flowar-s --batch 64 --precision fp32,bf16 --compile off,on --device cuda
+python -m train.bench --preset flowar-s --batch 64 --precision fp32,bf16 --compile off,on --device cuda \
+  ${with_reference[@]+"${with_reference[@]}"}

@@ -120,4 +120,4 @@ def test_gpu_check_script_parses_and_names_real_entry_points():
     assert modules == ["train.bench"]
     for path in [*paths, *(module.replace(".", "/") + ".py" for module in modules)]:
         assert (root / path).is_file(), path
-    assert "--compile off,on" in text and "--batch \"$batch\"" in text
+    assert "--compile off,on" in text and "--batch 1,64" in text and text.count("with_reference[@]") >= 2
