@@ -130,56 +130,12 @@ def var_pipe() -> VARPipeline:
 
 
 # ---------------------------------------------------------------------------------------------- the authors' code
-# A stand-in for a checkout of the authors' FlowAR code (wangqiang9/FlowAR): models/flowar.py with their
-# builder's keywords, their training forward (imgs, labels) -> loss and their sample_tokens, drawing their
-# random numbers through the module's own ``torch`` the way theirs does, on top of our modules.
-FAKE_REFERENCE_FLOWAR = '''
-import torch
-from flowar import FlowAR as Ours, get_preset
-from flowar.model import to_tokens
-from vae.pyramid import area_pyramid
-
-
-class FlowAR(Ours):
-    def __init__(self, *, encoder_embed_dim, encoder_depth, encoder_num_heads, decoder_depth, diffloss_d,
-                 diffloss_w, label_drop_prob, **ignored):
-        super().__init__(get_preset("flowar-s", width=encoder_embed_dim, encoder_depth=encoder_depth,
-                                    decoder_depth=decoder_depth, num_heads=encoder_num_heads, head_width=diffloss_w,
-                                    head_depth=diffloss_d, attn_dropout=0.0, proj_dropout=0.0, label_drop=0.0))
-        self.label_drop_prob = label_drop_prob
-        with torch.no_grad():  # no zero-initialised head output: every velocity is non-trivial
-            self.flownet.final_layer.linear.weight.normal_(std=0.1)
-
-    def forward(self, imgs, labels):
-        batch, scales = imgs.shape[0], self.config.scales
-        torch.rand(batch)  # their label drop
-        pyramid = area_pyramid(imgs, scales)
-        class_embedding = self.class_emb(labels)
-        tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(pyramid))], dim=1)
-        z = self.transformer(tokens, class_embedding)
-        loss, start = 0.0, 0
-        for side, target in zip(scales, pyramid):
-            x = to_tokens(target)
-            t = torch.rand((batch, 1, 1))
-            noise = torch.randn_like(x)
-            v = self.flownet((1 - t) * x + t * noise, t.flatten(), z[:, start:start + side * side])
-            loss = loss + ((v - (noise - x)) ** 2).mean() * side * side / scales[-1] ** 2
-            start += side * side
-        return loss
-
-    def sample_tokens(self, num_steps, guidance, cfg, labels):
-        batch = labels.shape[0]
-        noise = [torch.randn([2 * batch, s * s, self.config.token_dim]) for s in self.config.scales]
-        return self.sample(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
-                           schedule="uniform" if num_steps == 50 else "flowar", noise=[n[:batch] for n in noise])
-'''
-
-
 def fake_flowar_checkout(root) -> str:
-    """Write the stand-in checkout under ``root``; returns its path for ``--reference``."""
+    """A folder standing in for a checkout of the authors' FlowAR code: ``models/flowar.py`` is a copy of
+    ``tests/reference_standin.py``. Returns its path for ``--reference``."""
     from pathlib import Path
 
     models = Path(root) / "models"
     models.mkdir(parents=True, exist_ok=True)
-    (models / "flowar.py").write_text(FAKE_REFERENCE_FLOWAR)
+    (models / "flowar.py").write_text((Path(__file__).parent / "reference_standin.py").read_text())
     return str(root)

@@ -6,54 +6,18 @@ import sys
 import pytest
 import torch
 
+import reference_standin
 from eval import parity_flowar as parity
-from flowar import FlowAR, get_preset
-from flowar.model import to_tokens
-from vae.pyramid import area_pyramid
+from flowar import get_preset
 
-THIS_MODULE = sys.modules[__name__]  # the stand-in draws through this module's global ``torch``
-
-
-class StandIn(FlowAR):
-    """The released FlowAR's interface (forward(imgs, labels) -> loss, forward_mae_decoder, sample_tokens),
-    with the randomness drawn the way theirs draws it: label drop, then per scale rand (B,1,1) and
-    randn_like; per scale randn of the doubled batch while sampling."""
-
-    label_drop_prob = 0.0
-
-    def forward_mae_decoder(self, tokens, class_embedding):
-        return self.transformer(tokens, class_embedding)
-
-    def forward(self, imgs, labels):
-        batch, scales = imgs.shape[0], self.config.scales
-        assert not (torch.rand(batch) < self.label_drop_prob).any()
-        pyramid = area_pyramid(imgs, scales)
-        class_embedding = self.class_emb(labels)
-        tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens(pyramid))], dim=1)
-        z = self.forward_mae_decoder(tokens, class_embedding)
-        loss, start = 0.0, 0
-        for side, target in zip(scales, pyramid):
-            x = to_tokens(target)
-            t = torch.rand((batch, 1, 1))
-            noise = torch.randn_like(x)
-            v = self.flownet((1 - t) * x + t * noise, t.flatten(), z[:, start:start + side * side])
-            loss = loss + ((v - (noise - x)) ** 2).mean() * side * side / scales[-1] ** 2
-            start += side * side
-        return loss
-
-    def sample_tokens(self, num_steps, guidance, cfg, labels):
-        batch = labels.shape[0]
-        noise = [torch.randn([2 * batch, s * s, self.config.token_dim]) for s in self.config.scales]
-        # Their cfg is our guidance scale; their sampler runs 50 steps on the uniform grid.
-        return self.sample(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
-                           schedule="uniform" if num_steps == 50 else "flowar", noise=[n[:batch] for n in noise])
+THIS_MODULE = sys.modules[__name__]  # for the draw-recording test
 
 
 @pytest.fixture
 def pair():
     torch.manual_seed(0)
     config = get_preset("flowar-tiny", label_drop=0.0)
-    reference = StandIn(config)
+    reference = reference_standin.FlowAR.from_config(config)
     with torch.no_grad():  # no zero-initialised head output: every velocity is non-trivial
         reference.flownet.final_layer.linear.weight.normal_(std=0.1)
     ours, transfer = parity.ours_from_reference(reference, config)
@@ -64,9 +28,9 @@ def pair():
 
 
 def run_both(reference, ours, latents, labels):
-    rows = parity.compare_training(reference, ours, latents, labels, namespaces=[THIS_MODULE])
+    rows = parity.compare_training(reference, ours, latents, labels, namespaces=[reference_standin])
     sample_rows, counts = parity.compare_sampling(reference, ours, labels, cfg=2.0, guidance=0.9, steps=10,
-                                                  namespaces=[THIS_MODULE])
+                                                  namespaces=[reference_standin])
     return rows + sample_rows, counts
 
 
