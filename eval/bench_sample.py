@@ -8,7 +8,7 @@ and achieved TFLOP/s, every row measured in the same run.
     python eval/bench_sample.py --preset flowar-s,flowar-s-multistage --batch 4      # E-CAR's multistage flow
     python eval/bench_sample.py --preset flowar-s --batch 4 --compile off,on         # torch.compile side by side
     python eval/bench_sample.py --preset flowar-s --batch 1,4,16,64 --precision bf16  # batch scaling
-    python eval/bench_sample.py --preset flowar-s --batch 2 --precision fp32,bf16 --steps 24,24/16/12/8/6 \
+    python eval/bench_sample.py --preset flowar-s --batch 2 --precision fp32,bf16 --steps 25,25/17/13/9/7 \
         --reference /path/to/FlowAR --timm-path /tmp/timm_pkg                          # against the authors' code
 
 Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from eval.machine import device_label, matmul_peak_tflops
 from eval.sweep import parse_steps
 from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
-from flowar.outputs import PRECISIONS
+from flowar.outputs import PRECISIONS, autocast_context
 from heads.solvers import SCHEDULES, SOLVERS, step_schedule
 
 
@@ -153,12 +153,10 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
     model, sample, params = build_sampler(preset, options, device, decode)
     num_classes = model.config.num_classes
     labels = torch.arange(batch, device=device) % num_classes if num_classes else None
-    autocast = (torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision]
-                else contextlib.nullcontext())
 
     def once(seed):
         generator = torch.Generator(device).manual_seed(seed)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast_context(device, PRECISIONS[precision]):
             result, counts = sample(labels, generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -203,11 +201,6 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
     }
 
 
-def autocast_for(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def measure_against_reference(reference_path: str, timm_path: str | None, preset: str, batch: int,
                               variants: list[tuple[str, bool, dict]], options: dict, device_name: str,
                               repeats: int, small: bool = False) -> list[dict]:
@@ -246,7 +239,7 @@ def measure_against_reference(reference_path: str, timm_path: str | None, preset
     with counter:
         their_latents, draws = run_theirs(record=True)
     noise = [n[:batch] for _, n in draws]  # the conditional rows; ours draws no noise for the null rows
-    rows = [{"implementation": "authors", "precision": "fp32", "compile": "off", "steps": str(steps),
+    rows = [{"implementation": "authors", "batch": batch, "precision": "fp32", "compile": "off", "steps": str(steps),
              "head NFE": len(config.scales) * (len(step_schedule(steps, same_settings["schedule"])) - 1),
              "vs authors' latents": "-", "flops": counter.get_total_flops(), "run": lambda: run_theirs()[0]}]
 
@@ -261,7 +254,7 @@ def measure_against_reference(reference_path: str, timm_path: str | None, preset
         generator = torch.Generator(device).manual_seed(1)
 
         def run_ours(model=model, settings=settings, precision=precision, generator=generator, given_noise=None):
-            with torch.inference_mode(), autocast_for(device, precision):
+            with torch.inference_mode(), autocast_context(device, PRECISIONS[precision]):
                 out = model.sample_with_stats(labels, noise=given_noise, generator=generator, **settings)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -278,7 +271,7 @@ def measure_against_reference(reference_path: str, timm_path: str | None, preset
             run_ours()
             note = f"on ({time.perf_counter() - start:.0f} s first call)"
         steps_label = settings["steps"]
-        rows.append({"implementation": "ours", "precision": precision, "compile": note,
+        rows.append({"implementation": "ours", "batch": batch, "precision": precision, "compile": note,
                      "steps": "/".join(map(str, steps_label)) if isinstance(steps_label, tuple) else str(steps_label),
                      "head NFE": out.nfe, "vs authors' latents": f"{gap.item():.1e}",
                      "flops": counter.get_total_flops(), "run": lambda run=run_ours: run()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -54,8 +55,6 @@ def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, *, size: int = 
     """The machine's achieved TFLOP/s on a square ``size`` matmul in ``dtype``: the fastest of repeated calls
     over about ``seconds`` after two warm-up calls. A benchmark divides its own rate by this to say how much
     of what the hardware does on its best-shaped work its model reaches."""
-    import time
-
     generator = torch.Generator(device).manual_seed(0)
     a = torch.randn(size, size, generator=generator, device=device).to(dtype)
     b = torch.randn(size, size, generator=generator, device=device).to(dtype)
