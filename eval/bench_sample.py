@@ -401,12 +401,10 @@ def main(argv=None) -> int:
         add_peak_share(rows, peaks)
         print(format_table(rows))
         for batch in batches:
-            group = rows[:1 + len(variants)]
-            rows = rows[1 + len(variants):]
-            base = group[0]
+            base, *group = [r for r in rows if r["batch"] == batch]
             print(f"batch {batch}, speed against the authors' fp32: " + ", ".join(
                 f"{r['precision']}{' compiled' if r['compile'] != 'off' else ''} {r['steps']} steps "
-                f"{r['images/s'] / base['images/s']:.2f}x" for r in group[1:]))
+                f"{r['images/s'] / base['images/s']:.2f}x" for r in group))
         return 0
 
     rows = [run_isolated(measure, preset, batch, precision, str(device), {**options, **steps_options(steps)},
