@@ -2,8 +2,9 @@
 
     python -m eval.demo_table runs/demo-s0 runs/demo-s1 runs/demo-s2 runs/ms-s0 ... [--time]
 
-Each argument is a demo output folder holding ``results.json``. Rows group the runs by model and by the
-training-config overrides the run was given (``train.demo --set``), so the rows of an ablation come apart;
+Each argument is a demo output folder holding ``results.json``. Rows group the runs by model, by the
+training-config overrides the run was given (``train.demo --set``) and by the sampling overrides of a rescored
+run (``train.demo --rescore RUN --sample``), so the rows of an ablation come apart;
 each cell is the mean +- sample sd over the runs (seeds) of that row. ``--time`` also times sampling in this one
 process: each model's first release samples the same 100 labels at its saved settings, the models taking
 turns, ``--repeats`` rounds, the fastest round counting; so the ms/image column is a side-by-side
@@ -34,7 +35,8 @@ PERCENT = ("class_consistency", "worst_digit")
 
 def read_runs(folders) -> dict[str, list[dict]]:
     """results.json of each folder, grouped by model and overrides (in the order first seen); a row's name is
-    the model, then its overrides, e.g. ``flowar model.head_batch_mul=4``."""
+    the model, then its training overrides, then its sampling ones, e.g. ``flowar model.head_batch_mul=4`` or
+    ``flowar sampling steps=20``."""
     groups: dict[str, list[dict]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -43,7 +45,9 @@ def read_runs(folders) -> dict[str, list[dict]]:
         run = json.loads(path.read_text())
         if run.get("per_digit"):
             run["worst_digit"] = min(run["per_digit"])
-        groups.setdefault(" ".join([run["model"], *run.get("overrides", [])]), []).append(run)
+        sampling = run.get("sampling_overrides") or []
+        name = " ".join([run["model"], *run.get("overrides", []), *(["sampling", *sampling] if sampling else [])])
+        groups.setdefault(name, []).append(run)
     return groups
 
 

@@ -7,7 +7,7 @@ import pytest
 from eval.demo_table import format_table, main, read_runs
 
 
-def write_run(folder, model, seed, consistency, fid=None, overrides=None):
+def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None):
     folder.mkdir(parents=True)
     run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
            "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
@@ -16,6 +16,8 @@ def write_run(folder, model, seed, consistency, fid=None, overrides=None):
         run["fid"] = fid
     if overrides is not None:
         run["overrides"] = overrides
+    if sampling is not None:
+        run["sampling_overrides"] = sampling
     (folder / "results.json").write_text(json.dumps(run))
     return folder
 
@@ -39,6 +41,14 @@ def test_runs_with_other_overrides_are_other_rows(tmp_path):
     groups = read_runs([*base, *lever, old])
     assert list(groups) == ["flowar", "flowar model.scale_weights=equal"]
     assert [r["seed"] for r in groups["flowar"]] == [0, 1, 2] and len(groups["flowar model.scale_weights=equal"]) == 2
+
+
+def test_rescored_runs_are_rows_of_their_sampling_overrides(tmp_path):
+    trained = write_run(tmp_path / "t", "flowar", 0, 0.95, overrides=["model.head_depth=2"])
+    rescored = write_run(tmp_path / "r", "flowar", 0, 0.97, overrides=["model.head_depth=2"], sampling=["steps=20"])
+    plain = write_run(tmp_path / "p", "flowar", 1, 0.96, sampling=[])
+    groups = read_runs([trained, rescored, plain])
+    assert list(groups) == ["flowar model.head_depth=2", "flowar model.head_depth=2 sampling steps=20", "flowar"]
 
 
 def test_a_folder_without_results_is_named(tmp_path, capsys):

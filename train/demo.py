@@ -20,7 +20,10 @@ only its stage of time and fewer head steps are run at the late scales.
 
 For ablations of the generator: ``--autoencoder DIR`` reuses the VAE (or tokenizer) folder of an earlier run
 instead of training one, and ``--set KEY=VALUE`` (repeatable) overrides the training config, e.g.
-``--set model.head_batch_mul=4``; the overrides are recorded in results.json.
+``--set model.head_batch_mul=4``; the overrides are recorded in results.json. For ablations of the sampling,
+``--rescore RUN`` scores the release of an earlier run again, exactly as step 5 scored it (same samples' seed,
+same digit classifier), with ``--sample KEY=VALUE`` overriding its saved sampling options (repeatable; a
+JSON value, e.g. ``--sample steps=20`` or ``--sample 'steps=[10,8,6,4]'``), and writes ``OUT/results.json``.
 
 Everything a run measures is also written to ``OUT/results.json`` (``eval.demo_table`` puts seeds and models
 side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
@@ -99,7 +102,9 @@ def main(argv=None) -> int:
                    help=f"VAE (FlowAR) or tokenizer (VAR) training steps (default {AUTOENCODER_STEPS} for both)")
     p.add_argument("--steps", type=int, default=400, help="FlowAR / VAR training steps")
     p.add_argument("--per-class", type=int, default=100, help="samples per digit for the score (0: no score)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the autoencoder's and the model's training and the samples")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the autoencoder's and the model's training and the samples (default 0; with "
+                        "--rescore, the run's)")
     p.add_argument("--fid", action="store_true", help="also the FID of the scored samples against the training digits")
     p.add_argument("--autoencoder", default=None,
                    help="a VAE (FlowAR) or tokenizer (VAR) folder trained before, e.g. OUT/vae of another run, "
@@ -107,7 +112,19 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-config override as train.train takes it, e.g. model.head_batch_mul=4 or "
                         "lr=1e-3 (repeatable; applied after the demo's own settings)")
+    p.add_argument("--rescore", default=None, metavar="RUN",
+                   help="score the release of an earlier demo output folder again (step 5 only), with --sample")
+    p.add_argument("--sample", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --rescore: a sampling option of the release to override, e.g. steps=20 or "
+                        "solver=midpoint (repeatable; the value is read as JSON, else as a string)")
     args = p.parse_args(argv)
+    if args.rescore is not None:
+        return rescore(p, args)
+    if args.sampling:
+        p.error("--sample needs --rescore RUN: a full run scores with the release's saved sampling options; "
+                "score its output folder again with --rescore OUT --sample KEY=VALUE")
+    if args.seed is None:
+        args.seed = 0
     if args.fid and not args.per_class:
         p.error("--fid needs samples to score: --per-class must be >= 1")
     if args.autoencoder is not None and args.vae_steps is not None:
@@ -178,18 +195,8 @@ def main(argv=None) -> int:
     report = None
     if args.per_class:
         print(f"[5/5] scoring {10 * args.per_class} samples with the digit classifier")
-        scorer = DigitScorer.load_or_train(out / "digit-classifier", progress=False)
-        began = time.perf_counter()
-        images, labels = sample_digits(pipe, per_class=args.per_class, seed=args.seed + 1)
-        results["sampling_ms_per_image"] = 1000 * (time.perf_counter() - began) / len(labels)
-        report = scorer.score(images, labels)
-        print("      " + report.summary())
-        results.update(num_samples=report.num_samples, class_consistency=report.class_consistency,
-                       per_digit=report.per_digit, frechet_distance=report.frechet_distance,
-                       real_heldout_frechet=report.real_heldout_frechet)
-        if args.fid:
-            results["fid"] = training_digits_fid(images)
-            print(f"      FID against the 4,500 training digits {results['fid']:.2f}")
+        report = score(pipe, results, classifier_dir=out / "digit-classifier", per_class=args.per_class,
+                       seed=args.seed, fid=args.fid)
     results["minutes"] = (time.perf_counter() - start) / 60
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
@@ -204,6 +211,82 @@ def main(argv=None) -> int:
     if report is not None:
         print("  digit classifier".ljust(32) + str(out / "digit-classifier"))
         print("  class-consistency".ljust(32) + f"{report.class_consistency:.1%}")
+    return 0
+
+
+def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: int, fid: bool, **sampling):
+    """Step 5: ``per_class`` samples of each digit drawn with seed ``seed + 1`` (the grid used ``seed``) at the
+    release's sampling options updated by ``sampling``, scored by the digit classifier in ``classifier_dir``
+    (trained there if absent) and, with ``fid``, against the training digits; the scores go into ``results``."""
+    scorer = DigitScorer.load_or_train(classifier_dir, progress=False)
+    began = time.perf_counter()
+    images, labels = sample_digits(pipe, per_class=per_class, seed=seed + 1, **sampling)
+    results["sampling_ms_per_image"] = 1000 * (time.perf_counter() - began) / len(labels)
+    report = scorer.score(images, labels)
+    print("      " + report.summary())
+    results.update(num_samples=report.num_samples, class_consistency=report.class_consistency,
+                   per_digit=report.per_digit, frechet_distance=report.frechet_distance,
+                   real_heldout_frechet=report.real_heldout_frechet)
+    if fid:
+        results["fid"] = training_digits_fid(images)
+        print(f"      FID against the 4,500 training digits {results['fid']:.2f}")
+    return report
+
+
+def parse_sampling(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``--sample KEY=VALUE`` items as keyword options; each value is JSON where it parses, else a string."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--sample takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def rescore(p: argparse.ArgumentParser, args) -> int:
+    """``--rescore RUN``: step 5 again on RUN's release, with ``--sample`` overrides; RUN is left untouched."""
+    run = Path(args.rescore)
+    if not (run / "results.json").is_file():
+        p.error(f"--rescore {run}: not a demo output folder (no results.json there)")
+    if args.seed is not None or args.autoencoder is not None or args.overrides or args.vae_steps is not None:
+        p.error("--rescore takes the run's seed, autoencoder and training: --seed, --autoencoder, --set and "
+                "--vae-steps do not apply")
+    if not args.per_class:
+        p.error("--rescore needs samples to score: --per-class must be >= 1")
+    out = Path(args.out)
+    if out.resolve() == run.resolve():
+        p.error(f"--out {out}: give a new folder; --rescore does not overwrite the run's results")
+    previous = json.loads((run / "results.json").read_text())
+    release = Path(previous.get("release", ""))
+    if not (release / "config.json").is_file():
+        release = run / f"{previous['model']}-release"  # the run folder was moved since
+    if not (release / "config.json").is_file():
+        p.error(f"--rescore {run}: its release folder is missing ({release})")
+    sampling = parse_sampling(p, args.sampling)
+    pipe = load_pipeline(release)
+    try:
+        pipe.model.sampling_options(None, **sampling)
+    except (TypeError, ValueError) as err:
+        p.error(f"--sample: {err}")
+    start = time.perf_counter()
+    results = {key: value for key, value in previous.items()
+               if key not in ("minutes", "fid", "sampling_ms_per_image", "num_samples", "class_consistency",
+                              "per_digit", "frechet_distance", "real_heldout_frechet")}
+    results.update(describe_cpu(), release=str(release), rescored_from=str(run), sampling_overrides=list(args.sampling))
+    classifier = run / "digit-classifier" if (run / "digit-classifier" / "config.json").is_file() \
+        else out / "digit-classifier"
+    print(f"rescoring {release} with {sampling or 'its saved sampling options'}: "
+          f"{10 * args.per_class} samples, the digit classifier in {classifier}")
+    score(pipe, results, classifier_dir=classifier, per_class=args.per_class, seed=previous["seed"], fid=args.fid,
+          **sampling)
+    results["rescore_minutes"] = (time.perf_counter() - start) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    print(f"done in {results['rescore_minutes']:.1f} min: {out / 'results.json'}")
     return 0
 
 
