@@ -35,8 +35,8 @@ PERCENT = ("class_consistency", "worst_digit")
 
 def read_runs(folders) -> dict[str, list[dict]]:
     """results.json of each folder, grouped by model and overrides (in the order first seen); a row's name is
-    the model, then its training overrides, then its sampling ones, e.g. ``flowar model.head_batch_mul=4`` or
-    ``flowar sampling steps=20``."""
+    the model, its training precision, then its training overrides, then its sampling ones, e.g. ``flowar bf16
+    model.head_batch_mul=4`` or ``flowar bf16 sampling steps=20``."""
     groups: dict[str, list[dict]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -46,7 +46,8 @@ def read_runs(folders) -> dict[str, list[dict]]:
         if run.get("per_digit"):
             run["worst_digit"] = min(run["per_digit"])
         sampling = run.get("sampling_overrides") or []
-        name = " ".join([run["model"], *run.get("overrides", []), *(["sampling", *sampling] if sampling else [])])
+        precision = [run["precision"]] if run.get("precision") else []  # recorded since the demo trains in bf16
+        name = " ".join([run["model"], *precision, *run.get("overrides", []), *(["sampling", *sampling] if sampling else [])])
         groups.setdefault(name, []).append(run)
     return groups
 

@@ -60,6 +60,7 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
     (["--rescore", "{run}", "--sample", "steps=0"], "--sample:"),
     (["--rescore", "{run}", "--seed", "1"], "--rescore takes the run's seed"),
     (["--rescore", "{run}", "--set", "lr=1"], "--rescore takes the run's seed"),
+    (["--rescore", "{run}", "--precision", "fp32"], "--precision do not apply"),
     (["--rescore", "{run}", "--per-class", "0"], "--rescore needs samples to score"),
     (["--rescore", "{nowhere}"], "not a demo output folder"),
 ])

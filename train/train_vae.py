@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from vae import DiffusersVAE
@@ -61,11 +62,15 @@ LATENT_NORMS = ("global", "per-channel")
 
 
 def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
-              latent_norm: str = "global", image_size: int = 32, seed: int = 0, progress: bool = True) -> dict:
+              latent_norm: str = "global", image_size: int = 32, seed: int = 0, bf16: bool = False,
+              progress: bool = True) -> dict:
     """Train, estimate the latent scaling, save; returns {"psnr": held-out dB, "scaling_factor": ...}.
 
     kl_weight: the KL term's weight against the per-pixel reconstruction loss (LDM's ratio at 1e-6); a larger
-    one gives wider posteriors, which the decoder learns to decode. latent_norm: one of LATENT_NORMS."""
+    one gives wider posteriors, which the decoder learns to decode. latent_norm: one of LATENT_NORMS. bf16: the
+    encoder and decoder run under bf16 autocast (the convolutions, 3/4 of a step's time, about 1.5x faster on
+    a CPU with AVX-512 bf16); the weights, the posterior's sample and the losses stay float32, and the saved
+    VAE is float32 like any other."""
     if latent_norm not in LATENT_NORMS:
         raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {latent_norm!r}")
     if not kl_weight >= 0 or kl_weight == float("inf"):
@@ -83,8 +88,12 @@ def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2
         for group in optimizer.param_groups:  # cosine decay keeps the end of a short run stable
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = train_images[torch.randint(len(train_images), (batch_size,), generator=generator)]
-        posterior = autoencoder.encode(batch).latent_dist
-        reconstruction = autoencoder.decode(posterior.sample(generator=generator)).sample
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            moments = autoencoder.encode(batch).latent_dist.parameters
+        posterior = DiagonalGaussianDistribution(moments.float())
+        latents = posterior.sample(generator=generator)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            reconstruction = autoencoder.decode(latents).sample.float()
         recon = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
         kl = posterior.kl().mean() / batch[0].numel()
         loss = recon + kl_weight * kl
@@ -119,12 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--latent-norm", choices=LATENT_NORMS, default="global",
                    help="one scaling factor for all latents, or a mean and std per channel")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="encoder and decoder under bf16 autocast (float32 weights)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
     try:
         result = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           kl_weight=args.kl_weight, latent_norm=args.latent_norm)
+                           kl_weight=args.kl_weight, latent_norm=args.latent_norm, bf16=args.bf16)
     except (ValueError, RuntimeError) as err:
         print(f"train_vae: {err}", file=sys.stderr)
         return 2
