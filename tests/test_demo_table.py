@@ -7,13 +7,15 @@ import pytest
 from eval.demo_table import format_table, main, read_runs
 
 
-def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None):
+def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None, fid_minutes=None):
     folder.mkdir(parents=True)
     run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
            "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
            "frechet_distance": 90.0 + seed, "minutes": 5.0, "cores": 2, "torch_threads": 2, "torch": "x"}
     if fid is not None:
         run["fid"] = fid
+    if fid_minutes is not None:
+        run["fid_minutes"] = fid_minutes
     if overrides is not None:
         run["overrides"] = overrides
     if sampling is not None:
@@ -49,6 +51,14 @@ def test_rescored_runs_are_rows_of_their_sampling_overrides(tmp_path):
     plain = write_run(tmp_path / "p", "flowar", 1, 0.96, sampling=[])
     groups = read_runs([trained, rescored, plain])
     assert list(groups) == ["flowar model.head_depth=2", "flowar model.head_depth=2 sampling steps=20", "flowar"]
+
+
+def test_the_demos_own_minutes_leave_the_fid_out_where_its_time_was_recorded(tmp_path):
+    timed = write_run(tmp_path / "t", "flowar", 0, 0.95, fid=40.0, fid_minutes=1.5)
+    untimed = write_run(tmp_path / "u", "var", 0, 0.95, fid=40.0)  # written before fid_minutes was recorded
+    table = format_table(read_runs([timed, untimed])).splitlines()
+    assert table[0].endswith("| run minutes | minutes without FID |")
+    assert table[2].endswith("| 5.0 | 3.5 |") and table[3].endswith("| 5.0 | - |")
 
 
 def test_a_folder_without_results_is_named(tmp_path, capsys):
