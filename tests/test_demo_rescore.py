@@ -49,6 +49,8 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
         assert got["seed"] == 4 and got["overrides"] == ["model.head_depth=2"] and "minutes" not in got
         assert got["rescored_from"] == str(run) and got["release"] == str(run / "flowar-release")
     assert same["sampling_overrides"] == [] and steps["sampling_overrides"] == ["steps=3", "guidance_interval=[0.0, 0.8]"]
+    # the cost columns are the rescored settings', not the run's: 10 saved steps, then 3, at each of 4 scales
+    assert same["head_evaluations"] == 4 * 10 and steps["head_evaluations"] == 4 * 3
     assert same["frechet_distance"] != steps["frechet_distance"]  # the override reached the sampler
     assert (run / "results.json").read_text() == before
 

@@ -298,7 +298,8 @@ def rescore(p: argparse.ArgumentParser, args) -> int:
     results = {key: value for key, value in previous.items()
                if key not in ("minutes", "fid", "sampling_ms_per_image", "num_samples", "class_consistency",
                               "per_digit", "frechet_distance", "real_heldout_frechet")}
-    results.update(describe_cpu(), release=str(release), rescored_from=str(run), sampling_overrides=list(args.sampling))
+    results.update(**describe_cpu(), **sampling_cost(pipe, **sampling), release=str(release), rescored_from=str(run),
+                   sampling_overrides=list(args.sampling))
     classifier = run / "digit-classifier" if (run / "digit-classifier" / "config.json").is_file() \
         else out / "digit-classifier"
     print(f"rescoring {release} with {sampling or 'its saved sampling options'}: "
@@ -312,12 +313,14 @@ def rescore(p: argparse.ArgumentParser, args) -> int:
     return 0
 
 
-def sampling_cost(pipe) -> dict:
-    """Per image, at the release's saved sampling settings: transformer passes, head evaluations (FlowAR's ODE
-    steps summed over scales; 0 for VAR, whose head is a linear layer inside each pass) and head token rows
-    (rows through the head, doubled where guided: the head's FLOPs are proportional to them)."""
+def sampling_cost(pipe, **sampling) -> dict:
+    """Per image, at the release's saved sampling settings updated by ``sampling``: transformer passes, head
+    evaluations (FlowAR's ODE steps summed over scales; 0 for VAR, whose head is a linear layer inside each
+    pass) and head token rows (rows through the head, doubled where guided: the head's FLOPs are proportional
+    to them)."""
     model = pipe.model
-    out = generate(model, list(range(10)), autoencoder=pipe.autoencoder, generator=torch.Generator().manual_seed(0))
+    out = generate(model, list(range(10)), autoencoder=pipe.autoencoder, generator=torch.Generator().manual_seed(0),
+                   **sampling)
     return {"transformer_passes": len(model.config.scales), "head_evaluations": int(getattr(out, "nfe", 0)),
             "head_rows_per_image": getattr(out, "head_rows", 0) / 10}
 
