@@ -37,10 +37,10 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
     before = (run / "results.json").read_text()
     assert demo.main(["--rescore", str(run), "--out", str(tmp_path / "same"), "--per-class", "2"]) == 0
     assert demo.main(["--rescore", str(run), "--out", str(tmp_path / "steps"), "--per-class", "2",
-                      "--sample", "steps=3", "--sample", 'guidance_interval=[0.0, 0.8]']) == 0
+                      "--sample", "steps=4", "--sample", 'guidance_interval=[0.0, 0.8]']) == 0
     same = json.loads((tmp_path / "same" / "results.json").read_text())
     steps = json.loads((tmp_path / "steps" / "results.json").read_text())
-    for got, sampling in [(same, {}), (steps, {"steps": 3, "guidance_interval": [0.0, 0.8]})]:
+    for got, sampling in [(same, {}), (steps, {"steps": 4, "guidance_interval": [0.0, 0.8]})]:
         report = expected_scores(run, 2, **sampling)
         assert got["num_samples"] == 20 and got["per_digit"] == report.per_digit
         assert got["class_consistency"] == report.class_consistency
@@ -48,9 +48,9 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
         # what the row is: the run's model, seed and training; the run's own score and time are not carried
         assert got["seed"] == 4 and got["overrides"] == ["model.head_depth=2"] and "minutes" not in got
         assert got["rescored_from"] == str(run) and got["release"] == str(run / "flowar-release")
-    assert same["sampling_overrides"] == [] and steps["sampling_overrides"] == ["steps=3", "guidance_interval=[0.0, 0.8]"]
-    # the cost columns are the rescored settings', not the run's: 10 saved steps, then 3, at each of 4 scales
-    assert same["head_evaluations"] == 4 * 10 and steps["head_evaluations"] == 4 * 3
+    assert same["sampling_overrides"] == [] and steps["sampling_overrides"] == ["steps=4", "guidance_interval=[0.0, 0.8]"]
+    # the cost columns are the rescored settings', not the run's: 10 saved steps, then 4, at each of 4 scales
+    assert same["head_evaluations"] == 4 * 10 and steps["head_evaluations"] == 4 * 4
     assert same["frechet_distance"] != steps["frechet_distance"]  # the override reached the sampler
     assert (run / "results.json").read_text() == before
 
