@@ -19,7 +19,8 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     save_classifier(DigitClassifier(), folder / "digit-classifier", heldout_accuracy=0.1)
     results = {"model": "flowar", "seed": 4, "steps": 400, "overrides": ["model.head_depth=2"],
-               "release": str(folder / "moved-away"), "class_consistency": 0.5, "minutes": 9.0}
+               "release": str(folder / "moved-away"), "class_consistency": 0.5, "minutes": 9.0, "fid": 40.0,
+               "fid_minutes": 2.0}
     (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -47,6 +48,7 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
         assert got["frechet_distance"] == pytest.approx(report.frechet_distance, rel=1e-9)
         # what the row is: the run's model, seed and training; the run's own score and time are not carried
         assert got["seed"] == 4 and got["overrides"] == ["model.head_depth=2"] and "minutes" not in got
+        assert "fid" not in got and "fid_minutes" not in got  # rescored without --fid: no stale FID or its time
         assert got["rescored_from"] == str(run) and got["release"] == str(run / "flowar-release")
     assert same["sampling_overrides"] == [] and steps["sampling_overrides"] == ["steps=4", "guidance_interval=[0.0, 0.8]"]
     # the cost columns are the rescored settings', not the run's: 10 saved steps, then 4, at each of 4 scales

@@ -192,8 +192,8 @@ def main(argv=None) -> int:
                  "code_dim": encoder.code_dim}
     cfg = load_config(None, [
         f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
-        *TRAINING, f"bf16={str(precision == 'bf16').lower()}", f"total_steps={args.steps}", "checkpoint_every=100", f"sample_every={max(args.steps // 4, 1)}",
-        "log_every=10", f"seed={args.seed}",
+        *TRAINING, f"bf16={str(precision == 'bf16').lower()}", f"total_steps={args.steps}", "checkpoint_every=100",
+        f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
         *(f"model.{k}={json.dumps(v)}" for k, v in model.items()), *args.overrides,
     ])
     results["overrides"] = list(args.overrides)
@@ -235,6 +235,11 @@ def training_precision(choice: str, cpu_flags: list[str]) -> str:
     if choice == "auto":
         return "bf16" if any(flag in cpu_flags for flag in NATIVE_BF16_FLAGS) else "fp32"
     return choice
+
+
+# What score() writes into a results dict; a rescored run drops the run's own values of them (and its minutes).
+SCORE_KEYS = ("sampling_ms_per_image", "num_samples", "class_consistency", "per_digit", "frechet_distance",
+              "real_heldout_frechet", "fid", "fid_minutes")
 
 
 def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: int, fid: bool, **sampling):
@@ -299,9 +304,7 @@ def rescore(p: argparse.ArgumentParser, args) -> int:
     except (TypeError, ValueError) as err:
         p.error(f"--sample: {err}")
     start = time.perf_counter()
-    results = {key: value for key, value in previous.items()
-               if key not in ("minutes", "fid", "sampling_ms_per_image", "num_samples", "class_consistency",
-                              "per_digit", "frechet_distance", "real_heldout_frechet")}
+    results = {key: value for key, value in previous.items() if key not in (*SCORE_KEYS, "minutes")}
     results.update(**describe_cpu(), **sampling_cost(pipe, **sampling), release=str(release), rescored_from=str(run),
                    sampling_overrides=list(args.sampling))
     classifier = run / "digit-classifier" if (run / "digit-classifier" / "config.json").is_file() \

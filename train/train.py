@@ -34,7 +34,7 @@ from eval.inception import load_feature_network
 from eval.metrics import feature_statistics
 from eval.reference import default_cache_dir, write_stats_npz
 from flowar import VAR, VAR_PRESETS, FlowAR, get_preset, get_var_preset
-from flowar.outputs import image_grid, to_uint8_images
+from flowar.outputs import autocast_context, image_grid, to_uint8_images
 from flowar.sampling import generate
 
 from .checkpoint import CheckpointManager
@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         print(f"training {cfg.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
               f"{source.describe()}, {world} process(es), global batch {cfg.global_batch} = {world} x {local} "
               f"x {cfg.grad_accum} accumulation, steps {start_step} -> {cfg.total_steps}, out_dir {out_dir}")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
+    autocast = autocast_context(device, torch.bfloat16 if cfg.bf16 else None)
     fixed_noise = None  # for sample grids: the same noise every time, so grids are comparable
     fid = InTrainingFID(cfg, out_dir, device) if is_main and cfg.fid_every else None
     bar = tqdm(total=cfg.total_steps, initial=start_step, desc="train", disable=not (is_main and cfg.progress),

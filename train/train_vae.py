@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
+from flowar.outputs import autocast_context
 from vae import DiffusersVAE
 
 from .data import build_dataset
@@ -82,17 +83,18 @@ def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2
     autoencoder = small_autoencoder()
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    cpu, autocast_dtype = torch.device("cpu"), torch.bfloat16 if bf16 else None
     bar = tqdm(range(steps), desc="vae", disable=not progress)
     start = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:  # cosine decay keeps the end of a short run stable
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = train_images[torch.randint(len(train_images), (batch_size,), generator=generator)]
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with autocast_context(cpu, autocast_dtype):
             moments = autoencoder.encode(batch).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(moments.float())
         latents = posterior.sample(generator=generator)
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with autocast_context(cpu, autocast_dtype):
             reconstruction = autoencoder.decode(latents).sample.float()
         recon = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
         kl = posterior.kl().mean() / batch[0].numel()
