@@ -3,7 +3,8 @@
     python -m eval.demo_table runs/demo-s0 runs/demo-s1 runs/demo-s2 runs/ms-s0 ... [--time]
 
 Each argument is a demo output folder holding ``results.json``. Rows group the runs by model, by the
-training-config overrides the run was given (``train.demo --set``) and by the sampling overrides of a rescored
+training-config overrides the run was given (``train.demo --set``), by its VAE options (``--kl-weight``,
+``--latent-norm``) and by the sampling overrides of a rescored
 run (``train.demo --rescore RUN --sample``), so the rows of an ablation come apart;
 each cell is the mean +- sample sd over the runs (seeds) of that row. ``--time`` also times sampling in this one
 process: each model's first release samples the same 100 labels at its saved settings, the models taking
@@ -36,8 +37,9 @@ PERCENT = ("class_consistency", "worst_digit")
 
 def read_runs(folders) -> dict[str, list[dict]]:
     """results.json of each folder, grouped by model and overrides (in the order first seen); a row's name is
-    the model, its training precision, then its training overrides, then its sampling ones, e.g. ``flowar bf16
-    model.head_batch_mul=4`` or ``flowar bf16 sampling steps=20``."""
+    the model, its training precision, then its VAE's options where they differ from the demo's, its training
+    overrides, then its sampling ones, e.g. ``flowar bf16 model.head_batch_mul=4``, ``flowar bf16 vae
+    latent_norm=per-channel`` or ``flowar bf16 sampling steps=20``."""
     groups: dict[str, list[dict]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -50,7 +52,9 @@ def read_runs(folders) -> dict[str, list[dict]]:
             run["demo_minutes"] = run["minutes"] - run.get("fid_minutes", 0.0)  # what the demo takes without --fid
         sampling = run.get("sampling_overrides") or []
         precision = [run["precision"]] if run.get("precision") else []  # recorded since the demo trains in bf16
-        name = " ".join([run["model"], *precision, *run.get("overrides", []), *(["sampling", *sampling] if sampling else [])])
+        vae = run.get("autoencoder_overrides") or []  # recorded since the demo has VAE levers
+        name = " ".join([run["model"], *precision, *(["vae", *vae] if vae else []), *run.get("overrides", []),
+                         *(["sampling", *sampling] if sampling else [])])
         groups.setdefault(name, []).append(run)
     return groups
 

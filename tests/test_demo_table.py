@@ -7,7 +7,8 @@ import pytest
 from eval.demo_table import format_table, main, read_runs
 
 
-def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None, fid_minutes=None):
+def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None, fid_minutes=None,
+              autoencoder=None):
     folder.mkdir(parents=True)
     run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
            "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
@@ -20,6 +21,8 @@ def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampli
         run["overrides"] = overrides
     if sampling is not None:
         run["sampling_overrides"] = sampling
+    if autoencoder is not None:
+        run["autoencoder_overrides"] = autoencoder
     (folder / "results.json").write_text(json.dumps(run))
     return folder
 
@@ -43,6 +46,18 @@ def test_runs_with_other_overrides_are_other_rows(tmp_path):
     groups = read_runs([*base, *lever, old])
     assert list(groups) == ["flowar", "flowar model.scale_weights=equal"]
     assert [r["seed"] for r in groups["flowar"]] == [0, 1, 2] and len(groups["flowar model.scale_weights=equal"]) == 2
+
+
+def test_runs_of_another_vae_are_other_rows(tmp_path):
+    base = write_run(tmp_path / "base", "flowar", 0, 0.95, overrides=[], autoencoder=[])
+    per_channel = [write_run(tmp_path / f"pc{s}", "flowar", s, 0.9, overrides=[], autoencoder=["latent_norm=per-channel"])
+                   for s in (0, 1)]
+    both = write_run(tmp_path / "both", "flowar", 0, 0.9, overrides=["model.context_noise=0.25"],
+                     autoencoder=["kl_weight=0.0001"])
+    groups = read_runs([base, *per_channel, both])
+    assert list(groups) == ["flowar", "flowar vae latent_norm=per-channel",
+                            "flowar vae kl_weight=0.0001 model.context_noise=0.25"]
+    assert len(groups["flowar vae latent_norm=per-channel"]) == 2
 
 
 def test_rescored_runs_are_rows_of_their_sampling_overrides(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from train.demo import training_precision
-from train.train_vae import train_vae
+from train.train_vae import renormalize_vae, train_vae
 
 
 def weights(folder) -> dict:
@@ -17,7 +17,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     results = {name: train_vae(root / name, steps=3, batch_size=8, seed=0, bf16=bf16, progress=False)
                for name, bf16 in [("fp32", False), ("fp32-again", False), ("bf16", True)]}
+    results["per-channel"] = train_vae(root / "per-channel", steps=3, batch_size=8, seed=0, latent_norm="per-channel",
+                                       progress=False)
     return root, results
+
+
+def scaling(folder) -> dict:
+    config = AutoencoderKL.load_config(folder)
+    return {key: config.get(key) for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
 
 
 def test_bf16_autocast_trains_float32_weights_that_differ_from_float32_training(runs):
@@ -31,11 +38,29 @@ def test_bf16_autocast_trains_float32_weights_that_differ_from_float32_training(
         assert 0 < result["psnr"] < 60 and result["scaling_factor"] > 0
 
 
+def test_renormalizing_a_trained_vae_is_training_it_with_that_latent_norm(runs, tmp_path):
+    root, results = runs
+    renormalized = renormalize_vae(root / "fp32", tmp_path / "pc", latent_norm="per-channel", seed=0)
+    per_channel = scaling(root / "per-channel")
+    assert per_channel["scaling_factor"] == 1.0 and len(per_channel["latents_std"]) == 4
+    assert per_channel["latents_std"] != [1.0] * 4  # estimated, not left at the identity
+    assert scaling(tmp_path / "pc") == per_channel  # the stats train_vae(latent_norm="per-channel") saved
+    fp32, again = weights(root / "per-channel"), weights(tmp_path / "pc")
+    assert all(torch.equal(fp32[k], again[k]) for k in fp32)  # the weights do not depend on the normalisation
+    assert renormalized["psnr"] == pytest.approx(results["per-channel"]["psnr"], abs=1e-3)
+    # and back: the global factor of the float32 run, its channel stats gone
+    renormalize_vae(tmp_path / "pc", tmp_path / "global", latent_norm="global", seed=0)
+    assert scaling(tmp_path / "global") == scaling(root / "fp32")
+    assert scaling(root / "fp32")["latents_mean"] is None
+
+
 def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="latent_norm"):
         train_vae(tmp_path / "a", steps=1, latent_norm="batch")
     with pytest.raises(ValueError, match="kl_weight"):
         train_vae(tmp_path / "b", steps=1, kl_weight=-1.0)
+    with pytest.raises(ValueError, match="latent_norm"):
+        renormalize_vae(tmp_path / "a", tmp_path / "c", latent_norm="batch")
 
 
 @pytest.mark.parametrize("choice, flags, expected", [

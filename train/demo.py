@@ -20,7 +20,10 @@ only its stage of time and fewer head steps are run at the late scales.
 
 For ablations of the generator: ``--autoencoder DIR`` reuses the VAE (or tokenizer) folder of an earlier run
 instead of training one, and ``--set KEY=VALUE`` (repeatable) overrides the training config, e.g.
-``--set model.head_batch_mul=4``; the overrides are recorded in results.json. For ablations of the sampling,
+``--set model.head_batch_mul=4``; the overrides are recorded in results.json. The VAE's own levers are
+``--kl-weight`` (it trains a VAE) and ``--latent-norm per-channel`` (with ``--autoencoder`` it estimates the
+reused VAE's latent statistics again into ``OUT/vae``: the weights do not depend on them, so no training is
+needed). For ablations of the sampling,
 ``--rescore RUN`` scores the release of an earlier run again, exactly as step 5 scored it (same samples' seed,
 same digit classifier), with ``--sample KEY=VALUE`` overriding its saved sampling options (repeatable; a
 JSON value, e.g. ``--sample steps=20`` or ``--sample 'steps=[10,8,6,4]'``), and writes ``OUT/results.json``.
@@ -55,7 +58,7 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
-from .train_vae import train_vae
+from .train_vae import KL_WEIGHT, LATENT_NORMS, renormalize_vae, train_vae
 
 # A FlowAR small enough for a CPU: 2+2 blocks of width 128 and a 4-block transformer head. No dropout: in
 # 400 steps (6 epochs) the model underfits, and dropping it (with lr 2e-3) took class-consistency from 76%
@@ -84,6 +87,8 @@ DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage", "time_distribution": "un
 # Equal compute: the VAE and the VQ tokenizer train for the same steps, as many as the tokenizer needs to use
 # over half of its codebook at every scale.
 AUTOENCODER_STEPS = 600
+# The VAE's levers (--kl-weight, --latent-norm) at train_vae's defaults.
+DEFAULT_VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0]}
 # Both generators train with the same recipe: 400 steps of batch 64, lr 3e-3 (40 warm-up steps, cosine to
 # 1e-4), and no weight averaging (ema 0: the release holds the trained weights). At this length an EMA only
 # lags: at seed 0 (500 samples, guidance 2, lr 2e-3) FlowAR's Frechet distance was 30.7 with the trained
@@ -123,6 +128,11 @@ def main(argv=None) -> int:
     p.add_argument("--autoencoder", default=None,
                    help="a VAE (FlowAR) or tokenizer (VAR) folder trained before, e.g. OUT/vae of another run, "
                         "used instead of training one (step 1): for ablations that change only the generator")
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help=f"FlowAR's VAE: the KL weight against the reconstruction loss (default {KL_WEIGHT})")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default=None,
+                   help="FlowAR's VAE: one scaling factor for all latents (global, the default) or a mean and std "
+                        "per channel; with --autoencoder, the reused VAE's statistics are estimated again")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-config override as train.train takes it, e.g. model.head_batch_mul=4 or "
                         "lr=1e-3 (repeatable; applied after the demo's own settings)")
@@ -143,6 +153,15 @@ def main(argv=None) -> int:
         p.error("--fid needs samples to score: --per-class must be >= 1")
     if args.autoencoder is not None and args.vae_steps is not None:
         p.error("--vae-steps trains an autoencoder and --autoencoder reuses one: give one of them")
+    if args.model == "var" and (args.kl_weight is not None or args.latent_norm is not None):
+        p.error("--kl-weight and --latent-norm are options of FlowAR's VAE; VAR's tokenizer has neither")
+    if args.autoencoder is not None and args.kl_weight is not None:
+        p.error("--kl-weight trains a VAE and --autoencoder reuses one: give one of them")
+    if args.kl_weight is not None and not (args.kl_weight >= 0 and args.kl_weight != float("inf")):
+        p.error(f"--kl-weight must be a finite number >= 0, got {args.kl_weight}")
+    if args.autoencoder is not None and args.latent_norm is not None and \
+            Path(args.autoencoder).resolve() == (Path(args.out) / "vae").resolve():
+        p.error("--latent-norm with --autoencoder writes OUT/vae: give an --out other than the reused VAE's run")
     if args.autoencoder is not None and not (Path(args.autoencoder) / "config.json").is_file():
         p.error(f"--autoencoder {args.autoencoder}: not a VAE or tokenizer folder (no config.json there)")
     for override in args.overrides:
@@ -156,12 +175,23 @@ def main(argv=None) -> int:
     results["precision"] = precision
 
     steps = args.vae_steps or AUTOENCODER_STEPS
-    encoder_dir = Path(args.autoencoder) if args.autoencoder else out / ("tokenizer" if var else "vae")
+    vae_options = {**DEFAULT_VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
+                   **({"latent_norm": args.latent_norm} if args.latent_norm else {})}
+    renormalize = args.autoencoder is not None and args.latent_norm is not None
+    encoder_dir = Path(args.autoencoder) if args.autoencoder and not renormalize \
+        else out / ("tokenizer" if var else "vae")
     if args.autoencoder:
-        print(f"[1/5] reusing the {'tokenizer' if var else 'VAE'} in {encoder_dir}")
-        result = json.loads((encoder_dir / "demo_autoencoder.json").read_text()) \
-            if (encoder_dir / "demo_autoencoder.json").exists() else {"psnr": float("nan"), "steps": None}
+        print(f"[1/5] reusing the {'tokenizer' if var else 'VAE'} in {args.autoencoder}")
+        summary_file = Path(args.autoencoder) / "demo_autoencoder.json"
+        result = json.loads(summary_file.read_text()) if summary_file.exists() else {"psnr": float("nan"), "steps": None}
         steps = result.get("steps")
+        if not var:  # a VAE's own summary says how it was trained; older ones were trained at the defaults
+            vae_options = {key: result.get(key, default) for key, default in DEFAULT_VAE_OPTIONS.items()}
+        if renormalize:
+            print(f"      its latents normalised {args.latent_norm}, saved to {encoder_dir}")
+            result = {**result, **renormalize_vae(args.autoencoder, encoder_dir, latent_norm=args.latent_norm,
+                                                  seed=result.get("seed", args.seed))}
+            vae_options["latent_norm"] = args.latent_norm
     elif var:
         print(f"[1/5] training the MNIST multi-scale VQ tokenizer ({steps} steps)")
         result = train_tokenizer(encoder_dir, steps=steps, seed=args.seed)
@@ -169,16 +199,19 @@ def main(argv=None) -> int:
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
     else:
         print(f"[1/5] training the MNIST VAE ({steps} steps, {precision})")
-        result = train_vae(encoder_dir, steps=steps, seed=args.seed, bf16=precision == "bf16")
+        result = train_vae(encoder_dir, steps=steps, seed=args.seed, bf16=precision == "bf16", **vae_options)
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
-    if not args.autoencoder:  # what a later --autoencoder run reports about it
-        summary = {"steps": steps, "psnr": float(result["psnr"]), "seed": args.seed,
-                   **({"usage": list(result["usage"])} if var else {})}
+    if not args.autoencoder or renormalize:  # what a later --autoencoder run reports about it
+        summary = {"steps": steps, "psnr": float(result["psnr"]), "seed": result.get("seed", args.seed),
+                   **({"usage": list(result["usage"])} if var else vae_options)}
         atomic_write(encoder_dir / "demo_autoencoder.json", lambda tmp: tmp.write_text(json.dumps(summary)))
     encoder = load_tokenizer(str(encoder_dir)) if var else load_any_vae(str(encoder_dir))
     if var and "usage" in result:
         results["codebook_use"] = list(result["usage"])
     results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
+    if not var:  # a row of eval.demo_table per VAE that differs from the demo's
+        results["autoencoder_overrides"] = [f"{key}={value}" for key, value in vae_options.items()
+                                            if value != DEFAULT_VAE_OPTIONS[key]]
 
     print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
