@@ -58,7 +58,7 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
-from .train_vae import KL_WEIGHT, LATENT_NORMS, renormalize_vae, train_vae
+from .train_vae import KL_WEIGHT, LATENT_NORMS, check_kl_weight, renormalize_vae, train_vae
 
 # A FlowAR small enough for a CPU: 2+2 blocks of width 128 and a 4-block transformer head. No dropout: in
 # 400 steps (6 epochs) the model underfits, and dropping it (with lr 2e-3) took class-consistency from 76%
@@ -158,8 +158,11 @@ def main(argv=None) -> int:
         p.error("--kl-weight and --latent-norm are options of FlowAR's VAE; VAR's tokenizer has neither")
     if args.autoencoder is not None and args.kl_weight is not None:
         p.error("--kl-weight trains a VAE and --autoencoder reuses one: give one of them")
-    if args.kl_weight is not None and not (args.kl_weight >= 0 and args.kl_weight != float("inf")):
-        p.error(f"--kl-weight must be a finite number >= 0, got {args.kl_weight}")
+    if args.kl_weight is not None:
+        try:
+            check_kl_weight(args.kl_weight, name="--kl-weight")
+        except ValueError as err:
+            p.error(str(err))
     if args.autoencoder is not None and args.latent_norm is not None and \
             Path(args.autoencoder).resolve() == (Path(args.out) / "vae").resolve():
         p.error("--latent-norm with --autoencoder writes OUT/vae: give an --out other than the reused VAE's run")

@@ -77,11 +77,9 @@ def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2
     a CPU with AVX-512 bf16); the weights, the posterior's sample and the losses stay float32, and the saved
     VAE is float32 like any other."""
     check_latent_norm(latent_norm)
-    if not kl_weight >= 0 or kl_weight == float("inf"):
-        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight}")
+    check_kl_weight(kl_weight)
     torch.manual_seed(seed)
     train_set = build_dataset("mnist", image_size=image_size, split="train")
-    held_out = build_dataset("mnist", image_size=image_size, split="heldout")
     train_images = stack(train_set, range(len(train_set)))  # 4,500 small digits fit in memory
     autoencoder = small_autoencoder()
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=lr, weight_decay=0.0)
@@ -110,16 +108,20 @@ def train_vae(out_dir, *, steps: int = 1500, batch_size: int = 64, lr: float = 2
         optimizer.step()
         bar.set_postfix(recon=f"{recon.item():.4f}")
     autoencoder.eval()
-    vae = DiffusersVAE(autoencoder)
-    normalize_latents(vae, train_images[:STATS_IMAGES], latent_norm, seed=seed)
-    held_out_psnr = evaluate_psnr(vae, stack(held_out, range(len(held_out))))
-    vae.save_pretrained(out_dir)
-    return {"psnr": held_out_psnr, "scaling_factor": vae.scaling_factor, "seconds": time.perf_counter() - start}
+    result = normalize_and_save(DiffusersVAE(autoencoder), train_images[:STATS_IMAGES], out_dir,
+                                latent_norm=latent_norm, seed=seed, image_size=image_size)
+    return {**result, "seconds": time.perf_counter() - start}
 
 
 def check_latent_norm(latent_norm: str) -> None:
     if latent_norm not in LATENT_NORMS:
         raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {latent_norm!r}")
+
+
+def check_kl_weight(kl_weight: float, name: str = "kl_weight") -> None:
+    """``name``: how the caller's user spells the argument (train.demo's ``--kl-weight``)."""
+    if not kl_weight >= 0 or kl_weight == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {kl_weight}")
 
 
 @torch.no_grad()
@@ -140,10 +142,18 @@ def renormalize_vae(vae_dir, out_dir, *, latent_norm: str, seed: int = 0, image_
     seed saves, without training again. Returns {"psnr": held-out dB, "scaling_factor": ...} like train_vae."""
     check_latent_norm(latent_norm)
     train_set = build_dataset("mnist", image_size=image_size, split="train")
-    held_out = build_dataset("mnist", image_size=image_size, split="heldout")
     vae = DiffusersVAE.from_pretrained(vae_dir)
     vae.autoencoder.eval()
-    normalize_latents(vae, stack(train_set, range(STATS_IMAGES)), latent_norm, seed=seed)
+    return normalize_and_save(vae, stack(train_set, range(STATS_IMAGES)), out_dir, latent_norm=latent_norm,
+                              seed=seed, image_size=image_size)
+
+
+def normalize_and_save(vae: DiffusersVAE, stats_images: torch.Tensor, out_dir, *, latent_norm: str, seed: int,
+                       image_size: int) -> dict:
+    """The last step of train_vae and renormalize_vae: the latent scaling from ``stats_images``, the held-out
+    PSNR, the diffusers folder; returns {"psnr": ..., "scaling_factor": ...}."""
+    normalize_latents(vae, stats_images, latent_norm, seed=seed)
+    held_out = build_dataset("mnist", image_size=image_size, split="heldout")
     held_out_psnr = evaluate_psnr(vae, stack(held_out, range(len(held_out))))
     vae.save_pretrained(out_dir)
     return {"psnr": held_out_psnr, "scaling_factor": vae.scaling_factor}
