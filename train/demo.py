@@ -58,7 +58,8 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
-from .train_vae import KL_WEIGHT, LATENT_NORMS, check_kl_weight, renormalize_vae, train_vae
+from .train_vae import KL_WEIGHT, LATENT_NORMS, VAE_CHANNELS, check_kl_weight, parse_channels, renormalize_vae, \
+    train_vae
 
 # A FlowAR small enough for a CPU: 2+2 blocks of width 128 and a 4-block transformer head. No dropout: in
 # 400 steps (6 epochs) the model underfits, and dropping it (with lr 2e-3) took class-consistency from 76%
@@ -88,8 +89,8 @@ DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage", "time_distribution": "un
 # Equal compute: the VAE and the VQ tokenizer train for the same steps, as many as the tokenizer needs to use
 # over half of its codebook at every scale.
 AUTOENCODER_STEPS = 600
-# The VAE's levers (--kl-weight, --latent-norm) at train_vae's defaults.
-DEFAULT_VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0]}
+# The VAE's levers (--kl-weight, --latent-norm, --vae-channels) at train_vae's defaults.
+DEFAULT_VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0], "channels": list(VAE_CHANNELS)}
 # Both generators train with the same recipe: 400 steps of batch 64, lr 3e-3 (40 warm-up steps, cosine to
 # 1e-4), and no weight averaging (ema 0: the release holds the trained weights). At this length an EMA only
 # lags: at seed 0 (500 samples, guidance 2, lr 2e-3) FlowAR's Frechet distance was 30.7 with the trained
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
                         "used instead of training one (step 1): for ablations that change only the generator")
     p.add_argument("--kl-weight", type=float, default=None,
                    help=f"FlowAR's VAE: the KL weight against the reconstruction loss (default {KL_WEIGHT})")
+    p.add_argument("--vae-channels", default=None, metavar="C1,C2,C3",
+                   help="FlowAR's VAE: the encoder's channels at 32x32, 16x16 and 8x8, multiples of 16 (default "
+                        f"{','.join(map(str, VAE_CHANNELS))})")
     p.add_argument("--latent-norm", choices=LATENT_NORMS, default=None,
                    help="FlowAR's VAE: one scaling factor for all latents (global, the default) or a mean and std "
                         "per channel; with --autoencoder, the reused VAE's statistics are estimated again")
@@ -154,10 +158,17 @@ def main(argv=None) -> int:
         p.error("--fid needs samples to score: --per-class must be >= 1")
     if args.autoencoder is not None and args.vae_steps is not None:
         p.error("--vae-steps trains an autoencoder and --autoencoder reuses one: give one of them")
-    if args.model == "var" and (args.kl_weight is not None or args.latent_norm is not None):
-        p.error("--kl-weight and --latent-norm are options of FlowAR's VAE; VAR's tokenizer has neither")
-    if args.autoencoder is not None and args.kl_weight is not None:
-        p.error("--kl-weight trains a VAE and --autoencoder reuses one: give one of them")
+    if args.model == "var" and (args.kl_weight is not None or args.latent_norm is not None
+                                or args.vae_channels is not None):
+        p.error("--kl-weight, --vae-channels and --latent-norm are options of FlowAR's VAE; VAR's tokenizer "
+                "has none of them")
+    if args.autoencoder is not None and (args.kl_weight is not None or args.vae_channels is not None):
+        p.error("--kl-weight and --vae-channels train a VAE and --autoencoder reuses one: give one of them")
+    if args.vae_channels is not None:
+        try:
+            args.vae_channels = parse_channels(args.vae_channels, name="--vae-channels")
+        except ValueError as err:
+            p.error(str(err))
     if args.kl_weight is not None:
         try:
             check_kl_weight(args.kl_weight, name="--kl-weight")
@@ -180,7 +191,8 @@ def main(argv=None) -> int:
 
     steps = args.vae_steps or AUTOENCODER_STEPS
     vae_options = {**DEFAULT_VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
-                   **({"latent_norm": args.latent_norm} if args.latent_norm else {})}
+                   **({"latent_norm": args.latent_norm} if args.latent_norm else {}),
+                   **({"channels": args.vae_channels} if args.vae_channels is not None else {})}
     renormalize = args.autoencoder is not None and args.latent_norm is not None
     encoder_dir = Path(args.autoencoder) if args.autoencoder and not renormalize \
         else out / ("tokenizer" if var else "vae")
@@ -202,7 +214,7 @@ def main(argv=None) -> int:
         usage = " ".join(f"{s}x{s}:{u:.0%}" for s, u in zip(result["scales"], result["usage"]))
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
     else:
-        print(f"[1/5] training the MNIST VAE ({steps} steps, {precision})")
+        print(f"[1/5] training the MNIST VAE ({steps} steps, channels {vae_options['channels']}, {precision})")
         result = train_vae(encoder_dir, steps=steps, seed=args.seed, bf16=precision == "bf16", **vae_options)
         print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
     if not args.autoencoder or renormalize:  # what a later --autoencoder run reports about it
@@ -214,8 +226,9 @@ def main(argv=None) -> int:
         results["codebook_use"] = list(result["usage"])
     results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
     if not var:  # a row of eval.demo_table per VAE that differs from the demo's
-        results["autoencoder_overrides"] = [f"{key}={value}" for key, value in vae_options.items()
-                                            if value != DEFAULT_VAE_OPTIONS[key]]
+        results["autoencoder_overrides"] = [
+            f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
+            for key, value in vae_options.items() if value != DEFAULT_VAE_OPTIONS[key]]
 
     print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
