@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from train.demo import training_precision
-from train.train_vae import renormalize_vae, train_vae
+from train.train_vae import VAE_CHANNELS, check_channels, renormalize_vae, small_autoencoder, train_vae
 
 
 def weights(folder) -> dict:
@@ -61,6 +61,28 @@ def test_bad_arguments_are_named(tmp_path):
         train_vae(tmp_path / "b", steps=1, kl_weight=-1.0)
     with pytest.raises(ValueError, match="latent_norm"):
         renormalize_vae(tmp_path / "a", tmp_path / "c", latent_norm="batch")
+    for channels in [(16, 32), (16, 32, 40), (0, 32, 64), "16,32,64", (16.0, 32, 64)]:
+        with pytest.raises(ValueError, match="channels must be 3 positive multiples of 16"):
+            check_channels(channels)
+    with pytest.raises(ValueError, match="channels"):
+        train_vae(tmp_path / "d", steps=1, channels=(16, 32))
+    assert not any((tmp_path / name).exists() for name in "abcd")  # refused before anything was written
+
+
+def test_the_default_channels_are_the_demo_vae_of_before_the_option(tmp_path):
+    # The layout every VAE trained before --channels existed has: reused folders and their results stay valid.
+    assert VAE_CHANNELS == (32, 64, 64)
+    assert list(small_autoencoder().config.block_out_channels) == [32, 64, 64]
+    assert sum(p.numel() for p in small_autoencoder().parameters()) == 954_567  # counted from diffusers' blocks
+
+
+def test_other_channels_train_and_save_that_layout(tmp_path):
+    result = train_vae(tmp_path / "narrow", steps=2, batch_size=4, seed=0, channels=[16, 32, 64], progress=False)
+    config = AutoencoderKL.load_config(tmp_path / "narrow")
+    assert list(config["block_out_channels"]) == [16, 32, 64]
+    narrow = AutoencoderKL.from_pretrained(tmp_path / "narrow")
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in small_autoencoder().parameters())
+    assert 0 < result["psnr"] < 60
 
 
 @pytest.mark.parametrize("choice, flags, expected", [
