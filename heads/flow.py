@@ -25,6 +25,14 @@ def time_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def condition_net(net: VelocityNet, cond: torch.Tensor):
+    """``net`` with its per-token conditions fixed: ``velocity(x_t, t) -> v``. A head network's own
+    ``conditioned(cond)`` where it has one (it computes what depends on cond alone once, not at every ODE
+    step), otherwise a plain closure over ``net(x_t, t, cond)``."""
+    bind = getattr(net, "conditioned", None)
+    return bind(cond) if bind is not None else (lambda x_t, t: net(x_t, t, cond))
+
+
 class HeadVelocity:
     """v(x_t, t) of a head network for fixed per-token conditions, with classifier-free guidance.
 
@@ -55,11 +63,13 @@ class HeadVelocity:
             if cond_null.shape != cond.shape:
                 raise ValueError(f"cond_null must have the shape of cond {tuple(cond.shape)}, got "
                                  f"{tuple(cond_null.shape)}")
-        self.net, self.weight, self.low, self.high = net, guidance_scale, low, high
+        self.weight, self.low, self.high = guidance_scale, low, high
         self.dtype, self.t_dtype = dtype, time_dtype(dtype)
-        # The head sees one dtype, as in the released sampler; the doubled condition is built once.
-        self.cond = cond.to(dtype)
-        self.cond_pair = torch.cat([self.cond, cond_null.to(dtype)]) if self.guided else None
+        # The head sees one dtype, as in the released sampler; the doubled condition is built once, and the head
+        # does its condition-only work once per scale (condition_net).
+        cond = cond.to(dtype)
+        self.velocity = condition_net(net, cond)
+        self.velocity_pair = condition_net(net, torch.cat([cond, cond_null.to(dtype)])) if self.guided else None
         self.rows = 0
 
     @property
@@ -72,11 +82,11 @@ class HeadVelocity:
         t_net = t.to(self.t_dtype)
         if self.guided and self.low <= float(t[0]) <= self.high:
             self.rows += 2 * batch * tokens
-            v = self.net(torch.cat([x_t, x_t]), torch.cat([t_net, t_net]), self.cond_pair).to(torch.float64)
+            v = self.velocity_pair(torch.cat([x_t, x_t]), torch.cat([t_net, t_net])).to(torch.float64)
             v_cond, v_null = v.chunk(2)
             return v_null + self.weight * (v_cond - v_null)
         self.rows += batch * tokens
-        return self.net(x_t, t_net, self.cond).to(torch.float64)
+        return self.velocity(x_t, t_net).to(torch.float64)
 
 
 class KnownRegionNet:
@@ -101,11 +111,20 @@ class KnownRegionNet:
         self.net, self.keep, self.target, self.noise = net, keep, target, noise
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        repeat = x_t.shape[0] // self.keep.shape[0]  # 2 for the doubled guidance batch
-        keep, target, noise = (v.repeat(repeat, 1, 1).to(x_t.device) for v in (self.keep, self.target, self.noise))
-        target, noise = target.to(x_t.dtype), noise.to(x_t.dtype)
-        v = self.net(torch.where(keep, interpolate(target, noise, t), x_t), t, cond)
-        return torch.where(keep, velocity_target(target, noise).to(v.dtype), v)
+        return self.conditioned(cond)(x_t, t)
+
+    def conditioned(self, cond: torch.Tensor):
+        """``velocity(x_t, t)`` with the conditions fixed, the inner network's condition-only work done once."""
+        velocity = condition_net(self.net, cond)
+
+        def known_velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            repeat = x_t.shape[0] // self.keep.shape[0]  # 2 for the doubled guidance batch
+            keep, target, noise = (v.repeat(repeat, 1, 1).to(x_t.device) for v in (self.keep, self.target, self.noise))
+            target, noise = target.to(x_t.dtype), noise.to(x_t.dtype)
+            v = velocity(torch.where(keep, interpolate(target, noise, t), x_t), t)
+            return torch.where(keep, velocity_target(target, noise).to(v.dtype), v)
+
+        return known_velocity
 
 
 @dataclass

@@ -263,3 +263,26 @@ def test_transformer_head_matches_written_out_release_forward(variant):
         manual = _manual_forward(head.state_dict(), x, t, cond, variant)
     assert ours.abs().mean() > 1e-2
     torch.testing.assert_close(ours, manual, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_conditioned_head_is_the_head_and_does_its_condition_work_once_per_solve(kind):
+    """head.conditioned(cond)(x, t) is head(x, t, cond) bit for bit; a guided solve embeds each condition (and
+    in v2 computes each block's cross-attention keys and values) once, not at every one of its steps."""
+    head = _randomise(build_head(kind, token_dim=C, width=W, cond_dim=D, depth=2)).eval()
+    x, t, cond = _inputs()
+    with torch.no_grad():
+        assert torch.equal(head.conditioned(cond)(x, t), head(x, t, cond))
+    calls = []
+    layers = [head.cond_embed] + [block.crossattn.kv for block in getattr(head, "res_blocks", [])
+                                  if hasattr(block, "crossattn")]
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, out: calls.append(module))
+    null = torch.randn(cond.shape, generator=torch.Generator().manual_seed(6))
+    out = head.sample(torch.randn(x.shape), cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.0, 0.5),
+                      steps=6, schedule="uniform")
+    assert out.nfe == 6
+    # Two conditions fixed (the conditional batch and the doubled guided batch), each once per layer.
+    assert len(calls) == 2 * len(layers) and set(map(id, calls)) == set(map(id, layers))
+    with pytest.raises(ValueError, match="cond must be"):
+        head.conditioned(cond[..., :-1])
