@@ -234,7 +234,7 @@ class FlowTransformerHead(FlowHead, nn.Module):
         """The head with its per-token conditions fixed: ``velocity(x (B, N, C), t (B,)) -> v``, as
         ``self(x, t, cond)``. The work that depends on cond alone (its embedding c and, in v2, every block's
         cross-attention keys and values) is done here once, not at each of a scale's ODE steps: 2% of the
-        S head's FLOPs per step, 11% of the L and H heads'."""
+        S head's FLOPs per step, about 10% of the L and H heads'."""
         if cond.ndim != 3 or cond.shape[-1] != self.cond_dim:
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
         side = _square_side(cond.shape[1])
