@@ -228,13 +228,16 @@ class FlowTransformerHead(FlowHead, nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, N, C) with N = s*s, t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype."""
         _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
-        return self.conditioned(cond)(x, t)
+        return self._fix_condition(cond)(x, t)
 
     def conditioned(self, cond: torch.Tensor):
         """The head with its per-token conditions fixed: ``velocity(x (B, N, C), t (B,)) -> v``, as
         ``self(x, t, cond)``. The work that depends on cond alone (its embedding c and, in v2, every block's
         cross-attention keys and values) is done here once, not at each of a scale's ODE steps: 2% of the
         S head's FLOPs per step, about 10% of the L and H heads'."""
+        return self._fix_condition(cond)
+
+    def _fix_condition(self, cond: torch.Tensor):
         if cond.ndim != 3 or cond.shape[-1] != self.cond_dim:
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
         side = _square_side(cond.shape[1])
@@ -313,11 +316,14 @@ class MLPHead(FlowHead, nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, N, C), t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype. N need not be square."""
         _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
-        return self.conditioned(cond)(x, t)
+        return self._fix_condition(cond)(x, t)
 
     def conditioned(self, cond: torch.Tensor):
         """The head with its per-token conditions fixed, ``velocity(x, t) -> v``; cond's embedding is computed
         once instead of at every ODE step."""
+        return self._fix_condition(cond)
+
+    def _fix_condition(self, cond: torch.Tensor):
         if cond.ndim != 3 or cond.shape[-1] != self.cond_dim:
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
         c = self.cond_embed(cond)  # (B, N, W)

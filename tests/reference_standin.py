@@ -55,6 +55,13 @@ class FlowAR(Ours):
     def sample_tokens(self, num_steps, guidance, cfg, labels):
         batch = labels.shape[0]
         noise = [torch.randn([2 * batch, s * s, self.config.token_dim]) for s in self.config.scales]
-        # Their cfg is our guidance scale; their sampler runs 50 steps on the uniform grid.
-        return self.sample(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
-                           schedule="uniform" if num_steps == 50 else "flowar", noise=[n[:batch] for n in noise])
+        # The released sampler calls its head with the full condition at every step (the parity tool counts those
+        # calls), where ours fixes the condition once per scale (head.conditioned).
+        head = self.flownet
+        head.conditioned = None  # heads.flow.condition_net then calls the head itself at every step
+        try:
+            # Their cfg is our guidance scale; their sampler runs 50 steps on the uniform grid.
+            return self.sample(labels, guidance_scale=cfg, guidance_interval=(0.0, guidance), steps=num_steps,
+                               schedule="uniform" if num_steps == 50 else "flowar", noise=[n[:batch] for n in noise])
+        finally:
+            del head.conditioned
