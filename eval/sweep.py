@@ -41,9 +41,8 @@ from heads.solvers import SCHEDULES, SOLVERS, check_solver_options
 from .fid import compute_metrics
 from .fid import reference_statistics
 from .inception import FeatureNetwork, load_feature_network
-from .metrics import feature_statistics
-from .quality import DigitScorer
-from .reference import default_cache_dir, write_stats_npz
+from .quality import DigitScorer, training_digits_reference
+from .reference import default_cache_dir
 
 CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "precision",
               "nfe_per_image", "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
@@ -191,13 +190,8 @@ def run_sweep(pipeline_dir, out, points: list[SweepPoint], *, num_samples: int, 
         pipe.model.sampling_options(**point.sampling_options())
     network = load_feature_network(network, device=device) if not isinstance(network, FeatureNetwork) else network
     scorer = DigitScorer.load_or_train(out / "digit-classifier") if digits else None
-    if reference is None:
-        from train.data import MNISTDataset
-
-        reference = out / "fid-reference.npz"
-        if not reference.is_file():
-            real = MNISTDataset(image_size=32, split="train").images.numpy()
-            write_stats_npz(reference, *feature_statistics(network(real)))
+    if reference is None:  # the demo's reference file: its features are cached once for every sweep and run
+        reference = training_digits_reference()
     reference = reference_statistics(reference, network=network, cache_dir=default_cache_dir(), progress=False)
     classes = max(pipe.model.config.num_classes, 1)
     labels = torch.arange(num_samples) % classes

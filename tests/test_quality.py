@@ -175,3 +175,17 @@ def test_sampling_a_var_release_refuses_flowar_options(tmp_path, trained):
         main(["--pipeline", str(tmp_path / "var"), "--steps", "4", "--classifier", str(tmp_path / "clf")])
     assert main(["--pipeline", str(tmp_path / "var"), "--per-class", "1", "--guidance-scale", "1",
                  "--classifier", str(tmp_path / "clf")]) == 0
+
+
+def test_training_digits_reference_is_written_once_in_the_cache(tmp_path):
+    """The demo's FID and eval.sweep --digits share one reference file, written the first time only, so its
+    Inception features are cached once."""
+    from eval.quality import training_digits_reference
+
+    path = training_digits_reference(tmp_path)
+    assert path == tmp_path / "mnist-train-32.npz"
+    with np.load(path) as npz:
+        assert npz["arr_0"].shape == (4500, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+        assert sorted(set(npz["labels"].tolist())) == list(range(10))
+    written = path.stat().st_mtime_ns
+    assert training_digits_reference(tmp_path) == path and path.stat().st_mtime_ns == written

@@ -394,13 +394,10 @@ def training_digits_fid(images) -> float:
     """FID of uint8 digit images against the 4,500 training digits, with the default Inception network; the
     reference's features are cached in eval.reference's default cache folder."""
     from eval.fid import compute_metrics
-    from eval.quality import write_reference
+    from eval.quality import training_digits_reference
     from eval.reference import default_cache_dir
 
-    reference = default_cache_dir() / "mnist-train-32.npz"
-    if not reference.exists():
-        reference.parent.mkdir(parents=True, exist_ok=True)
-        write_reference(reference)
+    reference = training_digits_reference()
     return float(compute_metrics(images, str(reference), cache_dir=default_cache_dir(), progress=False)["fid"])
 
 
