@@ -89,12 +89,12 @@ DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage", "time_distribution": "un
 # Equal compute: the VAE and the VQ tokenizer train for the same steps, as many as the tokenizer needs to use
 # over half of its codebook at every scale.
 AUTOENCODER_STEPS = 600
-# The VAE's levers (--kl-weight, --latent-norm, --vae-channels) where the demo leaves them, and where train_vae
-# does: what a reused VAE whose summary predates a lever was trained with.
+# train_vae's defaults of the VAE's levers (--kl-weight, --latent-norm, --vae-channels): what a reused VAE whose
+# summary predates a lever was trained with.
 TRAIN_VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0], "channels": list(VAE_CHANNELS)}
 # The demo's VAE takes a KL weight of 1e-3 instead of LDM's 1e-6: at three seeds, each from a fresh clone, the
 # classifier Frechet distance fell at every seed (24.4 / 24.2 / 20.4 to 21.1 / 22.0 / 19.7), FID stayed level
-# (38.7 / 39.9 / 29.5 against 37.9 / 40.9 / 28.6), held-out PSNR 29.5-29.8 dB, at no cost in time. At 1e-6 the
+# (38.7 / 39.9 / 29.5 against 37.9 / 40.9 / 28.6), held-out PSNR 29.5-30.0 dB, at no cost in time. At 1e-6 the
 # KL term was about 2e-5 of the loss, and the posterior std about 0.05 against a latent std of 3.3 (README,
 # "Quality levers").
 DEFAULT_VAE_OPTIONS = {**TRAIN_VAE_OPTIONS, "kl_weight": 1e-3}
