@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from heads.layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden
+from heads.layers import GatedMLP, RMSNorm, Rope2D, apply_rope, attention, gated_mlp_hidden
 
 
 def scale_segments(scales) -> list[tuple[int, int]]:
@@ -37,7 +36,7 @@ def block_causal_attention(q, k, v, segments, *, dropout_p: float = 0.0) -> torc
     entirely instead of computing and discarding them.
     """
     outputs = [
-        F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], dropout_p=dropout_p)
+        attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], dropout_p=dropout_p)
         for start, end in segments
     ]
     return torch.cat(outputs, dim=2)
@@ -85,7 +84,7 @@ class ScaleAttention(nn.Module):
         k = apply_rope(k, rope_cos, rope_sin).type_as(v)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attention(q, k, v)
         else:
             out = block_causal_attention(q, k, v, segments, dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, length, dim)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from heads.categorical import CategoricalHead, CategoricalSample
+from heads.layers import attention
 from vae.files import load_state_strict, read_torch_state_dict
 
 from .attention import KVCache, scale_segments
@@ -98,11 +99,11 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-            out = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), scale=self.scale)
+            out = attention(q, k.type_as(q), v.type_as(q), scale=self.scale)
         else:
             drop = self.attn_drop if self.training else 0.0
             out = torch.cat([
-                F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
                                                dropout_p=drop, scale=self.scale)
                 for start, end in segments
             ], dim=2)

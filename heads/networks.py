@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .flow import FlowHead
-from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, gated_mlp_hidden, timestep_embedding, xavier_init_linears
+from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, attention, gated_mlp_hidden, timestep_embedding, \
+    xavier_init_linears
 
 HEAD_KINDS = ("transformer-v1", "transformer-v2", "mlp")
 
@@ -106,7 +107,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        out = attention(q, k, v)  # (B, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, W))
 
 
@@ -135,7 +136,7 @@ class CrossAttention(nn.Module):
         B, N, W = x.shape
         q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, hd)
         q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
-        out = F.scaled_dot_product_attention(q, *keys_values)
+        out = attention(q, *keys_values)
         return self.proj(out.transpose(1, 2).reshape(B, N, W))
 
 
