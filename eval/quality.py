@@ -184,11 +184,29 @@ def load_classifier(folder) -> tuple[DigitClassifier, float]:
     return classifier.eval(), float(info["heldout_accuracy"])
 
 
+# train_digit_classifier's defaults give one classifier per machine, so it is trained once (about 25 s on two
+# cores) and kept in the cache folder beside eval.reference's features; every demo run, rescore, sweep and
+# eval.quality call then scores with the same network. Raise the version when the recipe or the network
+# changes, so that a classifier of the old recipe is not reused.
+CLASSIFIER_VERSION = 1
+
+
+def shared_classifier_dir() -> Path:
+    """``$XDG_CACHE_HOME/flowar/digit-classifier-v<CLASSIFIER_VERSION>`` (``~/.cache`` when unset)."""
+    return default_cache_dir().parent / f"digit-classifier-v{CLASSIFIER_VERSION}"
+
+
 def load_or_train_classifier(folder=None, *, progress: bool = True) -> tuple[DigitClassifier, float]:
-    """The classifier saved in ``folder``, or a newly trained one (saved there when ``folder`` is given)."""
+    """The classifier saved in ``folder``; else the shared one (:func:`shared_classifier_dir`, trained and saved
+    there the first time), copied into ``folder`` when one is given."""
     if folder is not None and (Path(folder) / "model.safetensors").is_file():
         return load_classifier(folder)
-    classifier, heldout_accuracy = train_digit_classifier(progress=progress)
+    shared = shared_classifier_dir()
+    if (shared / "model.safetensors").is_file():
+        classifier, heldout_accuracy = load_classifier(shared)
+    else:
+        classifier, heldout_accuracy = train_digit_classifier(progress=progress)
+        save_classifier(classifier, shared, heldout_accuracy=heldout_accuracy)
     if folder is not None:
         save_classifier(classifier, folder, heldout_accuracy=heldout_accuracy)
     return classifier.eval(), heldout_accuracy
@@ -297,7 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--solver", help="FlowAR releases: the ODE solver")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", default=os.path.join("runs", "digit-classifier"),
-                   help="folder of a saved classifier; trained and saved there when absent")
+                   help="folder of a saved classifier; when absent, the machine's shared one is copied there "
+                        "(trained the first time)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--write-reference", metavar="NPZ",
                    help="write the 4,500 training digits (32 px, arr_0 + labels) as eval.fid's reference, and stop")

@@ -189,3 +189,33 @@ def test_training_digits_reference_is_written_once_in_the_cache(tmp_path):
         assert sorted(set(npz["labels"].tolist())) == list(range(10))
     written = path.stat().st_mtime_ns
     assert training_digits_reference(tmp_path) == path and path.stat().st_mtime_ns == written
+
+
+def test_the_classifier_is_trained_once_per_machine_and_copied_into_each_folder(tmp_path, monkeypatch, trained,
+                                                                              heldout):
+    """Every run scores with the same classifier: trained the first time into the cache, copied afterwards."""
+    import eval.quality as quality
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    trainings = []
+
+    def train_once(**kwargs):
+        trainings.append(kwargs)
+        return trained
+
+    monkeypatch.setattr(quality, "train_digit_classifier", train_once)
+    x = to_classifier_input(heldout[0][:16])
+    expected = trained[0].eval()(x)
+    first, accuracy = quality.load_or_train_classifier(tmp_path / "run-a", progress=False)
+    assert len(trainings) == 1 and accuracy == trained[1]
+    assert quality.shared_classifier_dir() == tmp_path / "cache" / "flowar" / "digit-classifier-v1"
+    for folder in (quality.shared_classifier_dir(), tmp_path / "run-a"):
+        assert torch.equal(load_classifier(folder)[0](x), expected)
+    second, _ = quality.load_or_train_classifier(tmp_path / "run-b", progress=False)
+    unsaved, _ = quality.load_or_train_classifier(None)
+    assert len(trainings) == 1  # both from the cache
+    assert torch.equal(second(x), expected) and torch.equal(unsaved(x), expected)
+    assert torch.equal(load_classifier(tmp_path / "run-b")[0](x), expected)
+    monkeypatch.setattr(quality, "CLASSIFIER_VERSION", 2)  # a new recipe is trained again, into its own folder
+    quality.load_or_train_classifier(None)
+    assert len(trainings) == 2 and (tmp_path / "cache" / "flowar" / "digit-classifier-v2" / "model.safetensors").is_file()
