@@ -103,8 +103,7 @@ class SelfAttention(nn.Module):
         else:
             drop = self.attn_drop if self.training else 0.0
             out = torch.cat([
-                attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                               dropout_p=drop, scale=self.scale)
+                attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], dropout_p=drop, scale=self.scale)
                 for start, end in segments
             ], dim=2)
         out = out.transpose(1, 2).reshape(batch, length, dim)

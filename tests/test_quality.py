@@ -207,7 +207,7 @@ def test_the_classifier_is_trained_once_per_machine_and_copied_into_each_folder(
     x = to_classifier_input(heldout[0][:16])
     expected = trained[0].eval()(x)
     first, accuracy = quality.load_or_train_classifier(tmp_path / "run-a", progress=False)
-    assert len(trainings) == 1 and accuracy == trained[1]
+    assert len(trainings) == 1 and accuracy == trained[1] and torch.equal(first(x), expected)
     assert quality.shared_classifier_dir() == tmp_path / "cache" / "flowar" / "digit-classifier-v1"
     for folder in (quality.shared_classifier_dir(), tmp_path / "run-a"):
         assert torch.equal(load_classifier(folder)[0](x), expected)
