@@ -303,7 +303,8 @@ SCORE_KEYS = ("sampling_ms_per_image", "num_samples", "class_consistency", "per_
 def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: int, fid: bool, **sampling):
     """Step 5: ``per_class`` samples of each digit drawn with seed ``seed + 1`` (the grid used ``seed``) at the
     release's sampling options updated by ``sampling``, scored by the digit classifier in ``classifier_dir``
-    (trained there if absent) and, with ``fid``, against the training digits; the scores go into ``results``."""
+    (the machine's shared classifier is copied there if absent) and, with ``fid``, against the training digits;
+    the scores go into ``results``."""
     scorer = DigitScorer.load_or_train(classifier_dir, progress=False)
     began = time.perf_counter()
     images, labels = sample_digits(pipe, per_class=per_class, seed=seed + 1, **sampling)
