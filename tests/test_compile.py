@@ -1,57 +1,102 @@
-"""torch.compile for sampling and training: which modules compile, that every entry point passes the option
-on, and (slow: inductor compiles for tens of seconds on a CPU) that compiled and eager runs agree."""
+"""torch.compile for sampling and training: compiled sampling gives eager's samples and runs most of its
+arithmetic in compiled graphs, every entry point passes the option on, and (slow: inductor compiles for tens
+of seconds on a CPU) inductor's kernels agree with eager."""
+
+import functools
 
 import pytest
 import torch
-from conftest import gen, tiny_flowar, tiny_flowar_pipeline, tiny_var, tiny_tokenizer
+from conftest import gen, tiny_flowar, tiny_flowar_pipeline, tiny_tokenizer, tiny_var
+from torch.utils.flop_counter import FlopCounterMode
 
 from flowar.cli import main as cli_main
-from heads.networks import FlowTransformerHead
+
+
+def flowar_sample(model):
+    return model.sample([0, 3], steps=2, guidance_scale=2.0, generator=gen(1))
+
+
+def var_sample(model):
+    return model.sample([1, 4], tokenizer=tiny_tokenizer(0), temperature=0.0, generator=gen(1))
+
+
+FAMILIES = {"flowar": (tiny_flowar, flowar_sample), "var": (tiny_var, var_sample)}
+
+
+def tensors(sample) -> list[torch.Tensor]:
+    """The tensors a sampling call returns (FlowAR's latents; VAR's token maps and feature map)."""
+    if isinstance(sample, torch.Tensor):
+        return [sample]
+    return [*sample.indices, sample.f_hat] if hasattr(sample, "indices") else [sample.latents]
+
+
+@pytest.fixture
+def clean_dynamo():
+    torch._dynamo.reset()  # graphs cached by an earlier test would hide this test's compiles
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture
 def compile_calls(monkeypatch):
-    """Record nn.Module.compile calls instead of compiling: (module, kwargs) pairs."""
+    """Record torch.compile's options instead of compiling (the function runs as it is)."""
     calls = []
-    record = lambda self, **kw: calls.append((self, kw))  # noqa: E731
-    monkeypatch.setattr(torch.nn.Module, "compile", record)
-    monkeypatch.setattr(FlowTransformerHead, "compile", record)  # it compiles its arithmetic only, see below
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     return calls
 
 
-def test_flowars_head_compiles_its_arithmetic_and_keeps_the_rope_cache_eager(monkeypatch):
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
-    head = tiny_flowar().flownet
-    head.compile(dynamic=None)
-    (fn, kw), = compiled
-    assert fn.__func__ is FlowTransformerHead._velocity and kw == {"dynamic": None}
-    x, cond = torch.randn(2, 16, head.token_dim), torch.randn(2, 16, head.cond_dim)
-    head(x, torch.rand(2), cond)  # the table cache is filled outside the compiled function
-    assert list(head.res_blocks[0].attn.rope._tables) == [((4,), "cpu")]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_sampling_matches_eager_and_runs_most_of_its_arithmetic_compiled(family, monkeypatch, clean_dynamo,
+                                                                                  one_thread):
+    build, sample = FAMILIES[family]
+    model = build()
+    with FlopCounterMode(display=False) as counter:
+        eager = tensors(sample(model))
+    total = counter.get_total_flops()
 
+    # Dynamo's capture, with each captured graph run as it is and its FLOPs counted: what sampling actually
+    # sends through compiled code, not a list of modules. Inductor's kernels are the slow test's business.
+    compiled_flops = []
 
-def test_flowar_compiles_its_head_and_block_mlps(compile_calls):
-    model = tiny_flowar()
+    def counting_backend(graph, example_inputs):
+        def run(*args):
+            with FlopCounterMode(display=False) as inside:
+                out = graph(*args)
+            compiled_flops.append(inside.get_total_flops())
+            return out
+        return run
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
     keys = list(model.state_dict())
     assert model.compile_for_sampling() is model
-    compiled = [module for module, _ in compile_calls]
-    blocks = [*model.encoder_blocks, *model.decoder_blocks]
-    assert compiled == [model.flownet, *(block.mlp for block in blocks)]
-    assert all(kw == {"mode": "default", "dynamic": None} for _, kw in compile_calls)  # a CPU model
-    assert list(model.state_dict()) == keys
+    assert list(model.state_dict()) == keys  # checkpoints save and load as before
+    # A static graph, then one per dimension that varies (tokens per scale, the batch in and out of the
+    # guidance interval). A compiled function that recompiled at every one of the four scales would pass
+    # this limit and fall back to eager, which the FLOP share below would show.
+    with torch._dynamo.config.patch(recompile_limit=3):
+        compiled = tensors(sample(model))
+
+    # The captured graphs run the same kernels in the same order as eager code, so the samples are
+    # bit-identical.
+    assert len(compiled) == len(eager) and all(map(torch.equal, compiled, eager))
+    # At least three fifths of the arithmetic: what may stay eager is attention around the KV cache, whose
+    # Python-side bookkeeping would break graphs (about a third of VAR's FLOPs, a fifth of FlowAR's).
+    share = sum(compiled_flops) / total
+    assert share >= 0.6, f"{share:.0%} of sampling's FLOPs ran compiled ({len(compiled_flops)} graph calls)"
 
 
-def test_var_compiles_its_feed_forwards_and_options_pass_through(compile_calls):
+def test_sampling_compiles_with_the_devices_mode_and_passes_options_on(compile_calls):
     model = tiny_var()
+    model.compile_for_sampling()
+    assert compile_calls and all(kw == {"mode": "default", "dynamic": None} for kw in compile_calls)  # on a CPU
+    compile_calls.clear()
     model.compile_for_sampling(mode="max-autotune", dynamic=False)
-    assert [module for module, _ in compile_calls] == [block.ffn for block in model.blocks]
-    assert all(kw == {"mode": "max-autotune", "dynamic": False} for _, kw in compile_calls)
+    assert compile_calls and all(kw == {"mode": "max-autotune", "dynamic": False} for kw in compile_calls)
 
 
 def test_pipeline_cli_and_eval_sample_compile_when_asked(compile_calls, tmp_path):
     pipe = tiny_flowar_pipeline()
-    assert pipe.compile() is pipe and compile_calls[0][0] is pipe.model.flownet
+    assert pipe.compile() is pipe and compile_calls
     pipe.save_pretrained(tmp_path / "flowar")
     compile_calls.clear()
     args = [str(tmp_path / "flowar"), "--labels", "1", "--steps", "2", "--out", str(tmp_path / "g.png"),
@@ -68,23 +113,19 @@ def test_pipeline_cli_and_eval_sample_compile_when_asked(compile_calls, tmp_path
 
 
 @pytest.mark.slow
-def test_compiled_flowar_sampling_matches_eager():
-    model = tiny_flowar()
-    labels = [0, 3]
-    eager = model.sample(labels, steps=2, guidance_scale=2.0, generator=gen(1))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inductor_sampling_agrees_with_eager(family, clean_dynamo):
+    build, sample = FAMILIES[family]
+    model = build()
+    eager = tensors(sample(model))
     model.compile_for_sampling()
-    compiled = model.sample(labels, steps=2, guidance_scale=2.0, generator=gen(1))
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(compiled, model.sample(labels, steps=2, guidance_scale=2.0, generator=gen(2)))
-
-
-@pytest.mark.slow
-def test_compiled_var_sampling_draws_the_same_tokens():
-    model, tokenizer = tiny_var(), tiny_tokenizer(0)
-    eager = model.sample([1, 4], tokenizer=tokenizer, temperature=0.0, generator=gen(1))
-    model.compile_for_sampling()
-    compiled = model.sample([1, 4], tokenizer=tokenizer, temperature=0.0, generator=gen(1))
-    assert all(torch.equal(a, b) for a, b in zip(compiled.indices, eager.indices))
+    compiled = tensors(sample(model))
+    # Fused kernels sum in another order: float32 rounding of about 1e-6 per operation, carried through the
+    # ODE steps and the scales (FlowAR's tiny model lands near 1e-5 relative). VAR samples greedily from a
+    # sharpened head, whose margins rounding does not overturn; on its integer token maps these tolerances
+    # mean equality.
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -103,4 +144,3 @@ def test_compiled_training_step_matches_eager():
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):  # fused kernels round differently
         scale = float(a.grad.abs().max())
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
-
