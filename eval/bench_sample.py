@@ -8,8 +8,7 @@ and achieved TFLOP/s, every row measured in the same run.
     python eval/bench_sample.py --preset flowar-s,flowar-s-multistage --batch 4      # E-CAR's multistage flow
     python eval/bench_sample.py --preset flowar-s --batch 4 --compile off,on         # torch.compile side by side
     python eval/bench_sample.py --preset flowar-s --batch 1,4,16,64 --precision bf16  # batch scaling
-    python eval/bench_sample.py --preset flowar-s --batch 2 --precision fp32,bf16 --steps 25,25/17/13/9/7 \
-        --reference /path/to/FlowAR --timm-path /tmp/timm_pkg                          # against the authors' code
+    python eval/bench_sample.py --preset flowar-s --batch 2 --steps 25,25/17/13/9/7  # fewer steps per scale
 
 Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
 final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
@@ -24,20 +23,13 @@ max allocated; CPU: peak RSS) is its own. "% peak" divides a row's TFLOP/s by th
 
 ``--steps`` is an axis: a comma list whose entries are one count for every scale or a/b/c/... per scale.
 
-``--reference PATH`` (a checkout of the authors' code, imported as ``eval/parity_flowar.py`` does) times
-their FlowAR ``sample_tokens`` in fp32, as released, against our rows on the same weights, all in one
-process: every round calls each side once in turn, and the fastest call of each counts. Their sampler runs
-the preset's settings (its cfg, guidance interval and step count; FlowAR-S: 25 points, 24 Euler steps per
-scale). Before timing, each of our rows samples from their first call's initial noise, and the table
-gives how far its latents lie from theirs (max |ours - theirs| / max |theirs|): fp32 at the same steps
-must agree to float precision; bf16 or fewer steps show what they change. Peak memory is not given in this
-mode (one process holds both models).
+Timing the authors' FlowAR sampler beside ours is a maintainer tool of the repository, not part of the
+package: ``python -m tools.bench_reference sample --reference PATH [these options]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import multiprocessing
 import resource
@@ -50,8 +42,7 @@ from eval.machine import device_label, matmul_peak_tflops
 from eval.sweep import parse_steps
 from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
 from flowar.outputs import PRECISIONS, autocast_context
-from heads.solvers import SCHEDULES, SOLVERS, step_schedule
-
+from heads.solvers import SCHEDULES, SOLVERS
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -201,96 +192,6 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
     }
 
 
-def measure_against_reference(reference_path: str, timm_path: str | None, preset: str, batch: int,
-                              variants: list[tuple[str, bool, dict]], options: dict, device_name: str,
-                              repeats: int, small: bool = False) -> list[dict]:
-    """The authors' fp32 sampler and our ``variants`` ((precision, compiled, option overrides) each) on the
-    same weights in this process, interleaved; the first row is theirs. See the module docstring. small:
-    both sides in ``eval/parity_flowar.py``'s reduced layout (a check of the harness, not a benchmark)."""
-    from eval import parity_flowar as parity
-
-    device = torch.device(device_name)
-    modules = parity.import_reference(reference_path, timm_path=timm_path)
-    config = parity.reference_config(preset, small=small)
-    torch.manual_seed(0)
-    theirs = parity.build_reference(modules["flowar"], preset, config, small=small)
-    ours, _ = parity.ours_from_reference(theirs, config)
-    theirs.to(device).eval()
-    ours.to(device).eval()
-    defaults = config.sampling
-    cfg, high, steps = defaults.guidance_scale, defaults.guidance_interval[1], defaults.steps_at(0)
-    if not isinstance(steps, int) or steps < 2 or defaults.solver != "euler" or defaults.guidance_interval[0] != 0:
-        raise ValueError(f"{preset}'s sampling defaults have no counterpart in the reference sampler")
-    labels = torch.arange(batch, device=device) % config.num_classes
-    their_options = dict(num_steps=steps, guidance=high, cfg=cfg, labels=labels)
-    # Their sampler switches to the uniform grid at 50 steps; ours takes the grid as an option.
-    same_settings = dict(guidance_scale=cfg, guidance_interval=(0.0, high), steps=steps,
-                         schedule="uniform" if steps == 50 else "flowar")
-
-    def run_theirs(record: bool = False):
-        with torch.inference_mode(), parity.cuda_calls_as_noop(), \
-                (parity.record_draws(list(modules.values())) if record else contextlib.nullcontext()) as draws:
-            latents = theirs.sample_tokens(**their_options)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return latents, draws
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        their_latents, draws = run_theirs(record=True)
-    noise = [n[:batch] for _, n in draws]  # the conditional rows; ours draws no noise for the null rows
-    rows = [{"implementation": "authors", "batch": batch, "precision": "fp32", "compile": "off", "steps": str(steps),
-             "head NFE": len(config.scales) * (len(step_schedule(steps, same_settings["schedule"])) - 1),
-             "vs authors' latents": "-", "flops": counter.get_total_flops(), "run": lambda: run_theirs()[0]}]
-
-    for precision, compiled, overrides in variants:
-        given = {k: v for k, v in family_options(ours, options).items() if v is not None}
-        settings = {**same_settings, **given, **overrides}
-        model = ours
-        if compiled:  # a second copy of the same weights, so the eager rows stay eager
-            model = FlowAR(config).to(device).eval()
-            model.load_state_dict(ours.state_dict())
-
-        generator = torch.Generator(device).manual_seed(1)
-
-        def run_ours(model=model, settings=settings, precision=precision, generator=generator, given_noise=None):
-            with torch.inference_mode(), autocast_context(device, PRECISIONS[precision]):
-                out = model.sample_with_stats(labels, noise=given_noise, generator=generator, **settings)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return out
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = run_ours(given_noise=noise)
-        gap = (out.latents.double() - their_latents.double()).abs().max() / their_latents.double().abs().max()
-        note = "off"
-        if compiled:
-            model.compile_for_sampling()
-            start = time.perf_counter()
-            run_ours()
-            note = f"on ({time.perf_counter() - start:.0f} s first call)"
-        steps_label = settings["steps"]
-        rows.append({"implementation": "ours", "batch": batch, "precision": precision, "compile": note,
-                     "steps": "/".join(map(str, steps_label)) if isinstance(steps_label, tuple) else str(steps_label),
-                     "head NFE": out.nfe, "vs authors' latents": f"{gap.item():.1e}",
-                     "flops": counter.get_total_flops(), "run": lambda run=run_ours: run()})
-
-    best = [float("inf")] * len(rows)
-    for _ in range(repeats):
-        for i, row in enumerate(rows):
-            start = time.perf_counter()
-            row["run"]()
-            best[i] = min(best[i], time.perf_counter() - start)
-    table = []
-    for row, seconds in zip(rows, best):
-        flops = row.pop("flops")
-        row.pop("run")
-        table.append({**row, "images/s": batch / seconds, "ms/image": 1000 * seconds / batch,
-                      "GFLOP/image": flops / batch / 1e9, "TFLOP/s": flops / seconds / 1e12})
-    return table
-
-
 def add_peak_share(rows, peaks: dict[str, float]) -> None:
     """Each row's TFLOP/s as a share of the machine's matmul rate in the row's precision."""
     for row in rows:
@@ -319,8 +220,25 @@ def comma_list(p: argparse.ArgumentParser, name: str, value: str, allowed) -> li
     return items
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclasses.dataclass
+class Settings:
+    """A parsed, checked command line: the axes of the table and what every row shares."""
+    presets: list[str]
+    batches: list[int]
+    precisions: list[str]
+    compiles: list[bool]
+    step_settings: list  # None (the preset's), a count, or a tuple of counts per scale
+    device: torch.device
+    warmup: int
+    repeats: int
+    options: dict  # the sampling options given (None: each preset's default)
+
+
+def build_parser(description: str = __doc__, prog: str | None = None,
+                 repeats_help: str = "timed calls; the fastest is reported (default 1)") -> argparse.ArgumentParser:
+    """The benchmark's options, on a parser that a caller may extend with its own."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flowar-s", help="comma list of FlowAR and VAR presets: "
                    + ", ".join(sorted(PRESETS) + sorted(VAR_PRESETS)))
     p.add_argument("--batch", default="4", help="comma list of images per sampling call, e.g. 1,4,16,64")
@@ -330,13 +248,7 @@ def main(argv=None) -> int:
                    "(ScaleWiseModel.compile_for_sampling); the first call's time is reported, not counted")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 0 on CPU, 2 on GPU)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls (rounds with --reference); the fastest is reported (default 1; 2 with --reference)")
-    p.add_argument("--reference", default=None, help="checkout of the authors' FlowAR code: time their fp32 "
-                   "sampler against ours on the same weights, in one process (FlowAR-S/L/H presets)")
-    p.add_argument("--timm-path", default=None, help="with --reference: folder holding timm, if not installed")
-    p.add_argument("--small", action="store_true", help="with --reference: both sides in parity_flowar.py's "
-                   "reduced layout, to check the harness in seconds (not a benchmark)")
+    p.add_argument("--repeats", type=int, default=None, help=repeats_help)
     flowar_args = p.add_argument_group("FlowAR sampling (default: the preset's)")
     flowar_args.add_argument("--steps", default=None,
                              help="comma list of step counts, each one for every scale or a/b/c/... per scale")
@@ -348,7 +260,11 @@ def main(argv=None) -> int:
     var_args.add_argument("--var-cfg", type=float, default=None, help="VAR guidance in its own convention; 0 is unguided")
     var_args.add_argument("--top-k", type=int, default=None)
     var_args.add_argument("--top-p", type=float, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, default_repeats: int = 1) -> Settings:
+    """Split and check ``args`` (errors name the argument through ``p``)."""
     presets = comma_list(p, "--preset", args.preset, {**PRESETS, **VAR_PRESETS})
     precisions = comma_list(p, "--precision", args.precision, PRECISIONS)
     compiles = comma_list(p, "--compile", args.compile, {"off": False, "on": True})
@@ -362,18 +278,9 @@ def main(argv=None) -> int:
         p.error(f"--batch must be a comma list of integers >= 1, got {args.batch!r}")
     if args.steps and (not step_settings or any(min(s if isinstance(s, tuple) else (s,)) < 1 for s in step_settings)):
         p.error(f"--steps must be counts >= 1, got {args.steps!r}")
-    repeats = args.repeats if args.repeats is not None else (2 if args.reference else 1)
+    repeats = args.repeats if args.repeats is not None else default_repeats
     if repeats < 1 or (args.warmup is not None and args.warmup < 0):
         p.error(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {args.warmup}")
-    if args.reference is not None:
-        from eval.parity_flowar import REFERENCE_MODELS
-
-        if len(presets) != 1 or presets[0] not in REFERENCE_MODELS:
-            p.error(f"--reference takes one --preset of {sorted(REFERENCE_MODELS)}, got {args.preset!r}")
-        if args.decode:
-            p.error("--reference times the generator only; drop --decode")
-    elif args.timm_path is not None or args.small:
-        p.error("--timm-path and --small are used only with --reference")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was given but torch sees no CUDA device")
@@ -381,44 +288,43 @@ def main(argv=None) -> int:
     options = {"guidance_scale": args.guidance_scale, "solver": args.solver, "schedule": args.schedule,
                "guidance_interval": args.guidance_interval, "var_cfg": args.var_cfg, "top_k": args.top_k,
                "top_p": args.top_p}
+    return Settings(presets, batches, precisions, [c == "on" for c in compiles], step_settings, device, warmup,
+                    repeats, options)
+
+
+def steps_options(steps) -> dict:
+    """The sampling override of one ``--steps`` entry (None: the preset's own)."""
+    return {} if steps is None else {"steps": steps}
+
+
+def print_header(settings: Settings, batch: str, decode: bool, timing: str) -> dict[str, float]:
+    """Print what the run measures and on what, and return the machine's matmul rate per precision."""
+    device = settings.device
     where = device_label(device)
     peaks = {name: matmul_peak_tflops(dtype or torch.float32, device) for name, dtype in PRECISIONS.items()}
-    print(f"sampling batch {args.batch}{' to pixels' if args.decode else ''}, device {device} [{where}], "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          + (f"{repeats} interleaved rounds" if args.reference else f"{warmup} warm-up + {repeats} timed"))
+    print(f"sampling batch {batch}{' to pixels' if decode else ''}, device {device} [{where}], "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {timing}")
     print("measured matmul peak (2048-square): " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()))
+    return peaks
 
-    def steps_options(steps):
-        return {} if steps is None else {"steps": steps}
 
-    if args.reference is not None:
-        variants = [(precision, compiled == "on", steps_options(steps))
-                    for steps in step_settings for precision in precisions for compiled in compiles]
-        rows = []
-        for batch in batches:
-            rows += run_isolated(measure_against_reference, args.reference, args.timm_path, presets[0], batch,
-                                 variants, options, str(device), repeats, args.small)
-        add_peak_share(rows, peaks)
-        print(format_table(rows))
-        for batch in batches:
-            base, *group = [r for r in rows if r["batch"] == batch]
-            print(f"batch {batch}, speed against the authors' fp32: " + ", ".join(
-                f"{r['precision']}{' compiled' if r['compile'] != 'off' else ''} {r['steps']} steps "
-                f"{r['images/s'] / base['images/s']:.2f}x" for r in group))
-        return 0
-
-    rows = [run_isolated(measure, preset, batch, precision, str(device), {**options, **steps_options(steps)},
-                         args.decode, warmup, repeats, compiled == "on")
-            for preset in presets for batch in batches for steps in step_settings
-            for precision in precisions for compiled in compiles]
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    s = settings_from_args(p, args)
+    peaks = print_header(s, args.batch, args.decode, f"{s.warmup} warm-up + {s.repeats} timed")
+    rows = [run_isolated(measure, preset, batch, precision, str(s.device), {**s.options, **steps_options(steps)},
+                         args.decode, s.warmup, s.repeats, compiled)
+            for preset in s.presets for batch in s.batches for steps in s.step_settings
+            for precision in s.precisions for compiled in s.compiles]
     add_peak_share(rows, peaks)
     print(format_table(rows))
     if len(rows) > 1:
         base = rows[0]
 
         def name(row):
-            return (row["preset"] + (f" batch {row['batch']}" if len(batches) > 1 else "") + f" {row['precision']}"
-                    + (f" {row['steps']} steps" if len(step_settings) > 1 else "")
+            return (row["preset"] + (f" batch {row['batch']}" if len(s.batches) > 1 else "") + f" {row['precision']}"
+                    + (f" {row['steps']} steps" if len(s.step_settings) > 1 else "")
                     + (" compiled" if row["compile"] != "off" else ""))
 
         print(f"images/s relative to {name(base)}: " +

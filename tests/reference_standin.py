@@ -1,6 +1,6 @@
 """A stand-in for the authors' FlowAR model (wangqiang9/FlowAR, ``models/flowar.py``), on top of our modules.
 
-It offers what eval/parity_flowar.py and the benchmarks' ``--reference`` modes call: their builder's keywords,
+It offers what tools/parity_flowar.py and tools/bench_reference.py call: their builder's keywords,
 the training forward ``forward(imgs, labels) -> loss`` (with ``forward_mae_decoder``), and ``sample_tokens``,
 and it draws its random numbers through this module's own ``torch`` the way theirs draws them: label drop,
 then per scale rand (B, 1, 1) and randn_like while training; per scale randn of the doubled batch while

@@ -1,4 +1,5 @@
-"""The sampling benchmark times FlowAR and VAR presets side by side and reports self-consistent numbers."""
+"""The sampling benchmark times FlowAR and VAR presets side by side and reports self-consistent numbers; its
+run beside the authors' sampler (tools.bench_reference sample) reuses it."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import fake_flowar_checkout
 from eval.bench_sample import main, matching_tokenizer, measure
 from flowar import VAR, get_var_preset
+from tools import bench_reference
 from vae.msvq import MultiScaleVQVAE
 
 # What main() hands measure() without sampling flags: every option None, i.e. each preset's saved defaults.
@@ -71,6 +73,10 @@ def test_cli_puts_flowar_and_var_in_one_table(capsys):
     (["--precision", "fp16"], "--precision"),
     (["--batch", "0"], "--batch"),
     (["--repeats", "0"], "--repeats"),
+    (["--steps", "4/x"], "--steps"),
+    (["--batch", "2,a"], "--batch"),
+    (["--reference", "."], "--reference"),  # the authors' code is timed by tools.bench_reference only
+    (["--small"], "--small"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -82,8 +88,8 @@ def test_reference_mode_times_the_authors_sampler_against_ours_on_the_same_weigh
     """A stand-in checkout (its sampler is ours, so fp32 at the same settings must match its latents once the
     harness hands its initial noise over); fewer steps must show as fewer head evaluations and a gap."""
     checkout = fake_flowar_checkout(tmp_path / "FlowAR")
-    assert main(["--preset", "flowar-s", "--batch", "1", "--small", "--reference", checkout, "--repeats", "1",
-                 "--precision", "fp32,bf16", "--steps", "25,4/2/2/2/2"]) == 0
+    assert bench_reference.main(["sample", "--preset", "flowar-s", "--batch", "1", "--small", "--reference", checkout,
+                                 "--repeats", "1", "--precision", "fp32,bf16", "--steps", "25,4/2/2/2/2"]) == 0
     out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
             if line.startswith("| authors") or line.startswith("| ours")]
@@ -105,11 +111,11 @@ def test_reference_mode_times_the_authors_sampler_against_ours_on_the_same_weigh
     (["--preset", "flowar-s,var-d16", "--reference", "."], "--reference"),
     (["--preset", "flowar-tiny", "--reference", "."], "--reference"),
     (["--preset", "flowar-s", "--reference", ".", "--decode"], "--decode"),
-    (["--small"], "--small"),
-    (["--steps", "4/x"], "--steps"),
-    (["--batch", "2,a"], "--batch"),
+    (["--preset", "flowar-s"], "--reference"),  # required
+    (["--reference", ".", "--steps", "4/x"], "--steps"),
+    (["--reference", ".", "--batch", "2,a"], "--batch"),
 ])
 def test_bad_reference_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
-        main(argv)
+        bench_reference.main(["sample", *argv])
     assert message in capsys.readouterr().err

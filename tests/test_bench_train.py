@@ -1,4 +1,5 @@
-"""The training benchmark measures the real step and reports sane, self-consistent numbers."""
+"""The training benchmark measures the real step and reports sane, self-consistent numbers; its run beside
+the authors' step (tools.bench_reference train) reuses it."""
 
 import pytest
 import torch
@@ -6,8 +7,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import fake_flowar_checkout
 from flowar import FlowAR, get_preset
+from tools import bench_reference
 from train import bench
 from train.bench import main, measure
+from train.train import param_groups
 
 
 def forward_flops(batch: int) -> int:
@@ -83,6 +86,7 @@ def test_cli_runs_each_precision_in_its_own_process(capsys):
     (["--precision", "fp16"], "--precision"),
     (["--batch", "0"], "--batch"),
     (["--steps", "0"], "--steps"),
+    (["--reference", "."], "--reference"),  # the authors' step is timed by tools.bench_reference only
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -90,10 +94,22 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "flowar-tiny", "--reference", "."], "--reference"),
+    (["--preset", "flowar-s"], "--reference"),  # required
+    (["--reference", ".", "--batch", "0"], "--batch"),
+])
+def test_bad_reference_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_reference.main(["train", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_reference_mode_steps_the_authors_model_beside_ours(tmp_path, capsys):
     checkout = fake_flowar_checkout(tmp_path / "FlowAR")
-    assert main(["--preset", "flowar-s", "--batch", "2", "--small", "--reference", checkout, "--warmup", "0",
-                 "--steps", "1", "--precision", "fp32,bf16", "--checkpointing", "off,on"]) == 0
+    assert bench_reference.main(["train", "--preset", "flowar-s", "--batch", "2", "--small", "--reference", checkout,
+                                 "--warmup", "0", "--steps", "1", "--precision", "fp32,bf16",
+                                 "--checkpointing", "off,on"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| authors") or line.startswith("| ours")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
@@ -127,7 +143,7 @@ def test_the_optimizer_is_fused_adamw_over_flowars_groups():
     assert all(group["fused"] for group in optimizer.param_groups)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.02]
     # Fused and the per-tensor loop make the same update, to float rounding.
-    loop = torch.optim.AdamW(bench.param_groups(reference := FlowAR(get_preset("flowar-tiny")), 0.02), lr=1e-3,
+    loop = torch.optim.AdamW(param_groups(reference := FlowAR(get_preset("flowar-tiny")), 0.02), lr=1e-3,
                              betas=(0.9, 0.95))
     reference.load_state_dict(model.state_dict())
     latents = torch.randn(2, 4, 8, 8)

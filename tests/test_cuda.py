@@ -1,4 +1,4 @@
-"""CUDA checks, run by eval/gpu_check.sh on a GPU machine (every test here is skipped without CUDA; the CPU
+"""CUDA checks, run by tools/gpu_check.sh on a GPU machine (every test here is skipped without CUDA; the CPU
 suite covers the same code paths on the CPU): sampling on the GPU matches the CPU, bf16 autocast stays finite,
 CUDA-graph compiled sampling matches eager, and a training step runs."""
 

@@ -1,10 +1,10 @@
-"""eval.demo_table: seeds grouped by model, mean +- sd per column, and a missing results file named."""
+"""tools.demo_table: seeds grouped by model, mean +- sd per column, and a missing results file named."""
 
 import json
 
 import pytest
 
-from eval.demo_table import format_table, main, read_runs
+from tools.demo_table import format_table, main, read_runs
 
 
 def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None, fid_minutes=None,

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import vae.msvq as msvq
-from eval import parity_var_tokenizer as parity
+from tools import parity_var_tokenizer as parity
 from train import train_tokenizer as tt
 from train.data import MNISTDataset
 from vae.msvq import MultiScaleVQConfig, MultiScaleVQVAE, get_msvq_preset
 
-RELEASE_PARAMS = 108_948_355  # counted on the authors' VQVAE(ch=160, V=4096, Cvae=32) by eval/parity_var_tokenizer.py
+RELEASE_PARAMS = 108_948_355  # counted on the authors' VQVAE(ch=160, V=4096, Cvae=32) by tools/parity_var_tokenizer.py
 
 
 def tiny(seed: int = 0, **overrides) -> MultiScaleVQVAE:
@@ -117,7 +117,7 @@ def test_partial_phi_picks_the_nearest_of_linspace_twelfths():
                                     scales=tuple(range(1, num_scales + 1)), phi_sharing="partial", phi_count=4)
         expected = [nearest_of_ticks(k / (num_scales - 1), ticks) for k in range(num_scales)]
         assert [config.phi_index(k) for k in range(num_scales)] == expected
-    # The release (checked against the authors' PhiPartiallyShared by eval/parity_var_tokenizer.py).
+    # The release (checked against the authors' PhiPartiallyShared by tools/parity_var_tokenizer.py).
     assert [MultiScaleVQConfig().phi_index(k) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     # Three partial convs use the other rule, linspace(1/6, 5/6, 3).
     three = MultiScaleVQConfig(phi_count=3)

@@ -631,7 +631,7 @@ def test_unknown_preset_and_config_fields():
 
 # ---------------------------------------------------------------------------------------- the parity tool
 def test_parity_tool_builds_the_presets_and_undoes_init_patches(tmp_path):
-    from eval import parity_var
+    from tools import parity_var
 
     for depth in (16, 20, 24, 30, 36):
         assert parity_var.reference_config(depth, small=False) == get_var_preset(f"var-d{depth}")

@@ -1,8 +1,8 @@
 """Parity check of our multi-scale VQ tokenizer (``vae.msvq``) against the authors' VAR code, on the same weights.
 
-    python eval/parity_var_tokenizer.py --reference /path/to/VAR
-    python eval/parity_var_tokenizer.py --reference /path/to/VAR --checkpoint vae_ch160v4096z32.pth
-    python eval/parity_var_tokenizer.py --reference /path/to/VAR --small
+    python -m tools.parity_var_tokenizer --reference /path/to/VAR
+    python -m tools.parity_var_tokenizer --reference /path/to/VAR --checkpoint vae_ch160v4096z32.pth
+    python -m tools.parity_var_tokenizer --reference /path/to/VAR --small
 
 ``--reference`` is a checkout of FoundationVision/VAR (``models/vqvae.py``, ``models/basic_vae.py``,
 ``models/quant.py``, ``dist.py``). Nothing of it is copied here; those files are imported from that folder.
@@ -52,8 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval import parity_var
-from eval.parity_flowar import Row, compare, format_table
+from tools import parity_var
+from tools.parity_flowar import Row, compare, format_table
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.msvq import MultiScaleVQConfig, MultiScaleVQVAE, convert_released_state_dict, get_msvq_preset
 
@@ -72,7 +72,7 @@ DEFAULT_TOLERANCE = 1e-4
 
 # ---------------------------------------------------------------------------------------- environment
 def guard_nn_init():
-    """:func:`eval.parity_var.guard_nn_init` for the classes the tokenizer's builder patches."""
+    """:func:`tools.parity_var.guard_nn_init` for the classes the tokenizer's builder patches."""
     return parity_var.guard_nn_init(PATCHED_CLASSES)
 
 

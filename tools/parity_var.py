@@ -1,8 +1,8 @@
 """Parity check of our VAR transformer against the authors' code: the same weights and draws give the same numbers.
 
-    python eval/parity_var.py --reference /path/to/VAR --depth 16
-    python eval/parity_var.py --reference /path/to/VAR --depth 16 --small
-    python eval/parity_var.py --reference /path/to/VAR --depth 16 --checkpoint var_d16.pth --vae-checkpoint vae_ch160v4096z32.pth
+    python -m tools.parity_var --reference /path/to/VAR --depth 16
+    python -m tools.parity_var --reference /path/to/VAR --depth 16 --small
+    python -m tools.parity_var --reference /path/to/VAR --depth 16 --checkpoint var_d16.pth --vae-checkpoint vae_ch160v4096z32.pth
 
 ``--reference`` is a checkout of FoundationVision/VAR (``models/var.py``, ``models/basic_var.py``,
 ``models/helpers.py``, ``models/vqvae.py``, ``models/quant.py``, ``dist.py``). Nothing of it is copied here;
@@ -64,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval.parity_flowar import Row, compare, format_table
+from tools.parity_flowar import Row, compare, format_table
 from flowar import var as var_module
 from heads import categorical as categorical_module
 from vae.files import load_state_strict, read_torch_state_dict

@@ -1,8 +1,8 @@
 """Parity check against the authors' FlowAR code: the same weights and the same noise give the same numbers.
 
-    python eval/parity_flowar.py --reference /path/to/FlowAR --preset flowar-s
-    python eval/parity_flowar.py --reference /path/to/FlowAR --preset flowar-s --checkpoint FlowAR-S.pth
-    python eval/parity_flowar.py --reference /path/to/FlowAR --preset flowar-l --small --timm-path /tmp/timm_pkg
+    python -m tools.parity_flowar --reference /path/to/FlowAR --preset flowar-s
+    python -m tools.parity_flowar --reference /path/to/FlowAR --preset flowar-s --checkpoint FlowAR-S.pth
+    python -m tools.parity_flowar --reference /path/to/FlowAR --preset flowar-l --small --timm-path /tmp/timm_pkg
 
 ``--reference`` is a checkout of the authors' code (the public fork wangqiang9/FlowAR: ``models/flowar.py``,
 ``flowloss.py``, ``sampler.py``, ``flowmodel.py``, ``rope.py``). Nothing of it is copied here; it is imported

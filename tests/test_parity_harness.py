@@ -1,5 +1,11 @@
-"""eval/parity_flowar.py without the authors' checkout: arguments, draw recording, and the comparisons run
-against a stand-in that offers the released model's interface on top of our own modules."""
+"""The plumbing of tools/parity_flowar.py, checked without the authors' checkout: argument handling, the
+recording of random draws, the weight transfer and the comparison tables.
+
+The reference here is ``tests/reference_standin.py``, a stand-in that offers the released model's interface
+on top of our own FlowAR, so agreement with it shows that the harness hands over weights and draws and
+compares what it says; it shows nothing about parity. Parity itself is shown by running the tool against
+the authors' checkout (docs/parity.md).
+"""
 
 import sys
 
@@ -7,7 +13,7 @@ import pytest
 import torch
 
 import reference_standin
-from eval import parity_flowar as parity
+from tools import parity_flowar as parity
 from flowar import get_preset
 
 THIS_MODULE = sys.modules[__name__]  # for the draw-recording test

@@ -1,6 +1,6 @@
 """Demo runs side by side: mean +- sd over seeds of what ``train.demo`` measured, one row per model.
 
-    python -m eval.demo_table runs/demo-s0 runs/demo-s1 runs/demo-s2 runs/ms-s0 ... [--time]
+    python -m tools.demo_table runs/demo-s0 runs/demo-s1 runs/demo-s2 runs/ms-s0 ... [--time]
 
 Each argument is a demo output folder holding ``results.json``. Rows group the runs by model, by the
 training-config overrides the run was given (``train.demo --set``), by its VAE options (``--kl-weight``,
