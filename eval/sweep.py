@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowar import FlowARPipeline
+from flowar import FlowARPipeline, FlowARSampling
 from flowar.outputs import PRECISIONS, autocast_context, to_uint8_images
-from heads.solvers import SCHEDULES, SOLVERS, check_solver_options
+from heads.solvers import ADAPTIVE_SOLVERS as ADAPTIVE, SCHEDULES, SOLVERS, SolveOptions
 
 from .fid import compute_metrics
 from .fid import reference_statistics
@@ -46,7 +46,6 @@ from .reference import default_cache_dir
 
 CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "precision",
               "nfe_per_image", "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
-ADAPTIVE = ("dopri5",)
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def series_name(solver: str, scale: str, low: str, high: str, precision: str) ->
     return f"{solver} w={scale} gi={low}-{high}" + ("" if precision == "fp32" else f" {precision}")
 
 
-def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str = "flowar",
+def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str,
                  precisions=("fp32",)) -> list[SweepPoint]:
     for precision in precisions:
         if precision not in PRECISIONS:
@@ -105,7 +104,7 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str =
     for solver in solvers:
         for n in ([None] if solver in ADAPTIVE else counts):
             for tol in (tolerances if solver in ADAPTIVE else [1.0]):
-                check_solver_options(solver=solver, steps=n, schedule=schedule, atol=tol, rtol=tol)
+                SolveOptions(solver=solver, steps=n, schedule=schedule, atol=tol, rtol=tol)
     for low, high in intervals:
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"guidance intervals must satisfy 0 <= low < high <= 1, got ({low}, {high})")
@@ -247,7 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--solvers", default="euler,midpoint,rk4,dopri5")
     p.add_argument("--steps", default="2,4,8",
                    help="comma list, fixed-step solvers; an entry a/b/c/d is one count per scale, coarse to fine")
-    p.add_argument("--schedule", default="flowar", choices=SCHEDULES, help="step schedule of fixed-step solvers")
+    p.add_argument("--schedule", default=FlowARSampling().schedule, choices=SCHEDULES,
+                   help="step schedule of fixed-step solvers (default: FlowAR's)")
     p.add_argument("--tolerances", default="1e-2,1e-3", help="comma list of atol=rtol, adaptive solvers")
     p.add_argument("--guidance-scale", default="3", help="comma list (1 = unguided)")
     p.add_argument("--guidance-interval", action="append", metavar="LOW,HIGH",

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from heads.flow import check_guidance_interval
 from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN, check_time_distribution
-from heads.solvers import check_solver_options
+from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
 
 from .sampling import GuidanceOptions
 
-ADAPTIVE_SOLVERS = ("dopri5",)  # solvers that pick their own steps
 # How the head's flow is laid over the scales: "full", FlowAR's (every scale from noise to data), or
 # "multistage", E-CAR's (scale k integrates only its span of stage_times; heads.multistage).
 FLOWS = ("full", "multistage")
@@ -45,25 +45,24 @@ class FlowARSampling(GuidanceOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        try:
-            low, high = (float(v) for v in self.guidance_interval)
-        except (TypeError, ValueError):
-            raise ValueError(f"guidance_interval must be two numbers (low, high), got {self.guidance_interval!r}") from None
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {self.guidance_interval}")
-        self.guidance_interval = (low, high)
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if isinstance(self.steps, list):
             self.steps = tuple(self.steps)
         per_scale = self.steps if isinstance(self.steps, tuple) else (self.steps,)
         if not per_scale:
             raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")
-        for count in per_scale:
-            check_solver_options(solver=self.solver, steps=count, schedule=self.schedule, atol=self.atol,
-                                 rtol=self.rtol)
+        # Each scale's solve (one for all scales when steps is one count), validated here once: sampling reads
+        # them per scale through solve_at and checks nothing again.
+        self._solves = [SolveOptions(solver=self.solver, steps=count, schedule=self.schedule, atol=self.atol,
+                                     rtol=self.rtol) for count in per_scale]
 
     def steps_at(self, k: int) -> int | None:
         """The step count of scale k."""
         return self.steps[k] if isinstance(self.steps, tuple) else self.steps
+
+    def solve_at(self, k: int) -> SolveOptions:
+        """The head's ODE solve at scale k."""
+        return self._solves[k if isinstance(self.steps, tuple) else 0]
 
     def check_model(self, config) -> None:
         if isinstance(self.steps, tuple) and len(self.steps) != len(config.scales):
@@ -152,22 +151,6 @@ class FlowARConfig(ConfigMixin):
             raise ValueError("head_batch_mul and context_noise are for flow='full' only; got head_batch_mul="
                              f"{self.head_batch_mul}, context_noise={self.context_noise} with flow='multistage'")
         self.sampling.check_model(self)
-
-    @classmethod
-    def upgrade(cls, data: dict) -> dict:
-        """Configs written before FlowARSampling kept three ``default_*`` fields; at 50 steps the sampler of
-        that time (like the released one) used the uniform grid."""
-        legacy = {key: data.pop(key) for key in ("default_cfg", "default_steps", "default_guidance_interval")
-                  if key in data}
-        if legacy:
-            sampling = dict(data.get("sampling", {}))
-            sampling.setdefault("guidance_scale", legacy.get("default_cfg", 1.0))
-            sampling.setdefault("steps", legacy.get("default_steps", 25))
-            sampling.setdefault("guidance_interval", legacy.get("default_guidance_interval", (0.0, 1.0)))
-            if sampling["steps"] == 50:
-                sampling.setdefault("schedule", "uniform")
-            data = {**data, "sampling": sampling}
-        return data
 
     @property
     def spans(self) -> tuple[tuple[float, float], ...]:

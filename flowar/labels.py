@@ -25,6 +25,10 @@ def check_class_labels(class_labels, batch_size: int | None, *, num_classes: int
     labels = torch.as_tensor(class_labels, device=device)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"class_labels must be integers, got {labels.dtype} values")
+    if labels.ndim > 1:
+        # A (B, N) tensor would otherwise be read as B * N images.
+        raise ValueError(f"class_labels must be one label per image (a list or a 1-D tensor), got shape "
+                         f"{tuple(labels.shape)}")
     labels = labels.long().reshape(-1)
     if labels.numel() == 0:
         raise ValueError("class_labels must hold at least one label")

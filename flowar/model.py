@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from heads.flow import FlowSample
+from heads.flow import FlowSample, Guidance
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
@@ -33,6 +33,19 @@ def to_tokens(latent: torch.Tensor) -> torch.Tensor:
 def from_tokens(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """(B, side*side, C) -> (B, C, side, side)."""
     return tokens.transpose(1, 2).unflatten(2, (side, side))
+
+
+def check_finite_latents(latents: torch.Tensor, name: str = "latents") -> None:
+    """Refuse NaN or infinite latents before they reach a loss. On the CPU a ValueError names them; on an
+    accelerator the check is an asynchronous device assert, since a Python-side test would wait for the device
+    at every training step."""
+    finite = torch.isfinite(latents).all()
+    message = f"{name} must be finite: they hold NaN or infinite values (a corrupt image, latent cache or VAE?)"
+    if latents.device.type == "cpu":
+        if not finite:
+            raise ValueError(message)
+    else:
+        torch._assert_async(finite, message)
 
 
 class ScaleInput(NamedTuple):
@@ -78,7 +91,6 @@ class FlowAR(ScaleWiseModel):
 
     model_type = MODEL_TYPE
     config_class = FlowARConfig
-    legacy_model_type = MODEL_TYPE  # folders written before config.json recorded the type
     sampling_class = FlowARSampling
     interchangeable_fields = ("scales", "token_dim", "num_classes", "flow", "stage_times")
     training_data = "latents"
@@ -216,39 +228,34 @@ class FlowAR(ScaleWiseModel):
         c = self.config
         return {"distribution": c.time_distribution, "logit_mean": c.time_logit_mean, "logit_std": c.time_logit_std}
 
-    def _draws_as_released(self) -> bool:
-        """Whether the loss draws what the released loss draws (per scale a time, then its noise): no lever
-        that changes the draws is on."""
-        c = self.config
-        return c.time_distribution == "uniform" and c.head_batch_mul == 1 and not c.context_noise
-
     def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
                 flow_noise=None, context_levels=None, context_noise=None):
         """Flow-matching loss of a batch of scaled VAE latents (B, C, S, S).
 
-        In training mode a share ``label_drop`` of the labels becomes the null class. ``drop_mask`` (B,),
-        ``flow_times`` and ``flow_noise`` (one (B,) and one (B, s*s, C) tensor per scale), and with
-        ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale), replace the random
-        draws (see :meth:`draw_randomness` for their shapes), to reproduce a computation exactly. A multistage
-        flow trains each scale on its stage (``heads.multistage``): its transformer sees the previous stage's
-        noisy end, and ``flow_noise[k]`` is the noise of scale k's jump.
+        Every random number of the step comes from :meth:`draw_randomness`: ``drop_mask`` (B,) (in training
+        mode a share ``label_drop`` of the labels becomes the null class), ``flow_times`` and ``flow_noise``
+        (per scale), and with ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale).
+        A trainer passes what it drew for its rows of the global batch; whatever is not given is drawn here
+        with ``generator``, by that one method. A multistage flow trains each scale on its stage
+        (``heads.multistage``): its transformer sees the previous stage's noisy end, and ``flow_noise[k]`` is
+        the noise of scale k's jump.
         """
         self._check_latents(latents)
+        check_finite_latents(latents)
         labels = self.check_labels(class_labels, latents.shape[0]).to(latents.device)
-        if self.training and self.config.label_drop > 0 and not self.config.unconditional:
-            if drop_mask is None:
-                drop_mask = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.label_drop
-            labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
-        pyramid = area_pyramid(latents, self.config.scales)
-        class_embedding = self.class_emb(labels)  # (B, D)
-        if self.config.flow == "multistage":
-            return self._multistage_loss(pyramid, class_embedding, generator, flow_times, flow_noise)
         c = self.config
-        given = {"flow_times": flow_times, "flow_noise": flow_noise, "context_levels": context_levels,
-                 "context_noise": context_noise}
-        if not self._draws_as_released() and any(v is None for v in given.values()):
+        given = {"drop_mask": drop_mask, "flow_times": flow_times, "flow_noise": flow_noise}
+        if c.context_noise:
+            given.update(context_levels=context_levels, context_noise=context_noise)
+        if any(v is None for v in given.values()):
             drawn = self.draw_randomness(latents.shape[0], generator=generator, device=latents.device)
-            given = {k: drawn.get(k) if v is None else v for k, v in given.items()}
+            given = {k: drawn[k] if v is None else v for k, v in given.items()}
+        if self.training and c.label_drop > 0 and not c.unconditional:
+            labels = torch.where(given["drop_mask"].to(labels.device), torch.full_like(labels, self.null_class), labels)
+        pyramid = area_pyramid(latents, c.scales)
+        class_embedding = self.class_emb(labels)  # (B, D)
+        if c.flow == "multistage":
+            return self._multistage_loss(pyramid, class_embedding, given["flow_times"], given["flow_noise"])
         context = pyramid[:-1]
         if c.context_noise:
             context = [interpolate(x, from_tokens(eps.to(x), x.shape[-1]), level.to(x))
@@ -259,27 +266,17 @@ class FlowAR(ScaleWiseModel):
         losses = []
         for k, ((start, end), target) in enumerate(zip(scale_segments(c.scales), pyramid)):
             x, cond = to_tokens(target), z[:, start:end]
-            t = None if given["flow_times"] is None else given["flow_times"][k]
-            noise = None if given["flow_noise"] is None else given["flow_noise"][k]
+            t, noise = given["flow_times"][k], given["flow_noise"][k]
             if c.head_batch_mul > 1:  # each token's condition, m times, with its own times and noise
                 m = c.head_batch_mul
                 x, cond = x.repeat_interleave(m, dim=0), cond.repeat_interleave(m, dim=0)
                 t, noise = t.reshape(-1), noise.reshape(-1, *noise.shape[2:])
-            per_image = self.flownet.loss(x, cond, t=t, noise=noise, generator=generator)
+            per_image = self.flownet.loss(x, cond, t=t, noise=noise)
             losses.append(per_image.mean())
         return self._weighted(losses)
 
-    def _multistage_loss(self, pyramid, class_embedding, generator, flow_times, flow_noise) -> FlowAROutput:
+    def _multistage_loss(self, pyramid, class_embedding, flow_times, flow_noise) -> FlowAROutput:
         c = self.config
-        batch, device = pyramid[0].shape[0], pyramid[0].device
-        if flow_times is None or flow_noise is None:  # per scale a time, then its noise: the full flow's order
-            drawn_times, drawn_noise = [], []
-            for span, side in zip(c.spans, c.scales):
-                drawn_times.append(draw_times(batch, span, generator=generator, device=device, dtype=pyramid[0].dtype,
-                                              **self._time_law()))
-                drawn_noise.append(torch.randn((batch, side * side, c.token_dim), generator=generator, device=device))
-            flow_times = drawn_times if flow_times is None else flow_times
-            flow_noise = drawn_noise if flow_noise is None else flow_noise
         xis = [from_tokens(n.to(pyramid[0]), side) for n, side in zip(flow_noise, c.scales)]
         stages = training_stages(pyramid, xis, c.stage_times)
         ends = [end for _, end in stages]
@@ -432,12 +429,13 @@ class FlowARStepper(CachedStepper):
                 previous = from_tokens(self.previous.float(), c.scales[k - 1])
                 x_init = to_tokens(renoise(previous, from_tokens(x_init, side), previous_end=c.spans[k - 1][1],
                                            start=span[0]))
-            weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
             z = self.z
-            flow = self.model.flownet.sample(
-                x_init, z[:self.batch].float(), cond_null=z[self.batch:].float() if self.guided else None,
-                guidance_scale=weight, guidance_interval=o.guidance_interval, solver=o.solver,
-                steps=o.steps_at(k), schedule=o.schedule, atol=o.atol, rtol=o.rtol, known=known, span=span)
+            guidance = None
+            if self.guided:
+                weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
+                guidance = Guidance(z[self.batch:].float(), weight, o.guidance_interval)
+            flow = self.model.flownet.sample(x_init, z[:self.batch].float(), o.solve_at(k), guidance=guidance,
+                                             known=known, span=span)
         self.counts.nfe += flow.nfe
         self.counts.head_rows += flow.rows
         return flow

@@ -12,13 +12,11 @@ from .var_pipeline import VARPipeline
 
 MODEL_CLASSES = {cls.model_type: cls for cls in (FlowAR, VAR, MultiScaleVQVAE)}
 PIPELINE_CLASSES = {cls.model_class.model_type: cls for cls in (FlowARPipeline, VARPipeline)}
-# Folders written before config.json recorded the type hold FlowAR models (the first family).
-LEGACY_MODEL_TYPE = FlowAR.model_type
 
 
 def model_type(path) -> str:
-    """The ``model_type`` in the folder's config.json (FlowAR's for folders written before the key existed)."""
-    return read_model_type(path, default=LEGACY_MODEL_TYPE)
+    """The ``model_type`` in the folder's config.json."""
+    return read_model_type(path)
 
 
 def pipeline_class(kind: str) -> type:

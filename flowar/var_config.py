@@ -114,19 +114,6 @@ class VARConfig(ConfigMixin):
             raise ValueError(f"sampling must be a VARSampling, got {type(self.sampling).__name__}")
 
     @classmethod
-    def upgrade(cls, data: dict) -> dict:
-        """Configs written before VARSampling kept ``default_cfg`` (VAR's convention), ``default_top_k`` and
-        ``default_top_p``."""
-        legacy = {key: data.pop(key) for key in ("default_cfg", "default_top_k", "default_top_p") if key in data}
-        if legacy:
-            sampling = dict(data.get("sampling", {}))
-            sampling.setdefault("guidance_scale", 1.0 + legacy.get("default_cfg", 1.5))
-            sampling.setdefault("top_k", legacy.get("default_top_k", 900))
-            sampling.setdefault("top_p", legacy.get("default_top_p", 0.96))
-            data = {**data, "sampling": sampling}
-        return data
-
-    @classmethod
     def from_depth(cls, depth: int, **overrides) -> "VARConfig":
         """The authors' size rule: width 64 * depth, depth heads, drop path 0.1 * depth / 24."""
         fields = dict(depth=depth, width=64 * depth, num_heads=depth, drop_path=0.1 * depth / 24)

@@ -8,8 +8,8 @@ v = eps - x. This package imports nothing else of ours.
 from .categorical import cfg_mix, filter_logits, sample_tokens
 from .networks import HEAD_KINDS, FlowTransformerHead, MLPHead, build_head
 from .path import flow_matching_loss, interpolate, velocity_target
-from .flow import FlowHead, FlowSample, HeadVelocity, KnownRegionNet, sample_flow
-from .solvers import SCHEDULES, SOLVERS, check_solver_options, integrate, step_schedule
+from .flow import FlowHead, FlowSample, Guidance, HeadVelocity, KnownRegionNet, sample_flow
+from .solvers import SCHEDULES, SOLVERS, SolveOptions, integrate, step_schedule
 
 __all__ = [
     "cfg_mix",
@@ -26,9 +26,10 @@ __all__ = [
     "SOLVERS",
     "FlowHead",
     "FlowSample",
+    "Guidance",
     "HeadVelocity",
     "KnownRegionNet",
-    "check_solver_options",
+    "SolveOptions",
     "integrate",
     "sample_flow",
     "step_schedule",

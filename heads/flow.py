@@ -16,7 +16,35 @@ from typing import Optional
 import torch
 
 from .path import FULL_SPAN, VelocityNet, check_span, flow_matching_loss, interpolate, velocity_target
-from .solvers import integrate
+from .solvers import SolveOptions, integrate
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """(low, high) as floats, or a ValueError unless 0 <= low <= high <= 1 (t = 1 noise, t = 0 data)."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two numbers (low, high), got {interval!r}") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {interval}")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance of one solve: the null class's per-token conditions ``cond_null`` (B, N, D),
+    the weight ``scale`` (1 leaves the solve unguided) and the ``interval`` (low, high) of times it applies in.
+    Nothing here has a default: a model's sampling options hold those (``flowar.sampling.GuidanceOptions``)."""
+
+    cond_null: torch.Tensor
+    scale: float
+    interval: tuple[float, float]
+
+    def __post_init__(self):
+        if not isinstance(self.cond_null, torch.Tensor) or self.cond_null.ndim != 3:
+            raise ValueError(f"cond_null must be the null class's conditions, a (B, N, D) tensor, got "
+                             f"{type(self.cond_null).__name__} {tuple(getattr(self.cond_null, 'shape', ()))}")
+        object.__setattr__(self, "interval", check_guidance_interval(self.interval))
 
 
 def time_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,7 +64,8 @@ def condition_net(net: VelocityNet, cond: torch.Tensor):
 class HeadVelocity:
     """v(x_t, t) of a head network for fixed per-token conditions, with classifier-free guidance.
 
-    cond and cond_null (B, N, D). With ``guidance_scale != 1`` the velocity at times ``low <= t <= high`` is
+    cond (B, N, D). With a :class:`Guidance` of weight w != 1, the velocity at times ``low <= t <= high`` of its
+    interval is
     ``v_null + w * (v_cond - v_null)``, both halves from one head call on the doubled batch; any w other than
     1 guides (the released sampler guides only for w > 1, the only case it uses; w < 1 is the same linear
     formula, w = 0 the unconditional model). Guidance is decided on the solver's float64 time, as the
@@ -48,28 +77,23 @@ class HeadVelocity:
     token rows pushed through the network (doubled where guided): a cost measure.
     """
 
-    def __init__(self, net: VelocityNet, cond: torch.Tensor, *, cond_null: Optional[torch.Tensor] = None,
-                 guidance_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
+    def __init__(self, net: VelocityNet, cond: torch.Tensor, *, guidance: Optional[Guidance] = None,
                  dtype: torch.dtype = torch.float32):
         if cond.ndim != 3:
             raise ValueError(f"cond must be (B, N, D), got {tuple(cond.shape)}")
-        low, high = (float(v) for v in guidance_interval)
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-        self.guided = guidance_scale != 1.0
-        if self.guided:
-            if cond_null is None:
-                raise ValueError(f"cond_null is required when guidance_scale != 1 (guidance_scale={guidance_scale})")
-            if cond_null.shape != cond.shape:
-                raise ValueError(f"cond_null must have the shape of cond {tuple(cond.shape)}, got "
-                                 f"{tuple(cond_null.shape)}")
-        self.weight, self.low, self.high = guidance_scale, low, high
+        self.guided = guidance is not None and guidance.scale != 1.0
+        if self.guided and guidance.cond_null.shape != cond.shape:
+            raise ValueError(f"cond_null must have the shape of cond {tuple(cond.shape)}, got "
+                             f"{tuple(guidance.cond_null.shape)}")
+        self.weight = guidance.scale if self.guided else 1.0
+        self.low, self.high = guidance.interval if self.guided else (0.0, 1.0)
         self.dtype, self.t_dtype = dtype, time_dtype(dtype)
         # The head sees one dtype, as in the released sampler; the doubled condition is built once, and the head
         # does its condition-only work once per scale (condition_net).
         cond = cond.to(dtype)
         self.velocity = condition_net(net, cond)
-        self.velocity_pair = condition_net(net, torch.cat([cond, cond_null.to(dtype)])) if self.guided else None
+        self.velocity_pair = (condition_net(net, torch.cat([cond, guidance.cond_null.to(dtype)])) if self.guided
+                              else None)
         self.rows = 0
 
     @property
@@ -141,22 +165,16 @@ def sample_flow(
     net: VelocityNet,
     noise: torch.Tensor,
     cond: torch.Tensor,
+    solve: SolveOptions,
     *,
-    cond_null: Optional[torch.Tensor] = None,
-    guidance_scale: float = 1.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    solver: str = "euler",
-    steps: Optional[int] = 25,
-    schedule: str = "flowar",
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    guidance: Optional[Guidance] = None,
     known: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     span: tuple[float, float] = FULL_SPAN,
 ) -> FlowSample:
     """Sample tokens for one scale: integrate the head from ``noise`` (B, N, C) at t = 1 to t = 0, or, for a
     stage of the multistage flow, from the stage's start state ``noise`` at t = span[0] to span[1].
 
-    cond / cond_null (B, N, D) and guidance: see :class:`HeadVelocity`; solver options: ``heads.solvers``.
+    cond (B, N, D); guidance (None: unguided): see :class:`HeadVelocity`; solve: ``heads.solvers.SolveOptions``.
     known: (keep (B, N, 1) bool, target (B, N, C)): those tokens follow the target's path during the solve
     and equal the target afterwards (see :class:`KnownRegionNet`); full span only.
     """
@@ -164,15 +182,16 @@ def sample_flow(
         raise ValueError(f"noise must be (B, N, C), got {tuple(noise.shape)}")
     if cond.ndim != 3 or cond.shape[:2] != noise.shape[:2]:
         raise ValueError(f"cond must be ({noise.shape[0]}, {noise.shape[1]}, D) to match noise, got {tuple(cond.shape)}")
+    token_dim = getattr(net, "token_dim", None)  # the head networks' checks, once per solve instead of per step
+    if token_dim is not None and noise.shape[-1] != token_dim:
+        raise ValueError(f"noise must be (B, N, {token_dim}) for this head, got {tuple(noise.shape)}")
     span = check_span(span)
     if known is not None:
         if span != FULL_SPAN:
             raise ValueError(f"known regions need the full span (1, 0): the known path is the full one; got span {span}")
         net = KnownRegionNet(net, known[0], known[1], noise)
-    velocity = HeadVelocity(net, cond, cond_null=cond_null, guidance_scale=guidance_scale,
-                            guidance_interval=guidance_interval, dtype=noise.dtype)
-    x0, nfe = integrate(velocity, noise, solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol,
-                        jumps=velocity.jumps, span=span)
+    velocity = HeadVelocity(net, cond, guidance=guidance, dtype=noise.dtype)
+    x0, nfe = integrate(velocity, noise, solve, jumps=velocity.jumps, span=span)
     x = x0.to(noise.dtype)
     if known is not None:
         x = torch.where(known[0].to(x.device), known[1].to(x), x)  # exactly the target at t = 0
@@ -182,12 +201,11 @@ def sample_flow(
 class FlowHead:
     """Mixin for head networks: the flow-matching loss and the sampler, owned by the head."""
 
-    def loss(self, x: torch.Tensor, cond: torch.Tensor, *, t: Optional[torch.Tensor] = None,
-             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Per-sample flow-matching loss (B,) of clean tokens x (B, N, C) under cond (B, N, D); see
-        ``heads.path.flow_matching_loss``."""
-        return flow_matching_loss(self, x, cond, t=t, noise=noise, generator=generator)
+    def loss(self, x: torch.Tensor, cond: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample flow-matching loss (B,) of clean tokens x (B, N, C) under cond (B, N, D) at times t (B,)
+        with the path's noise; see ``heads.path.flow_matching_loss``."""
+        return flow_matching_loss(self, x, cond, t=t, noise=noise)
 
-    def sample(self, noise: torch.Tensor, cond: torch.Tensor, **options) -> FlowSample:
+    def sample(self, noise: torch.Tensor, cond: torch.Tensor, solve: SolveOptions, **options) -> FlowSample:
         """Tokens at t = 0 from ``noise`` at t = 1 (or along ``span=``); options as :func:`sample_flow`'s."""
-        return sample_flow(self, noise, cond, **options)
+        return sample_flow(self, noise, cond, solve, **options)

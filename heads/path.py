@@ -117,26 +117,14 @@ def draw_times(batch: int, span=FULL_SPAN, *, generator: Optional[torch.Generato
     return e + (s - e) * u.to(dtype)
 
 
-def flow_matching_loss(
-    net: VelocityNet,
-    x: torch.Tensor,
-    cond: torch.Tensor,
-    *,
-    t: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
+def flow_matching_loss(net: VelocityNet, x: torch.Tensor, cond: torch.Tensor, *, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
     """Per-sample flow-matching loss on the full path, shape (B,).
 
-    x: (B, ...) clean data, cond: whatever ``net`` takes as its condition. One t ~ U(0, 1) per sample
-    and Gaussian noise are drawn with ``generator`` on x's device unless given; passing them makes the
-    loss deterministic, e.g. to reproduce a reference.
+    x: (B, ...) clean data, cond: whatever ``net`` takes as its condition, t (B,) the times and ``noise`` (the
+    shape of x) the path's eps. The caller draws both (a model's ``draw_randomness``), so the loss itself is
+    deterministic.
     """
-    # t first, then noise: the order the released loss draws them in.
-    if t is None:
-        t = draw_times(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
-    elif noise.shape != x.shape:
+    if noise.shape != x.shape:
         raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
     return segment_loss(net, noise, x, cond, t=t)

@@ -10,6 +10,7 @@ with guidance, a known region) is a velocity built in ``heads.flow``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -20,29 +21,46 @@ from .path import FULL_SPAN, check_span
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 SCHEDULES = ("flowar", "uniform")
 _FIXED_GRID = ("euler", "midpoint", "rk4")
+ADAPTIVE_SOLVERS = tuple(name for name in SOLVERS if name not in _FIXED_GRID)  # they pick their own steps
 
 # velocity(x_t (B, ...), t (B,) float64) -> v (B, ...)
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_solver_options(*, solver: str, steps: int | None, schedule: str, atol: float, rtol: float) -> None:
-    """Raise ``ValueError`` naming the option when a solve is mis-specified.
+@dataclass(frozen=True)
+class SolveOptions:
+    """One ODE solve's options, validated once when built (a ``ValueError`` names the option otherwise).
 
-    Fixed-grid solvers need ``steps`` (an integer >= 1; >= 2 for the "flowar" grid); dopri5 chooses its own
-    steps from ``atol`` / ``rtol``, so giving it ``steps`` is refused rather than silently ignored.
+    solver: one of ``SOLVERS``; fixed-grid solvers need ``steps`` (an integer >= 1; >= 2 for the "flowar"
+    grid) laid on ``schedule``; dopri5 chooses its own steps from ``atol`` / ``rtol``, so giving it ``steps``
+    is refused rather than silently ignored. No field has a default: a model's sampling options dataclass
+    (``flowar.config.FlowARSampling``) holds the defaults and builds these once per sampling call.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if solver in _FIXED_GRID:
-        _check_grid(steps, schedule, solver=solver)
-    elif steps is not None:
-        raise ValueError(f"steps must be None for the adaptive {solver} solver (it picks its own steps from "
-                         f"atol/rtol), got {steps!r}")
+
+    solver: str
+    steps: int | None
+    schedule: str
+    atol: float
+    rtol: float
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.solver in _FIXED_GRID:
+            _check_grid(self.steps, self.schedule, solver=self.solver)
+        elif self.steps is not None:
+            raise ValueError(f"steps must be None for the adaptive {self.solver} solver (it picks its own steps "
+                             f"from atol/rtol), got {self.steps!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.solver not in _FIXED_GRID
 
 
 def _check_grid(steps, schedule: str, *, solver: str) -> None:
@@ -54,7 +72,7 @@ def _check_grid(steps, schedule: str, *, solver: str) -> None:
         raise ValueError(f"steps must be >= 2 for the 'flowar' schedule, got {steps}")
 
 
-def step_schedule(steps: int, kind: str = "flowar") -> torch.Tensor:
+def step_schedule(steps: int, kind: str) -> torch.Tensor:
     """Times from 1 down to 0 (float64) for a fixed-step solver.
 
     "uniform": ``steps + 1`` evenly spaced points. "flowar": the released sampler's grid, 1 -> 0.3 in
@@ -66,6 +84,11 @@ def step_schedule(steps: int, kind: str = "flowar") -> torch.Tensor:
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
     _check_grid(steps, kind, solver="fixed-step")
+    return _grid(steps, kind)
+
+
+def _grid(steps: int, kind: str) -> torch.Tensor:
+    """:func:`step_schedule` without its checks, for options a :class:`SolveOptions` validated already."""
     if kind == "uniform":
         return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     half = steps // 2
@@ -77,24 +100,19 @@ def step_schedule(steps: int, kind: str = "flowar") -> torch.Tensor:
 def _solve(
     rhs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     y0: torch.Tensor,
+    solve: SolveOptions,
     *,
-    solver: str,
-    steps: int | None,
-    schedule: str,
-    atol: float,
-    rtol: float,
-    jumps: Sequence[float] = (),
-    span: tuple[float, float] = FULL_SPAN,
+    jumps: Sequence[float],
+    span: tuple[float, float],
 ) -> torch.Tensor:
     """Run torchdiffeq on ``rhs(t, y)`` (0-dim float64 time, float64 state) from t = span[0] down to span[1]."""
-    check_solver_options(solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol)
     start, end = check_span(span)
-    if solver in _FIXED_GRID:
+    if not solve.adaptive:
         # The schedule's grid on [0, 1], laid onto the span (for the full span, the grid itself).
-        grid = end + (start - end) * step_schedule(steps, schedule)
+        grid = end + (start - end) * _grid(solve.steps, solve.schedule)
         # Without step_size torchdiffeq uses the given times as the grid. Going down in t it negates
         # both times and velocity, which is exact, so Euler is x + (t_next - t_cur) v bit for bit.
-        return odeint(rhs, y0, grid.to(y0.device), method=solver)[-1]
+        return odeint(rhs, y0, grid.to(y0.device), method=solve.solver)[-1]
     times = torch.tensor([start, end], dtype=torch.float64, device=y0.device)
     inner = sorted({float(j) for j in jumps if end < float(j) < start})
     # step_t: step onto the end instead of past it and back; the head is never asked about times outside the
@@ -102,18 +120,14 @@ def _solve(
     options = {"step_t": torch.tensor([end], dtype=torch.float64, device=y0.device)}
     if inner:
         options["jump_t"] = torch.tensor(inner, dtype=torch.float64, device=y0.device)
-    return odeint(rhs, y0, times, method=solver, atol=atol, rtol=rtol, options=options)[-1]
+    return odeint(rhs, y0, times, method=solve.solver, atol=solve.atol, rtol=solve.rtol, options=options)[-1]
 
 
 def integrate(
     velocity: Velocity,
     x: torch.Tensor,
+    solve: SolveOptions,
     *,
-    solver: str = "euler",
-    steps: int | None = 25,
-    schedule: str = "flowar",
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
     jumps: Sequence[float] = (),
     span: tuple[float, float] = FULL_SPAN,
 ) -> tuple[torch.Tensor, int]:
@@ -124,9 +138,10 @@ def integrate(
     tensor, the solver's own time (a network wrapper such as ``heads.flow.HeadVelocity`` casts it for its
     network and decides guidance on it); its output is promoted to float64 for the update.
     Fixed-step solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule RK4) step exactly on
-    ``step_schedule(steps, schedule)`` laid onto the span; dopri5 is adaptive with ``atol``/``rtol`` and takes ``steps=None``.
-    ``jumps`` lists times where velocity is discontinuous (e.g. the ends of a guidance interval): dopri5
-    steps onto them instead of rejecting steps across them; fixed-step solvers ignore them.
+    ``step_schedule(solve.steps, solve.schedule)`` laid onto the span; dopri5 is adaptive with
+    ``solve.atol`` / ``solve.rtol``. ``jumps`` lists times where velocity is discontinuous (e.g. the ends of a
+    guidance interval): dopri5 steps onto them instead of rejecting steps across them; fixed-step solvers
+    ignore them.
     """
     dtype, batch = x.dtype, x.shape[0]
     nfe = 0
@@ -136,6 +151,5 @@ def integrate(
         nfe += 1
         return velocity(y.to(dtype), t.to(y.device).expand(batch)).to(torch.float64)
 
-    x0 = _solve(rhs, x.to(torch.float64), solver=solver, steps=steps, schedule=schedule, atol=atol, rtol=rtol,
-                jumps=jumps, span=span)
+    x0 = _solve(rhs, x.to(torch.float64), solve, jumps=jumps, span=span)
     return x0, nfe

@@ -12,6 +12,8 @@ from flowar.editing import box_mask, inpaint, prepare_images, prepare_mask, scal
 from flowar.sampling import generate
 from heads.flow import KnownRegionNet, sample_flow
 
+from flow_options import guide, solve
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py; flowar_pipe, var_pipe come from there
 
 
@@ -55,9 +57,7 @@ def test_known_tokens_follow_the_straight_path_during_the_solve(solver, guidance
         return x_t @ weight + c[..., :3] - t[:, None, None]
 
     steps = None if solver == "dopri5" else 6
-    flow = sample_flow(net, noise, cond, cond_null=torch.zeros_like(cond), guidance_scale=guidance_scale,
-                       solver=solver, steps=steps, guidance_interval=(0.0, 0.7), schedule="uniform",
-                       known=(keep, target))
+    flow = sample_flow(net, noise, cond, solve(solver=solver, steps=steps, schedule="uniform"), guidance=guide(torch.zeros_like(cond), guidance_scale, (0.0, 0.7)), known=(keep, target))
     assert len(seen) == flow.nfe
     assert any(x_t.shape[0] == 4 for x_t, _ in seen) == (guidance_scale != 1.0)  # the doubled guidance batch
     for x_t, t in seen:

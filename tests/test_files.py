@@ -203,54 +203,14 @@ def test_unknown_config_fields_are_refused_also_in_the_nested_sampling():
         FlowARConfig.from_dict({**data, "sampling": {**data["sampling"], "guidance_scale": "strong"}})
 
 
-def legacy_flowar_config(config: FlowARConfig, **legacy) -> dict:
-    """config.json as written before FlowARSampling: the fields, then default_cfg / default_steps /
-    default_guidance_interval, no sampling object."""
-    data = {"model_type": "flowar", **config.to_dict()}
-    del data["sampling"]
-    return {**data, **legacy}
-
-
-@pytest.mark.parametrize("steps, schedule", [(50, "uniform"), (25, "flowar"), (10, "flowar")])
-def test_old_flowar_config_json_loads_with_its_sampling(saved, tmp_path, steps, schedule):
-    model, folder = saved["flowar"]
-    old = copy_folder(folder, tmp_path / "old")
-    # the released sampler (and ours of that time) ran 50 steps on the uniform grid
-    legacy = legacy_flowar_config(model.config, default_cfg=2.4, default_steps=steps,
-                                  default_guidance_interval=[0.0, 0.7])
-    (old / "config.json").write_text(json.dumps(legacy))
-    loaded = FlowAR.from_pretrained(old)
-    assert loaded.config.sampling == FlowARSampling(guidance_scale=2.4, steps=steps, schedule=schedule,
-                                                    guidance_interval=(0.0, 0.7))
-    assert same_weights(loaded, model)
-    # the architecture is the saved one, apart from the sampling defaults
-    rest = {k: v for k, v in loaded.config.to_dict().items() if k != "sampling"}
-    assert rest == {k: v for k, v in model.config.to_dict().items() if k != "sampling"}
-
-
-def test_old_flowar_config_with_only_some_defaults():
-    data = legacy_flowar_config(get_preset("flowar-tiny"), default_cfg=3.0)
-    del data["model_type"]
-    sampling = FlowARConfig.from_dict(data).sampling
-    assert (sampling.guidance_scale, sampling.steps, sampling.schedule, sampling.guidance_interval) == \
-        (3.0, 25, "flowar", (0.0, 1.0))
-
-
-def test_old_var_config_json_loads_with_its_sampling(saved, tmp_path):
-    """VAR's default_cfg was in VAR's own convention (0 = unguided): 1.5 is guidance_scale 2.5."""
-    model, folder = saved["var"]
-    old = copy_folder(folder, tmp_path / "old")
-    data = {"model_type": "var", **model.config.to_dict()}
-    del data["sampling"]
-    data.update(default_cfg=1.5, default_top_k=900, default_top_p=0.96)
-    (old / "config.json").write_text(json.dumps(data))
-    loaded = VAR.from_pretrained(old)
-    assert loaded.config.sampling == VARSampling(guidance_scale=2.5, top_k=900, top_p=0.96)
-    assert loaded.config.sampling.var_cfg == 1.5
-    assert same_weights(loaded, model)
-    data.update(default_cfg=0.0, default_top_k=0, default_top_p=0.0)
-    sampling = VARConfig.from_dict(data).sampling
-    assert (sampling.guidance_scale, sampling.guided, sampling.top_k, sampling.top_p) == (1.0, False, 0, 0.0)
+def test_config_keys_of_no_field_are_refused_by_name():
+    """config.json holds exactly the dataclass's fields: a key that is none of them names itself."""
+    data = {"model_type": "flowar", **get_preset("flowar-tiny").to_dict(), "default_cfg": 3.0}
+    with pytest.raises(ValueError, match=r"unknown fields \['default_cfg'\]"):
+        FlowARConfig.from_dict(data)
+    data = {"model_type": "var", **VARConfig.from_depth(2, num_classes=4).to_dict(), "default_top_k": 900}
+    with pytest.raises(ValueError, match=r"unknown fields \['default_top_k'\]"):
+        VARConfig.from_dict(data)
 
 
 # ---------------------------------------------------------------------------------------------- model_type
@@ -266,16 +226,16 @@ def test_model_type_picks_the_class(saved):
     assert len({model_type(folder) for _, folder in saved.values()}) == 3
 
 
-def test_a_folder_without_model_type_is_flowar(saved, tmp_path):
-    model, folder = saved["flowar"]
+def test_a_folder_without_model_type_is_refused(saved, tmp_path):
+    _, folder = saved["flowar"]
     old = copy_folder(folder, tmp_path / "old")
     data = json.loads((old / "config.json").read_text())
     del data["model_type"]
     (old / "config.json").write_text(json.dumps(data))
-    assert model_type(old) == "flowar"
-    loaded = load_model(old)
-    assert type(loaded) is FlowAR and same_weights(loaded, model)
-    assert type(FlowAR.from_pretrained(old)) is FlowAR
+    with pytest.raises(ValueError, match="has no model_type"):
+        load_model(old)
+    with pytest.raises(ValueError, match="holds a None model, not 'flowar'"):
+        FlowAR.from_pretrained(old)
 
 
 def test_the_wrong_class_or_an_unknown_type_is_refused(saved, tmp_path):

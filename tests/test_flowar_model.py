@@ -10,6 +10,8 @@ from flowar.model import from_tokens, to_tokens
 from heads import FlowHead, sample_flow
 from vae.pyramid import next_scale_input
 
+from flow_options import solve
+
 
 def tiny(**overrides):
     torch.manual_seed(0)
@@ -50,7 +52,7 @@ def _sample_without_cache(model, labels, noise, *, steps):
     for k, side in enumerate(c.scales):
         z = model.transformer(tokens, class_embedding, sides=c.scales[: k + 1])
         start, end = scale_segments(c.scales)[k]
-        x = sample_flow(model.flownet, noise[k], z[:, start:end], steps=steps).x.float()
+        x = sample_flow(model.flownet, noise[k], z[:, start:end], solve(steps=steps)).x.float()
         if k + 1 < len(c.scales):
             nxt = next_scale_input(from_tokens(x, side), full_side=c.scales[-1], next_side=c.scales[k + 1])
             tokens = torch.cat([tokens, model.z_proj(to_tokens(nxt))], dim=1)
@@ -132,7 +134,8 @@ def test_loss_is_finite_weighted_and_backpropagates():
     g = torch.Generator().manual_seed(0)
     times = [torch.rand(3, generator=g) for _ in model.config.scales]
     noise = _noise(model, 3, seed=1)
-    out = model(latents, torch.tensor([0, 1, 2]), flow_times=times, flow_noise=noise)
+    drop = torch.tensor([False, True, False])
+    out = model(latents, torch.tensor([0, 1, 2]), drop_mask=drop, flow_times=times, flow_noise=noise)
     assert model.config.scales == (1, 2, 4, 8)
     # Each scale weighs by its share of the last scale's tokens, s^2 / 8^2, written out by hand.
     weights = torch.tensor([1 / 64, 4 / 64, 16 / 64, 64 / 64])
@@ -141,7 +144,7 @@ def test_loss_is_finite_weighted_and_backpropagates():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
-    again = model(latents, torch.tensor([0, 1, 2]), flow_times=times, flow_noise=noise)
+    again = model(latents, torch.tensor([0, 1, 2]), drop_mask=drop, flow_times=times, flow_noise=noise)
     torch.testing.assert_close(again.loss, out.loss)
 
 

@@ -1,4 +1,4 @@
-"""FlowAR's training levers (issue 12): each is off by default, where the loss and the samples are the
+"""FlowAR's training levers: each is off by default, where the loss and the samples are the
 released model's; on, each does what its config comment says; bad values name the argument."""
 
 import math
@@ -49,20 +49,17 @@ def test_every_preset_and_a_bare_config_have_the_levers_off(name):
     assert {k: getattr(bare, k) for k in LEVER_DEFAULTS} == LEVER_DEFAULTS
 
 
-def test_the_default_loss_is_the_released_draw_order_recomputed_by_hand():
-    # The released loss draws, per scale in order, t ~ U(0, 1) (B,) then the noise (B, s*s, C), each token map
-    # noised on the straight path and its velocity eps - x regressed. Recompute that from the same seed.
+def test_the_default_loss_takes_every_draw_from_draw_randomness_in_its_order():
+    # draw_randomness draws, from the one generator: the label-drop mask (B,), then t ~ U(0, 1) (B,) for every
+    # scale, then the noise (B, s*s, C) of every scale. Recompute those draws from the same seed by hand.
     model = tiny_flowar(0).train()
     latents, labels = batch()
     out = model(latents, labels, generator=gen(7))
     g = gen(7)
-    if model.config.label_drop > 0:
-        drop = torch.rand(3, generator=g) < model.config.label_drop
-        labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
-    expected_times, expected_noise = [], []
-    for s in model.config.scales:
-        expected_times.append(torch.rand(3, generator=g))
-        expected_noise.append(torch.randn(3, s * s, 4, generator=g))
+    drop = torch.rand(3, generator=g) < model.config.label_drop
+    labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+    expected_times = [torch.rand(3, generator=g) for _ in model.config.scales]
+    expected_noise = [torch.randn(3, s * s, 4, generator=g) for s in model.config.scales]
     by_hand = model(latents, labels, drop_mask=torch.zeros(3, dtype=torch.bool), flow_times=expected_times,
                     flow_noise=expected_noise)
     torch.testing.assert_close(out.loss, by_hand.loss, rtol=0, atol=0)

@@ -375,7 +375,7 @@ def flowar_reference_sample(model, labels, noise, *, cfg, steps, interval):
     rows = torch.cat([labels, torch.full_like(labels, c.num_classes)])
     class_embedding = model.class_emb(rows)
     tokens = class_embedding[:, None]  # the first scale's input is the class token
-    grid = step_schedule(steps)
+    grid = step_schedule(steps, "flowar")
     x = None
     for k, (side, (start, end)) in enumerate(zip(scales, segments(scales))):
         if k > 0:  # the previous scale's tokens, bicubic up to full size, area down to this side

@@ -12,7 +12,9 @@ import torch
 from flowar import get_preset
 from heads.flow import HeadVelocity, sample_flow
 from heads.networks import FlowTransformerHead
-from heads.solvers import SCHEDULES, SOLVERS, check_solver_options, integrate, step_schedule
+from heads.solvers import SCHEDULES, SOLVERS, SolveOptions, integrate, step_schedule
+
+from flow_options import guide, solve
 
 # dx/dt = (A + B t) x has x(0) = x(1) exp(-(A + B / 2)) when integrated from t = 1 down to 0.
 # (A, B) = (0.5, 1) would be a poor choice: the 3/8-rule RK4's leading error term nearly cancels there
@@ -36,7 +38,7 @@ def linear_problem(guided: bool):
         return x1, torch.full((1, 2, 2), 1.0, dtype=torch.float64), {}
     cond = torch.full((1, 2, 2), 0.75, dtype=torch.float64)
     null = torch.full((1, 2, 2), 0.5, dtype=torch.float64)
-    return x1, cond, dict(cond_null=null, guidance_scale=2.0)
+    return x1, cond, dict(guidance=guide(null, 2.0))
 
 
 def exact(x1):
@@ -45,7 +47,7 @@ def exact(x1):
 
 def _error(solver, steps, guided):
     x1, cond, guidance = linear_problem(guided)
-    out = sample_flow(linear_net, x1, cond, solver=solver, steps=steps, schedule="uniform", **guidance)
+    out = sample_flow(linear_net, x1, cond, solve(solver=solver, steps=steps, schedule="uniform"), **guidance)
     return (out.x - exact(x1)).abs().max().item()
 
 
@@ -59,8 +61,8 @@ def test_fixed_step_solvers_converge_at_their_order(solver, order, steps, guided
 def test_the_guided_velocity_is_the_mix_not_either_half():
     """The same problem solved with the conditional or the null velocity alone lands far from exp(-1.5)."""
     x1, cond, guidance = linear_problem(guided=True)
-    for alone in (cond, guidance["cond_null"]):
-        out = sample_flow(linear_net, x1, alone, solver="rk4", steps=16, schedule="uniform")
+    for alone in (cond, guidance["guidance"].cond_null):
+        out = sample_flow(linear_net, x1, alone, solve(solver="rk4", steps=16, schedule="uniform"))
         assert (out.x - exact(x1)).abs().max() > 0.1
 
 
@@ -69,8 +71,8 @@ def test_the_guided_velocity_is_the_mix_not_either_half():
 def test_fixed_step_nfe_and_head_rows(solver, per_step, schedule):
     intervals = len(step_schedule(10, schedule)) - 1
     x1, cond, guidance = linear_problem(guided=True)
-    plain = sample_flow(linear_net, x1, cond, solver=solver, steps=10, schedule=schedule)
-    guided = sample_flow(linear_net, x1, cond, solver=solver, steps=10, schedule=schedule, **guidance)
+    plain = sample_flow(linear_net, x1, cond, solve(solver=solver, steps=10, schedule=schedule))
+    guided = sample_flow(linear_net, x1, cond, solve(solver=solver, steps=10, schedule=schedule), **guidance)
     assert plain.nfe == guided.nfe == per_step * intervals
     tokens = x1.shape[0] * x1.shape[1]
     assert plain.rows == per_step * intervals * tokens
@@ -88,7 +90,7 @@ def test_dopri5_meets_tolerance(guided):
     x1, cond, guidance = linear_problem(guided)
     errors, counts = [], []
     for tol in (1e-4, 1e-8):
-        out = sample_flow(linear_net, x1, cond, solver="dopri5", steps=None, atol=tol, rtol=tol, **guidance)
+        out = sample_flow(linear_net, x1, cond, solve(solver="dopri5", steps=None, atol=tol, rtol=tol), **guidance)
         errors.append((out.x - exact(x1)).abs().max().item())
         counts.append(out.nfe)
         assert errors[-1] < 10 * tol
@@ -104,7 +106,7 @@ def test_dopri5_evaluates_the_head_only_inside_the_time_span():
         seen.append(t[0].item())
         return linear_net(x, t, c)
 
-    sample_flow(net, x1, cond, solver="dopri5", steps=None, atol=1e-4, rtol=1e-4, **guidance)
+    sample_flow(net, x1, cond, solve(solver="dopri5", steps=None, atol=1e-4, rtol=1e-4), **guidance)
     assert seen and 0.0 <= min(seen) and max(seen) <= 1.0, (min(seen), max(seen))
 
 
@@ -120,8 +122,7 @@ def test_dopri5_integrates_a_guidance_interval_exactly():
     cond = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, 2, 2)  # v_cond = x
     null = torch.tensor([0.25, 0.0], dtype=torch.float64).expand(1, 2, 2)  # v_null = x / 4
     # inside: 0.25 + 3 (1 - 0.25) = 2.5
-    out = sample_flow(linear_net, x1, cond, cond_null=null, guidance_scale=3.0, guidance_interval=(0.2, 0.7),
-                      solver="dopri5", steps=None, atol=1e-9, rtol=1e-9)
+    out = sample_flow(linear_net, x1, cond, solve(solver="dopri5", steps=None, atol=1e-9, rtol=1e-9), guidance=guide(null, 3.0, (0.2, 0.7)))
     torch.testing.assert_close(out.x, piecewise_exact(x1, 1.0, 2.5, 0.2, 0.7), rtol=1e-7, atol=1e-7)
 
 
@@ -133,21 +134,19 @@ def test_dopri5_jumps_avoid_rejected_steps_at_a_discontinuity():
     target = piecewise_exact(1.0, 1.0, 2.0, 0.37, 1.0)
 
     def velocity():
-        return HeadVelocity(linear_net, cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.37, 1.0),
-                            dtype=torch.float64)
+        return HeadVelocity(linear_net, cond, guidance=guide(null, 2.0, (0.37, 1.0)), dtype=torch.float64)
 
     assert velocity().jumps == (0.37, 1.0)
     assert HeadVelocity(linear_net, cond).jumps == ()  # unguided: nothing jumps
-    plain, nfe_plain = integrate(velocity(), x1, solver="dopri5", steps=None, atol=1e-8, rtol=1e-8)
-    jumped, nfe_jump = integrate(velocity(), x1, solver="dopri5", steps=None, atol=1e-8, rtol=1e-8,
-                                 jumps=velocity().jumps)
+    plain, nfe_plain = integrate(velocity(), x1, solve(solver="dopri5", steps=None, atol=1e-8, rtol=1e-8))
+    jumped, nfe_jump = integrate(velocity(), x1, solve(solver="dopri5", steps=None, atol=1e-8, rtol=1e-8), jumps=velocity().jumps)
     assert abs(jumped[0, 0, 0].item() - target) < 1e-6
     assert abs(plain[0, 0, 0].item() - target) < 1e-6
     assert nfe_jump < nfe_plain
 
 
 def test_flowar_schedule_matches_release():
-    grid = step_schedule(25)
+    grid = step_schedule(25, "flowar")
     assert grid.dtype == torch.float64 and len(grid) == 25
     assert grid[0] == 1 and grid[-1] == 0
     assert torch.all(grid[1:] < grid[:-1])
@@ -156,13 +155,13 @@ def test_flowar_schedule_matches_release():
     assert gaps[:11].allclose(torch.full((11,), 0.7 / 11, dtype=torch.float64))
     assert gaps[12:].allclose(torch.full((12,), 0.25 / 12, dtype=torch.float64))
     # 50 steps is the released grid too (25 points down to 0.3, 26 from 0.25): the schedule is its own option
-    fifty = step_schedule(50)
+    fifty = step_schedule(50, "flowar")
     assert len(fifty) == 51 and fifty[24].item() == pytest.approx(0.3) and fifty[25].item() == pytest.approx(0.25)
     assert (fifty[:24] - fifty[1:25]).allclose(torch.full((24,), 0.7 / 24, dtype=torch.float64))
     assert (fifty[25:-1] - fifty[26:]).allclose(torch.full((25,), 0.25 / 25, dtype=torch.float64))
     assert torch.equal(step_schedule(50, "uniform"), torch.linspace(1, 0, 51, dtype=torch.float64))
     assert torch.equal(step_schedule(7, "uniform"), torch.linspace(1, 0, 8, dtype=torch.float64))
-    assert len(step_schedule(2)) == 3  # smallest flowar grid: 1, 0.25, 0
+    assert len(step_schedule(2, "flowar")) == 3  # smallest flowar grid: 1, 0.25, 0
 
 
 def test_flowar_h_samples_its_50_steps_on_the_uniform_grid():
@@ -181,20 +180,19 @@ def test_bad_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="schedule"):
         step_schedule(10, "cosine")
     with pytest.raises(ValueError, match="solver") as err:
-        integrate(lambda x, t: x, torch.ones(1, 2), solver="heun")
+        integrate(lambda x, t: x, torch.ones(1, 2), solve(solver="heun"))
     assert all(name in str(err.value) for name in SOLVERS)
     with pytest.raises(ValueError, match="steps"):
-        integrate(lambda x, t: x, torch.ones(1, 2), steps=0)
+        integrate(lambda x, t: x, torch.ones(1, 2), solve(steps=0))
     # dopri5 picks its own steps: a step count given to it is refused, not ignored
     with pytest.raises(ValueError, match="steps must be None"):
-        integrate(lambda x, t: x, torch.ones(1, 2), solver="dopri5", steps=25)
+        integrate(lambda x, t: x, torch.ones(1, 2), solve(solver="dopri5", steps=25))
     for name in ("atol", "rtol"):
         for bad in (0.0, -1e-5, float("nan"), float("inf")):
             with pytest.raises(ValueError, match=name):
-                check_solver_options(solver="dopri5", steps=None, schedule="flowar",
-                                     **{"atol": 1e-5, "rtol": 1e-5, name: bad})
+                SolveOptions(solver="dopri5", steps=None, schedule="flowar", **{"atol": 1e-5, "rtol": 1e-5, name: bad})
     with pytest.raises(ValueError, match="steps"):
-        check_solver_options(solver="euler", steps=None, schedule="uniform", atol=1e-5, rtol=1e-5)
+        SolveOptions(solver="euler", steps=None, schedule="uniform", atol=1e-5, rtol=1e-5)
 
 
 def test_euler_on_flowar_schedule_reproduces_released_update():
@@ -213,7 +211,7 @@ def test_euler_on_flowar_schedule_reproduces_released_update():
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         d = velocity(x.float(), torch.full((3,), t_cur.item(), dtype=torch.float64)).to(torch.float64)
         x = x + (t_next - t_cur) * d
-    ours, nfe = integrate(velocity, x1, solver="euler", steps=25, schedule="flowar")
+    ours, nfe = integrate(velocity, x1, solve(solver="euler", steps=25, schedule="flowar"))
     assert ours.dtype == torch.float64 and nfe == 24
     assert torch.equal(ours, x)
 
@@ -230,8 +228,7 @@ def test_euler_on_flowar_schedule_reproduces_released_update():
         else:
             d = _toy_net(x.float(), t, cond).double()
         x = x + (t_next - t_cur) * d
-    out = sample_flow(_toy_net, x1, cond, cond_null=null, guidance_scale=w, guidance_interval=(0.0, high),
-                      solver="euler", steps=25, schedule="flowar")
+    out = sample_flow(_toy_net, x1, cond, solve(solver="euler", steps=25, schedule="flowar"), guidance=guide(null, w, (0.0, high)))
     assert out.x.dtype == torch.float32 and out.nfe == 24
     assert torch.equal(out.x, x.float())
     assert (out.x - x1).abs().max() > 0.1
@@ -261,36 +258,35 @@ def test_head_gets_times_in_its_dtype_and_guidance_is_decided_on_the_solver_time
     for dtype, t_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                            (torch.float64, torch.float64)):
         seen.clear()
-        out = sample_flow(net, noise.to(dtype), cond, steps=4, schedule="uniform")
+        out = sample_flow(net, noise.to(dtype), cond, solve(steps=4, schedule="uniform"))
         assert out.x.dtype == dtype
         assert {(x_dtype, tt) for x_dtype, tt, _, _ in seen} == {(dtype, t_dtype)}
 
     # The flowar grid of 10 steps holds 0.3 exactly as a float64 time; its float32 copy is 0.30000001, above
     # 0.3. Guidance on (0, 0.3] must include that step, so it has to be decided on the float64 time.
-    grid = step_schedule(10)
+    grid = step_schedule(10, "flowar")
     assert grid[4].item() == 0.3 and torch.tensor(0.3).item() > 0.3
     seen.clear()
-    sample_flow(net, noise, cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.0, 0.3), steps=10)
+    sample_flow(net, noise, cond, solve(steps=10), guidance=guide(null, 2.0, (0.0, 0.3)))
     assert [batch for _, _, batch, _ in seen] == [2, 2, 2, 2] + [4] * 6
 
 
 def test_guidance_outside_every_step_time_equals_unguided():
     noise, cond, null = _toy_problem()
-    plain = sample_flow(_toy_net, noise, cond, steps=4, schedule="uniform")
+    plain = sample_flow(_toy_net, noise, cond, solve(steps=4, schedule="uniform"))
     # uniform 4 steps evaluates at 1, 0.75, 0.5, 0.25: none in [0.1, 0.2]
-    skipped = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=3.0, guidance_interval=(0.1, 0.2),
-                          steps=4, schedule="uniform")
+    skipped = sample_flow(_toy_net, noise, cond, solve(steps=4, schedule="uniform"), guidance=guide(null, 3.0, (0.1, 0.2)))
     assert torch.equal(plain.x, skipped.x)
     assert plain.nfe == skipped.nfe == 4
     assert plain.rows == skipped.rows == 4 * 2 * 4
-    guided = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=3.0, steps=4, schedule="uniform")
+    guided = sample_flow(_toy_net, noise, cond, solve(steps=4, schedule="uniform"), guidance=guide(null, 3.0))
     assert not torch.allclose(guided.x, plain.x)
 
 
 def test_guidance_scale_one_is_unguided_and_needs_no_null_condition():
     noise, cond, null = _toy_problem()
-    plain = sample_flow(_toy_net, noise, cond, steps=4, schedule="uniform")
-    one = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=1.0, steps=4, schedule="uniform")
+    plain = sample_flow(_toy_net, noise, cond, solve(steps=4, schedule="uniform"))
+    one = sample_flow(_toy_net, noise, cond, solve(steps=4, schedule="uniform"), guidance=guide(null, 1.0))
     assert torch.equal(plain.x, one.x) and one.rows == plain.rows  # the null half never runs
 
 
@@ -302,8 +298,7 @@ def test_doubled_batch_only_inside_interval():
         batches.append((round(t[0].item(), 6), x.shape[0]))
         return _toy_net(x, t, c)
 
-    out = sample_flow(net, noise, cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.0, 0.6),
-                      steps=4, schedule="uniform")
+    out = sample_flow(net, noise, cond, solve(steps=4, schedule="uniform"), guidance=guide(null, 2.0, (0.0, 0.6)))
     assert batches == [(1.0, 2), (0.75, 2), (0.5, 4), (0.25, 4)]
     assert out.nfe == 4
     assert out.rows == (2 + 2 + 4 + 4) * 4
@@ -312,7 +307,7 @@ def test_doubled_batch_only_inside_interval():
 def test_guided_euler_step_matches_hand_computation():
     noise, cond, null = _toy_problem()
     w = 3.5
-    out = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=w, steps=1, schedule="uniform")
+    out = sample_flow(_toy_net, noise, cond, solve(steps=1, schedule="uniform"), guidance=guide(null, w))
     t = torch.ones(2)
     v_cond, v_null = _toy_net(noise, t, cond).double(), _toy_net(noise, t, null).double()
     expected = noise.double() + (0.0 - 1.0) * (v_null + w * (v_cond - v_null))
@@ -331,7 +326,7 @@ def test_skipping_the_null_half_matches_released_sampler():
     extra = torch.randn_like(noise)  # the null half's own noise, which must not matter
     w, high = 4.0, 0.9
 
-    grid = step_schedule(25)
+    grid = step_schedule(25, "flowar")
     x = torch.cat([noise, extra]).double()
     cond2 = torch.cat([cond, null])
     with torch.no_grad():
@@ -345,7 +340,7 @@ def test_skipping_the_null_half_matches_released_sampler():
             x = x + (t_next - t_cur) * d
     released = x[:2].float()
 
-    ours = sample_flow(head, noise, cond, cond_null=null, guidance_scale=w, guidance_interval=(0.0, high), steps=25)
+    ours = sample_flow(head, noise, cond, solve(steps=25), guidance=guide(null, w, (0.0, high)))
     torch.testing.assert_close(ours.x, released, rtol=0, atol=1e-5)
     assert (ours.x - noise).abs().max() > 0.1  # the head did move the sample
     # 2 of 24 step times (1.0, 0.936) lie above 0.9 and run on the conditional half only
@@ -354,11 +349,9 @@ def test_skipping_the_null_half_matches_released_sampler():
 
 def test_sample_flow_with_higher_order_solvers():
     noise, cond, null = _toy_problem()
-    ref = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=2.0, solver="dopri5", steps=None,
-                      atol=1e-8, rtol=1e-8, guidance_interval=(0.2, 0.7))
+    ref = sample_flow(_toy_net, noise, cond, solve(solver="dopri5", steps=None, atol=1e-8, rtol=1e-8), guidance=guide(null, 2.0, (0.2, 0.7)))
     for solver, steps, tol in (("midpoint", 50, 1e-3), ("rk4", 20, 1e-3)):
-        out = sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=2.0, solver=solver, steps=steps,
-                          schedule="uniform", guidance_interval=(0.2, 0.7))
+        out = sample_flow(_toy_net, noise, cond, solve(solver=solver, steps=steps, schedule="uniform"), guidance=guide(null, 2.0, (0.2, 0.7)))
         # The guided field jumps at 0.2 and 0.7, so a fixed grid is only first order near them.
         assert (out.x - ref.x).abs().max() < 50 * tol
         assert out.nfe == {"midpoint": 2, "rk4": 4}[solver] * steps
@@ -367,18 +360,18 @@ def test_sample_flow_with_higher_order_solvers():
 def test_sample_flow_rejects_bad_arguments():
     noise, cond, null = _toy_problem()
     with pytest.raises(ValueError, match="guidance_interval"):
-        sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.8, 0.2))
+        sample_flow(_toy_net, noise, cond, solve(), guidance=guide(null, 2.0, (0.8, 0.2)))
     with pytest.raises(ValueError, match="guidance_interval"):
-        sample_flow(_toy_net, noise, cond, cond_null=null, guidance_scale=2.0, guidance_interval=(0.0, 1.5))
+        sample_flow(_toy_net, noise, cond, solve(), guidance=guide(null, 2.0, (0.0, 1.5)))
     with pytest.raises(ValueError, match="cond_null"):
-        sample_flow(_toy_net, noise, cond, guidance_scale=2.0)
+        sample_flow(_toy_net, noise, cond, solve(), guidance=guide(None, 2.0))
     with pytest.raises(ValueError, match="cond_null"):
-        sample_flow(_toy_net, noise, cond, cond_null=null[:, :2], guidance_scale=2.0)
+        sample_flow(_toy_net, noise, cond, solve(), guidance=guide(null[:, :2], 2.0))
     with pytest.raises(ValueError, match="cond"):
-        sample_flow(_toy_net, noise, cond[:1])
+        sample_flow(_toy_net, noise, cond[:1], solve())
     with pytest.raises(ValueError, match="noise"):
-        sample_flow(_toy_net, noise[0], cond)
+        sample_flow(_toy_net, noise[0], cond, solve())
     with pytest.raises(ValueError, match="solver"):
-        sample_flow(_toy_net, noise, cond, solver="ddim")
+        sample_flow(_toy_net, noise, cond, solve(solver="ddim"))
     with pytest.raises(ValueError, match="steps"):
-        sample_flow(_toy_net, noise, cond, solver="dopri5", steps=25)
+        sample_flow(_toy_net, noise, cond, solve(solver="dopri5", steps=25))

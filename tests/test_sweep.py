@@ -25,7 +25,7 @@ def small_network(monkeypatch):
 
 
 def test_grid_crosses_every_option_and_adaptive_solvers_take_tolerances():
-    points = sweep_points(["euler", "dopri5"], [2, 4], [1e-2, 1e-3, 1e-4], [1.0, 3.0], [(0.0, 1.0)])
+    points = sweep_points(["euler", "dopri5"], [2, 4], [1e-2, 1e-3, 1e-4], [1.0, 3.0], [(0.0, 1.0)], schedule="flowar")
     assert len(points) == 2 * 2 + 3 * 2
     assert SweepPoint("euler", "flowar", 4, 0.0, 3.0, (0.0, 1.0)) in points
     assert SweepPoint("dopri5", "flowar", 0, 1e-4, 1.0, (0.0, 1.0)) in points
@@ -39,7 +39,8 @@ def test_grid_crosses_every_option_and_adaptive_solvers_take_tolerances():
     ({"schedule": "cosine"}, "schedule"),
 ])
 def test_bad_grids_name_the_option(kwargs, name):
-    options = {"solvers": ["euler"], "steps": [2], "tolerances": [1e-3], "cfgs": [1.0], "intervals": [(0.0, 1.0)]}
+    options = {"solvers": ["euler"], "steps": [2], "tolerances": [1e-3], "cfgs": [1.0], "intervals": [(0.0, 1.0)],
+               "schedule": "flowar"}
     with pytest.raises(ValueError, match=name):
         sweep_points(**{**options, **kwargs})
 
@@ -87,7 +88,7 @@ def test_per_scale_step_lists_parse_validate_and_count_their_evaluations(tmp_pat
     with pytest.raises(ValueError, match="--steps takes integers"):
         parse_steps("8/x")
     with pytest.raises(ValueError, match="steps"):
-        sweep_points(["euler"], [(4, 0, 2, 2)], [1e-3], [1.0], [(0.0, 1.0)])
+        sweep_points(["euler"], [(4, 0, 2, 2)], [1e-3], [1.0], [(0.0, 1.0)], schedule="flowar")
     tiny_flowar_pipeline().save_pretrained(tmp_path / "pipe")
     reference = tmp_path / "reference.npz"
     write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
@@ -110,7 +111,7 @@ def test_a_reference_is_required_without_digits(tmp_path, capsys):
 
 def test_precision_is_an_axis_that_changes_the_samples_and_keeps_old_files_readable(tmp_path, small_network):
     with pytest.raises(ValueError, match="precisions"):
-        sweep_points(["euler"], [2], [1e-3], [1.0], [(0.0, 1.0)], precisions=["fp16"])
+        sweep_points(["euler"], [2], [1e-3], [1.0], [(0.0, 1.0)], schedule="flowar", precisions=["fp16"])
     pipe = tiny_flowar_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
     reference = tmp_path / "reference.npz"
@@ -124,7 +125,7 @@ def test_precision_is_an_axis_that_changes_the_samples_and_keeps_old_files_reada
     events = EventAccumulator(str(tmp_path / "sweep" / "tensorboard")).Reload()
     assert {"fid/euler w=3 gi=0-1", "fid/euler w=3 gi=0-1 bf16"} <= set(events.Tags()["scalars"])
     # the bf16 point really ran under autocast: same seed, different images
-    points = sweep_points(["euler"], [4], [1e-3], [3.0], [(0.0, 1.0)], precisions=["fp32", "bf16"])
+    points = sweep_points(["euler"], [4], [1e-3], [3.0], [(0.0, 1.0)], schedule="flowar", precisions=["fp32", "bf16"])
     labels = torch.arange(4) % pipe.model.config.num_classes
     fp32, _, _ = sample_point(pipe, points[0], labels, batch_size=4, seed=0)
     bf16, _, _ = sample_point(pipe, points[1], labels, batch_size=4, seed=0)

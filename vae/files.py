@@ -47,23 +47,17 @@ class ConfigMixin:
     """For config dataclasses: to and from the plain dict of ``config.json``.
 
     Tuples are stored as lists and nested config dataclasses as dicts; ``from_dict`` turns them back by the
-    field annotations and rejects fields the dataclass does not have. ``upgrade`` is the hook through which
-    a class reads the keys of configs written by earlier versions.
+    field annotations and rejects fields the dataclass does not have.
     """
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, exactly as config.json holds it
 
     @classmethod
-    def upgrade(cls, data: dict) -> dict:
-        """Map keys of an older config.json onto the present fields (default: none to map)."""
-        return data
-
-    @classmethod
     def from_dict(cls, data: dict):
         if not isinstance(data, dict):
             raise ValueError(f"a {cls.__name__} must be read from a dict, got {type(data).__name__}")
-        data = cls.upgrade({k: v for k, v in data.items() if k != "model_type"})
+        data = {k: v for k, v in data.items() if k != "model_type"}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -102,9 +96,9 @@ def read_config(folder) -> dict:
     return data
 
 
-def read_model_type(folder, *, default: str | None = None) -> str:
-    """The ``model_type`` in ``folder/config.json`` (``default`` for configs written before the key existed)."""
-    kind = read_config(folder).get("model_type", default)
+def read_model_type(folder) -> str:
+    """The ``model_type`` in ``folder/config.json``."""
+    kind = read_config(folder).get("model_type")
     if kind is None:
         raise ValueError(f"{Path(folder) / CONFIG_NAME} has no model_type")
     return kind
@@ -174,13 +168,11 @@ def load_state_strict(model: torch.nn.Module, state: dict, *, source: str) -> No
 class PretrainedMixin:
     """``save_pretrained`` / ``from_pretrained`` for an ``nn.Module`` built from one config dataclass.
 
-    The class sets ``model_type`` (written to config.json, checked on load), ``config_class`` and, for
-    folders written before ``model_type`` was recorded, ``legacy_model_type`` (what such a folder holds).
+    The class sets ``model_type`` (written to config.json, checked on load) and ``config_class``.
     """
 
     model_type: str
     config_class: type
-    legacy_model_type: str | None = None
 
     def save_pretrained(self, path) -> Path:
         """Write ``config.json`` (``model_type`` + the config's fields) and ``model.safetensors`` into the
@@ -205,7 +197,7 @@ class PretrainedMixin:
         if not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"path {folder} has no {WEIGHTS_NAME}")
         data = read_config(folder)
-        kind = data.get("model_type", cls.legacy_model_type)
+        kind = data.get("model_type")
         if kind != cls.model_type:
             raise ValueError(f"path {folder} holds a {kind!r} model, not {cls.model_type!r}")
         model = cls(cls.config_class.from_dict(data))

@@ -484,7 +484,6 @@ class MultiScaleVQVAE(PretrainedMixin, nn.Module):
 
     model_type = MODEL_TYPE
     config_class = MultiScaleVQConfig
-    legacy_model_type = MODEL_TYPE  # folders written before config.json recorded the type
 
     def __init__(self, config: MultiScaleVQConfig | None = None):
         super().__init__()
