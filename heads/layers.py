@@ -17,10 +17,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> t
     """``F.scaled_dot_product_attention(q, k, v, **options)``: the attention of every transformer and head here.
 
     Training in bf16 on a CPU (bf16 inputs, or CPU autocast to bf16), it runs in float32 and returns bf16:
-    torch's CPU flash-attention backward is 2-3x slower in bf16 than in float32 (64 x 4 heads x 32 channels,
-    forward and backward: 9.2 ms against 1.3 at 16 tokens, 37.6 against 13.0 at 85, on a 2-core AVX-512-bf16
-    CPU), and a third of the demo's bf16 training step was in it. The forward alone is as fast in either, so
-    without grad (sampling) nothing changes; on a GPU the bf16 kernels are the fast ones."""
+    torch's CPU flash-attention backward is several times slower in bf16 than in float32, and it held a third of
+    the demo's bf16 training step (docs/benchmarks.md#cpu-bf16-attention). The forward alone is as fast in
+    either, so without grad (sampling) nothing changes; on a GPU the bf16 kernels are the fast ones."""
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         if autocast_bf16 or q.dtype == torch.bfloat16:

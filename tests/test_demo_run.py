@@ -6,7 +6,7 @@ import shutil
 import pytest
 from diffusers import AutoencoderKL
 
-from train import demo
+from train import demo, train_vae
 from train.latents import CACHE_INDEX
 
 # A smaller generator that samples with 2 steps and draws no grids while it trains: the test is of the demo's
@@ -30,11 +30,12 @@ def test_a_run_leaves_its_release_grid_and_results(first_run):
     assert (first_run / "grid.png").is_file() and (first_run / "flowar-release" / "model.safetensors").is_file()
     summary = json.loads((first_run / "vae" / "demo_autoencoder.json").read_text())
     assert summary["steps"] == 2 and summary["latent_norm"] == "global" and summary["seed"] == 0
-    assert summary["kl_weight"] == 1e-3  # the demo's KL weight, not train_vae's 1e-6
+    assert summary["kl_weight"] == train_vae.KL_WEIGHT  # one default of the KL weight, the demo's own
 
 
-def test_a_reused_vae_from_before_the_kl_lever_is_named_as_trained_at_train_vaes_weight(first_run, tmp_path):
-    """A VAE whose summary has no kl_weight was trained at train_vae's 1e-6: its runs get a row of their own."""
+def test_a_reused_vae_without_a_lever_in_its_summary_names_it_unknown(first_run, tmp_path):
+    """A VAE folder whose summary does not say its kl_weight (the demo did not train it) is not taken for the
+    demo's VAE: its runs get a row of their own."""
     old = tmp_path / "old-vae"
     shutil.copytree(first_run / "vae", old)
     summary = json.loads((old / "demo_autoencoder.json").read_text())
@@ -43,7 +44,7 @@ def test_a_reused_vae_from_before_the_kl_lever_is_named_as_trained_at_train_vaes
     out = tmp_path / "run"
     assert demo.main(["--out", str(out), "--autoencoder", str(old), "--steps", "1", "--per-class", "0",
                       "--precision", "fp32", *QUICK]) == 0
-    assert json.loads((out / "results.json").read_text())["autoencoder_overrides"] == ["kl_weight=1e-06"]
+    assert json.loads((out / "results.json").read_text())["autoencoder_overrides"] == ["kl_weight=None"]
 
 
 def test_latent_norm_on_a_reused_vae_renormalizes_a_copy_and_names_the_row(first_run, tmp_path):

@@ -61,63 +61,42 @@ from .train_tokenizer import train_tokenizer
 from .train_vae import KL_WEIGHT, LATENT_NORMS, VAE_CHANNELS, check_kl_weight, parse_channels, renormalize_vae, \
     train_vae
 
-# A FlowAR small enough for a CPU: 2+2 blocks of width 128 and a 4-block transformer head. No dropout: in
-# 400 steps (6 epochs) the model underfits, and dropping it (with lr 2e-3) took class-consistency from 76%
-# to 89% at the same cost. The head trains on logit-normal times: on this recipe (three seeds, each seed's VAE
-# reused) uniform times gave a Frechet distance of 24.3 +- 1.7 against 23.0 +- 2.3 and a level FID (README,
-# "Quality levers"). Four head blocks instead of two lowered the classifier
-# Frechet distance at all three seeds (30.1 +- 3.3 to 25.4 +- 0.8, each seed's VAE reused) for a fifth more
-# training time; a head of width 256 cost twice the time and did worse.
+# The recipe's choices and the measurements behind each one: docs/ablations.md#the-demos-recipe.
+# A FlowAR small enough for a CPU: 2+2 blocks of width 128 and a 4-block transformer head. No dropout: in 400
+# steps the model underfits (#dropout); logit-normal times put the head's training where the velocity is
+# hardest to predict (#time-distribution); four head blocks beat two at every seed, and a wider head cost twice
+# the time for worse scores (#head-depth). 20 Euler steps at the coarse scales and 10 at 8x8, where 3/4 of the
+# tokens are, score as 20 everywhere at 1.3x the head work of 10 (#per-scale-steps).
 DEMO_FLOWAR = {"num_classes": 10, "token_dim": 4, "scales": [1, 2, 4, 8], "width": 128, "num_heads": 4,
                "head_width": 128, "head_depth": 4, "attn_dropout": 0.0, "proj_dropout": 0.0,
                "time_distribution": "logit-normal", "sampling": {"guidance_scale": 2.0, "steps": [20, 20, 20, 10]}}
-# 20 Euler steps at the scales 1, 2 and 4 and 10 at 8x8, where 3/4 of the tokens are: on the seed-0 model (500
-# samples, sample seed 7) the Frechet distance was 29.4 with 10 steps everywhere, 26.2 with 20 everywhere and
-# 26.2 with these, at 1.3x the head work of 10 instead of 2x; scored as the demo scores at all three seeds, 20
-# steps everywhere took it from 26.2 +- 1.4 to 22.7 +- 2.3 with FID level (README, "Quality levers").
 # The VAR baseline at about the same transformer size: 4 blocks of width 128 (var-tiny); scales, vocabulary
 # and code size come from the tokenizer.
 DEMO_VAR = {"num_classes": 10, "sampling": {"guidance_scale": 2.0}}
 # The multistage FlowAR: the same model, each scale one stage. Stages end at noise levels 0.6, 0.4 and 0.25
 # and the next starts as low as the jump allows (0.75, 0.57, 0.4); on these short spans the uniform grid,
-# with fewer steps at the late scales: 8, 6, 5, 4 head evaluations per scale against FlowAR's 10 each. Its
-# times stay uniform on each stage: logit-normal ones, which help the full flow, made it worse at seed 0
-# (class-consistency 89.6% against 95.9%, FID 92.1 against 85.6, with the EMA of 0.995 then used).
+# with fewer steps at the late scales. Its times stay uniform on each stage: logit-normal ones, which help the
+# full flow, made it worse (docs/ablations.md#multistage-flow).
 DEMO_MULTISTAGE = {**DEMO_FLOWAR, "flow": "multistage", "time_distribution": "uniform",
                    "stage_times": [list(span) for span in stages_from_ends([0.6, 0.4, 0.25])],
                    "sampling": {**DEMO_FLOWAR["sampling"], "steps": [8, 6, 5, 4], "schedule": "uniform"}}
 # Equal compute: the VAE and the VQ tokenizer train for the same steps, as many as the tokenizer needs to use
 # over half of its codebook at every scale.
 AUTOENCODER_STEPS = 600
-# train_vae's defaults of the VAE's levers (--kl-weight, --latent-norm, --vae-channels): what a reused VAE whose
-# summary predates a lever was trained with.
-TRAIN_VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0], "channels": list(VAE_CHANNELS)}
-# The demo's VAE takes a KL weight of 1e-3 instead of LDM's 1e-6: at three seeds, each from a fresh clone, the
-# classifier Frechet distance fell at every seed (24.4 / 24.2 / 20.4 to 21.1 / 22.0 / 19.7), FID stayed level
-# (38.7 / 39.9 / 29.5 against 37.9 / 40.9 / 28.6), held-out PSNR 29.5-30.0 dB, at no cost in time. At 1e-6 the
-# KL term was about 2e-5 of the loss, and the posterior std about 0.05 against a latent std of 3.3 (README,
-# "Quality levers").
-DEFAULT_VAE_OPTIONS = {**TRAIN_VAE_OPTIONS, "kl_weight": 1e-3}
+# The VAE's levers (--kl-weight, --latent-norm, --vae-channels) at train_vae's defaults: the demo's own VAE.
+VAE_OPTIONS = {"kl_weight": KL_WEIGHT, "latent_norm": LATENT_NORMS[0], "channels": list(VAE_CHANNELS)}
 # Both generators train with the same recipe: 400 steps of batch 64, lr 3e-3 (40 warm-up steps, cosine to
-# 1e-4), and no weight averaging (ema 0: the release holds the trained weights). At this length an EMA only
-# lags: at seed 0 (500 samples, guidance 2, lr 2e-3) FlowAR's Frechet distance was 30.7 with the trained
-# weights, 33.7 with a bias-corrected EMA of 0.98 and 82.6 with one of 0.995; VAR's was 28.7 trained, and 40.1
-# with a bias-corrected EMA of 0.995 at guidance 3. lr 3e-3 beat 2e-3 for both (FlowAR 28.4, VAR 23.6) and 4e-3
-# for FlowAR (29.0) (README, "Quality levers").
+# 1e-4), and no weight averaging (ema 0: the release holds the trained weights), since at this length an EMA
+# only lags the weights (docs/ablations.md#ema, #lr).
 TRAINING = ["global_batch=64", "warmup_steps=40", "lr=3e-3", "min_lr=1e-4", "ema=0"]
 # --precision auto trains the VAE and both generators under bf16 autocast (float32 master weights; the tokenizer
-# stays float32) where the CPU computes bf16 natively: with the 4-block head the float32 demo took 11.1 min
-# without FID (VAE 4.1, FlowAR 5.9), past its ten. Measured side by side on the 2-core AVX-512-bf16 CPU, a
-# FlowAR step of batch 64 takes 0.59 s against 0.81 and a VAE step 0.33 s against 0.50. Without AVX-512 bf16
-# or AMX, torch emulates bf16 and gains nothing, so auto stays float32 there.
+# stays float32) where the CPU computes bf16 natively, which keeps the demo near ten minutes; without AVX-512
+# bf16 or AMX, torch emulates bf16 and gains nothing, so auto stays float32 there (docs/ablations.md#precision).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
 MODELS = {"flowar": DEMO_FLOWAR, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
-# The sampling settings above are saved as each release's defaults and make the grid and the score: the
-# linear guidance ramp, at the guidance scale that gave the lowest Frechet distance of 500 samples in the
-# digit classifier's features with the seed-0 models (FlowAR 1.5 to 4, best 2; VAR 1.5 to 4, best 2, i.e. VAR's
-# own cfg 1; README, "FlowAR and the VAR baseline").
-
+# The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
+# guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,8 +117,7 @@ def main(argv=None) -> int:
                    help="a VAE (FlowAR) or tokenizer (VAR) folder trained before, e.g. OUT/vae of another run, "
                         "used instead of training one (step 1): for ablations that change only the generator")
     p.add_argument("--kl-weight", type=float, default=None,
-                   help="FlowAR's VAE: the KL weight against the reconstruction loss (default "
-                        f"{DEFAULT_VAE_OPTIONS['kl_weight']}; train_vae's is {KL_WEIGHT})")
+                   help=f"FlowAR's VAE: the KL weight against the reconstruction loss (default {KL_WEIGHT})")
     p.add_argument("--vae-channels", default=None, metavar="C1,C2,C3",
                    help="FlowAR's VAE: the encoder's channels at 32x32, 16x16 and 8x8, multiples of 16 (default "
                         f"{','.join(map(str, VAE_CHANNELS))})")
@@ -198,7 +176,7 @@ def main(argv=None) -> int:
     results["precision"] = precision
 
     steps = args.vae_steps or AUTOENCODER_STEPS
-    vae_options = {**DEFAULT_VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
+    vae_options = {**VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
                    **({"latent_norm": args.latent_norm} if args.latent_norm else {}),
                    **({"channels": args.vae_channels} if args.vae_channels is not None else {})}
     renormalize = args.autoencoder is not None and args.latent_norm is not None
@@ -209,8 +187,8 @@ def main(argv=None) -> int:
         summary_file = Path(args.autoencoder) / "demo_autoencoder.json"
         result = json.loads(summary_file.read_text()) if summary_file.exists() else {"psnr": float("nan"), "steps": None}
         steps = result.get("steps")
-        if not var:  # a VAE's own summary says how it was trained; older ones at train_vae's defaults
-            vae_options = {key: result.get(key, default) for key, default in TRAIN_VAE_OPTIONS.items()}
+        if not var:  # a VAE's own summary says how it was trained (None: a folder the demo did not train)
+            vae_options = {key: result.get(key) for key in VAE_OPTIONS}
         if renormalize:
             print(f"      its latents normalised {args.latent_norm}, saved to {encoder_dir}")
             result = {**result, **renormalize_vae(args.autoencoder, encoder_dir, latent_norm=args.latent_norm,
@@ -236,7 +214,7 @@ def main(argv=None) -> int:
     if not var:  # a row of eval.demo_table per VAE that differs from the demo's
         results["autoencoder_overrides"] = [
             f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
-            for key, value in vae_options.items() if value != DEFAULT_VAE_OPTIONS[key]]
+            for key, value in vae_options.items() if value != VAE_OPTIONS[key]]
 
     print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),

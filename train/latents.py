@@ -36,6 +36,12 @@ def read_cache(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if int(tensors["labels"].shape[0]) != index["num_items"]:
         raise ValueError(f"latent_cache {folder} is incomplete: {int(tensors['labels'].shape[0])} of "
                          f"{index['num_items']} items in its shards")
+    # Checked once here, on the CPU, rather than at every step: a NaN in the cache would reach a loss much later.
+    for name, values in tensors.items():
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).flatten(1).any(1).sum())
+            raise ValueError(f"latent_cache {folder} holds NaN or infinite values in {name!r} ({bad} items); "
+                             "write it again with train.cache_latents (a corrupt image or VAE?)")
     return index, tensors
 
 
