@@ -149,13 +149,14 @@ class CategoricalHead(nn.Linear):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(batch, -1)
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, null_logits: torch.Tensor | None = None, *, guidance: float = 0.0,
-               top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+    def sample(self, logits: torch.Tensor, null_logits: torch.Tensor | None = None, *, guidance: float,
+               top_k: int, top_p: float, temperature: float,
                generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
                smooth_ratio: float | None = None) -> CategoricalSample:
         """Draw ids (B, N) from logits (B, N, V), guided by ``null_logits`` with weight ``guidance`` (see
         :func:`cfg_mix`; 0 or no null logits: unguided), filtered (:func:`filter_logits`) and drawn
-        (:func:`draw_tokens`, from ``generator`` or by inverse CDF from ``uniforms`` (B, N)).
+        (the options' defaults live in ``flowar.var_config.VARSampling``, which a model's sampling passes on)
+        with :func:`draw_tokens`, from ``generator`` or by inverse CDF from ``uniforms`` (B, N).
 
         smooth_ratio: VAR's "more smooth" sampling at progress k / (K - 1): also return Gumbel-softmax weights
         of the sharpened filtered logits (noise from ``generator``), to mix code vectors with.

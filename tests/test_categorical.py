@@ -17,6 +17,9 @@ from heads.categorical import (
     top_p_filter,
 )
 
+# The head's draw with no guidance and no filtering: what the options mean when they are off.
+UNFILTERED = {"guidance": 0.0, "top_k": 0, "top_p": 0.0, "temperature": 1.0}
+
 
 def logits_of(probs) -> torch.Tensor:
     return torch.tensor(probs, dtype=torch.float32).log()
@@ -204,28 +207,30 @@ def test_categorical_head_sample_guides_filters_and_draws_like_var():
     """(1 + t) cond - t uncond, then top-k / top-p, then one multinomial over the flattened positions."""
     head, cond, uncond = head_and_logits()
     t = 1.5
-    out = head.sample(cond, uncond, guidance=t, top_k=6, top_p=0.8, generator=torch.Generator().manual_seed(7))
+    out = head.sample(cond, uncond, guidance=t, top_k=6, top_p=0.8, temperature=1.0,
+                      generator=torch.Generator().manual_seed(7))
     mixed = 2.5 * cond - 1.5 * uncond
     theirs = torch.multinomial(filter_logits(mixed, top_k=6, top_p=0.8).softmax(-1).view(-1, 16), 1,
                                replacement=True, generator=torch.Generator().manual_seed(7)).view(2, 5)
     assert torch.equal(out.ids, theirs) and out.weights is None
     # guidance 0 (or no null logits) is the conditional logits alone
-    plain = head.sample(cond, generator=torch.Generator().manual_seed(7))
-    zero = head.sample(cond, uncond, guidance=0.0, generator=torch.Generator().manual_seed(7))
+    plain = head.sample(cond, generator=torch.Generator().manual_seed(7), **UNFILTERED)
+    zero = head.sample(cond, uncond, generator=torch.Generator().manual_seed(7), **UNFILTERED)
     assert torch.equal(plain.ids, zero.ids)
     assert torch.equal(plain.ids, sample_tokens(cond, generator=torch.Generator().manual_seed(7)))
     # uniforms replace the generator: the inverse-CDF draw of draw_tokens
     u = torch.rand(2, 5, generator=torch.Generator().manual_seed(3))
-    by_u = head.sample(cond, uncond, guidance=t, uniforms=u)
+    by_u = head.sample(cond, uncond, uniforms=u, **{**UNFILTERED, "guidance": t})
     assert torch.equal(by_u.ids, draw_tokens(mixed, uniforms=u))
-    greedy = head.sample(cond, uncond, guidance=t, temperature=0.0)
+    greedy = head.sample(cond, uncond, **{**UNFILTERED, "guidance": t, "temperature": 0.0})
     assert torch.equal(greedy.ids, mixed.argmax(-1))
 
 
 def test_categorical_head_smooth_weights_are_gumbel_softmax_of_the_sharpened_logits():
     head, cond, _ = head_and_logits()
     ratio = 0.5
-    out = head.sample(cond, top_k=6, smooth_ratio=ratio, generator=torch.Generator().manual_seed(2))
+    out = head.sample(cond, smooth_ratio=ratio, generator=torch.Generator().manual_seed(2),
+                      **{**UNFILTERED, "top_k": 6})
     g = torch.Generator().manual_seed(2)  # the id draw first, then the Gumbel noise, from one generator
     filtered = filter_logits(cond, top_k=6)
     ids = torch.multinomial(filtered.softmax(-1).view(-1, 16), 1, replacement=True, generator=g).view(2, 5)
