@@ -137,13 +137,18 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [name for name in CSV_FIELDS if name not in (reader.fieldnames or [])]
+        if missing:
+            # A sweep appends to its file; rows of another layout cannot be compared with the new ones.
+            raise ValueError(f"{path} lacks the columns {missing} of a sweep.csv; give --out a new folder")
+        return list(reader)
 
 
 def row_key(row: dict) -> tuple:
     """What makes a row: its sampler configuration and sample count (a rerun with more samples redoes it)."""
     return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["guidance_scale"],
-            row["guidance_low"], row["guidance_high"], row.get("precision") or "fp32")  # files from before the axis: fp32
+            row["guidance_low"], row["guidance_high"], row["precision"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -156,7 +161,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for row in rows:
         name = series_name(row["solver"], row["guidance_scale"], row["guidance_low"], row["guidance_high"],
-                           row.get("precision") or "fp32")
+                           row["precision"])
         series.setdefault(name, []).append(row)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for name, members in sorted(series.items()):

@@ -109,7 +109,7 @@ def test_a_reference_is_required_without_digits(tmp_path, capsys):
     assert "reference is required" in capsys.readouterr().err
 
 
-def test_precision_is_an_axis_that_changes_the_samples_and_keeps_old_files_readable(tmp_path, small_network):
+def test_precision_is_an_axis_that_changes_the_samples_and_other_layouts_are_refused(tmp_path, small_network, capsys):
     with pytest.raises(ValueError, match="precisions"):
         sweep_points(["euler"], [2], [1e-3], [1.0], [(0.0, 1.0)], schedule="flowar", precisions=["fp16"])
     pipe = tiny_flowar_pipeline()
@@ -130,14 +130,15 @@ def test_precision_is_an_axis_that_changes_the_samples_and_keeps_old_files_reada
     fp32, _, _ = sample_point(pipe, points[0], labels, batch_size=4, seed=0)
     bf16, _, _ = sample_point(pipe, points[1], labels, batch_size=4, seed=0)
     assert fp32.shape == bf16.shape and not np.array_equal(fp32, bf16)
-    # A file written before the axis (no precision column) counts as fp32: the rerun adds nothing.
-    with (tmp_path / "sweep" / "sweep.csv").open(newline="") as f:
-        old = [{k: v for k, v in r.items() if k != "precision"} for r in csv.DictReader(f) if r["precision"] == "fp32"]
-    with (tmp_path / "sweep" / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(old[0]))
-        writer.writeheader()
-        writer.writerows(old)
-    argv[argv.index("--precision") + 1] = "fp32"
+    # A rerun adds nothing; a sweep.csv of another layout (here without the precision column) is refused by
+    # name rather than mixed with new rows.
     assert main(argv) == 0
-    with (tmp_path / "sweep" / "sweep.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 1
+    with (tmp_path / "sweep" / "sweep.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    with (tmp_path / "sweep" / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "precision"])
+        writer.writeheader()
+        writer.writerows([{k: v for k, v in r.items() if k != "precision"} for r in rows])
+    assert main(argv) == 2
+    assert "lacks the columns ['precision']" in capsys.readouterr().err
