@@ -143,7 +143,7 @@ MSVQ_PRESETS: dict[str, MultiScaleVQConfig] = {
     # can be used there). Narrow (16-32-32 channels) so that a CPU trains it in minutes. beta 0.05 instead of VAR's
     # 0.25: the commitment term pulls the encoder's map towards every scale's running f_hat, the 1x1 one (a
     # constant map) included, and on digits, mostly background, that collapses the coarse scales onto a few
-    # codes (the README's tokenizer section has the measurements).
+    # codes (docs/ablations.md#var-tokenizer has the measurements).
     "mnist": MultiScaleVQConfig(
         ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, code_dim=16, codebook_size=64, scales=(1, 2, 4, 8), beta=0.05,
         phi_sharing="partial", phi_count=4, attn_last_level=False, attn_mid=True, norm_num_groups=8,
