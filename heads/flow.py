@@ -65,9 +65,8 @@ class HeadVelocity:
     """v(x_t, t) of a head network for fixed per-token conditions, with classifier-free guidance.
 
     cond (B, N, D). With a :class:`Guidance` of weight w != 1, the velocity at times ``low <= t <= high`` of its
-    interval is
-    ``v_null + w * (v_cond - v_null)``, both halves from one head call on the doubled batch; any w other than
-    1 guides (the released sampler guides only for w > 1, the only case it uses; w < 1 is the same linear
+    interval is ``v_null + w * (v_cond - v_null)``, both halves from one head call on the doubled batch; any w
+    other than 1 guides (the released sampler guides only for w > 1, the only case it uses; w < 1 is the same linear
     formula, w = 0 the unconditional model). Guidance is decided on the solver's float64 time, as the
     released sampler does, and the network gets t in :func:`time_dtype` of x_t's dtype.
 

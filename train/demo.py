@@ -28,7 +28,7 @@ needed). For ablations of the sampling,
 same digit classifier), with ``--sample KEY=VALUE`` overriding its saved sampling options (repeatable; a
 JSON value, e.g. ``--sample steps=20`` or ``--sample 'steps=[10,8,6,4]'``), and writes ``OUT/results.json``.
 
-Everything a run measures is also written to ``OUT/results.json`` (``eval.demo_table`` puts seeds and models
+Everything a run measures is also written to ``OUT/results.json`` (``python -m tools.demo_table`` in a clone puts seeds and models
 side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
 the FID of the scored samples against the 4,500 training digits (the Inception network on a 2-core CPU:
 about two minutes more per run, plus about eight the first time, while the reference's features are cached).
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     if var and "usage" in result:
         results["codebook_use"] = list(result["usage"])
     results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
-    if not var:  # a row of eval.demo_table per VAE that differs from the demo's
+    if not var:  # a row of tools.demo_table per VAE that differs from the demo's
         results["autoencoder_overrides"] = [
             f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
             for key, value in vae_options.items() if value != VAE_OPTIONS[key]]
