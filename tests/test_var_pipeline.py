@@ -103,12 +103,13 @@ def test_load_pipeline_dispatches_on_the_model_type(tmp_path):
     assert isinstance(load_pipeline(tmp_path / "var"), VARPipeline)
     assert isinstance(load_pipeline(tmp_path / "flowar"), FlowARPipeline)
     assert load_pipeline_from_flowar is load_pipeline  # ``from flowar import load_pipeline`` still works
-    # folders from before the key existed are FlowAR, as FlowAR.from_pretrained reads them
+    # a folder's config.json must say its model_type: nothing is guessed
     config_file = tmp_path / "flowar" / "config.json"
     config = json.loads(config_file.read_text())
     del config["model_type"]
     config_file.write_text(json.dumps(config))
-    assert isinstance(load_pipeline(tmp_path / "flowar"), FlowARPipeline)
+    with pytest.raises(ValueError, match="has no model_type"):
+        load_pipeline(tmp_path / "flowar")
     config_file.write_text(json.dumps({**config, "model_type": "dit"}))
     with pytest.raises(ValueError, match="'dit'"):
         load_pipeline(tmp_path / "flowar")
