@@ -54,11 +54,13 @@ def time_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def condition_net(net: VelocityNet, cond: torch.Tensor):
-    """``net`` with its per-token conditions fixed: ``velocity(x_t, t) -> v``. A head network's own
-    ``conditioned(cond)`` where it has one (it computes what depends on cond alone once, not at every ODE
-    step), otherwise a plain closure over ``net(x_t, t, cond)``."""
+    """``net`` with its per-token conditions fixed: ``velocity(x_t, t, r=None) -> v`` (with r, a flow-map head's
+    average velocity over [r, t]). A head network's own ``conditioned(cond)`` where it has one (it computes what
+    depends on cond alone once, not at every ODE step), otherwise a plain closure over ``net(x_t, t, cond)``."""
     bind = getattr(net, "conditioned", None)
-    return bind(cond) if bind is not None else (lambda x_t, t: net(x_t, t, cond))
+    if bind is not None:
+        return bind(cond)
+    return lambda x_t, t, r=None: net(x_t, t, cond) if r is None else net(x_t, t, cond, r=r)
 
 
 class HeadVelocity:
@@ -100,16 +102,21 @@ class HeadVelocity:
         """Times where the velocity is discontinuous (the ends of the guidance interval)."""
         return (self.low, self.high) if self.guided else ()
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """v(x_t, t), or with r the flow-map head's average velocity over [r, t] (guided alike)."""
         batch, tokens = x_t.shape[:2]
         t_net = t.to(self.t_dtype)
+        r_net = None if r is None else r.to(self.t_dtype)
         if self.guided and self.low <= float(t[0]) <= self.high:
             self.rows += 2 * batch * tokens
-            v = self.velocity_pair(torch.cat([x_t, x_t]), torch.cat([t_net, t_net])).to(torch.float64)
+            x_pair, t_pair = torch.cat([x_t, x_t]), torch.cat([t_net, t_net])
+            v = (self.velocity_pair(x_pair, t_pair) if r is None
+                 else self.velocity_pair(x_pair, t_pair, torch.cat([r_net, r_net]))).to(torch.float64)
             v_cond, v_null = v.chunk(2)
             return v_null + self.weight * (v_cond - v_null)
         self.rows += batch * tokens
-        return self.velocity(x_t, t_net).to(torch.float64)
+        v = self.velocity(x_t, t_net) if r is None else self.velocity(x_t, t_net, r_net)
+        return v.to(torch.float64)
 
 
 class KnownRegionNet:
@@ -140,11 +147,13 @@ class KnownRegionNet:
         """``velocity(x_t, t)`` with the conditions fixed, the inner network's condition-only work done once."""
         velocity = condition_net(self.net, cond)
 
-        def known_velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def known_velocity(x_t: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
             repeat = x_t.shape[0] // self.keep.shape[0]  # 2 for the doubled guidance batch
             keep, target, noise = (v.repeat(repeat, 1, 1).to(x_t.device) for v in (self.keep, self.target, self.noise))
             target, noise = target.to(x_t.dtype), noise.to(x_t.dtype)
-            v = velocity(torch.where(keep, interpolate(target, noise, t), x_t), t)
+            x_known = torch.where(keep, interpolate(target, noise, t), x_t)
+            v = velocity(x_known, t) if r is None else velocity(x_known, t, r)
+            # The known path is straight: its average velocity over any [r, t] is its velocity.
             return torch.where(keep, velocity_target(target, noise).to(v.dtype), v)
 
         return known_velocity

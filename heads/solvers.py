@@ -18,13 +18,16 @@ from torchdiffeq import odeint
 
 from .path import FULL_SPAN, check_span
 
-SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+# "flow-map" is no ODE solver: it jumps between the grid's times with a flow-map head's average velocity,
+# x_r = x_t - (t - r) u(x_t, r, t) (heads.meanflow), one evaluation per jump.
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5", "flow-map")
 SCHEDULES = ("flowar", "uniform")
-_FIXED_GRID = ("euler", "midpoint", "rk4")
+_FIXED_GRID = ("euler", "midpoint", "rk4", "flow-map")
 ADAPTIVE_SOLVERS = tuple(name for name in SOLVERS if name not in _FIXED_GRID)  # they pick their own steps
+JUMP_SOLVERS = ("flow-map",)  # they need a head that predicts average velocities
 
-# velocity(x_t (B, ...), t (B,) float64) -> v (B, ...)
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# velocity(x_t (B, ...), t (B,) float64[, r (B,) float64]) -> v (B, ...); with r, the average velocity over [r, t]
+Velocity = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class SolveOptions:
     @property
     def adaptive(self) -> bool:
         return self.solver not in _FIXED_GRID
+
+    @property
+    def jumps_with_flow_map(self) -> bool:
+        """Whether the solve calls ``velocity(x_t, t, r)`` for average velocities instead of integrating."""
+        return self.solver in JUMP_SOLVERS
 
 
 def _check_grid(steps, schedule: str, *, solver: str) -> None:
@@ -137,6 +145,8 @@ def integrate(
     The state is float64 throughout. ``velocity(x_t, t)`` gets x_t in x's dtype and t as a (B,) float64
     tensor, the solver's own time (a network wrapper such as ``heads.flow.HeadVelocity`` casts it for its
     network and decides guidance on it); its output is promoted to float64 for the update.
+    The "flow-map" solver calls ``velocity(x_t, t, r)`` once per interval of the grid and jumps,
+    x_r = x_t - (t - r) u, which is exact for a head that predicts the flow's average velocity.
     Fixed-step solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule RK4) step exactly on
     ``step_schedule(solve.steps, solve.schedule)`` laid onto the span; dopri5 is adaptive with
     ``solve.atol`` / ``solve.rtol``. ``jumps`` lists times where velocity is discontinuous (e.g. the ends of a
@@ -144,6 +154,8 @@ def integrate(
     ignore them.
     """
     dtype, batch = x.dtype, x.shape[0]
+    if solve.jumps_with_flow_map:
+        return _jump(velocity, x, solve, span=span)
     nfe = 0
 
     def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -153,3 +165,17 @@ def integrate(
 
     x0 = _solve(rhs, x.to(torch.float64), solve, jumps=jumps, span=span)
     return x0, nfe
+
+
+def _jump(velocity: Velocity, x: torch.Tensor, solve: SolveOptions, *, span: tuple[float, float]
+          ) -> tuple[torch.Tensor, int]:
+    """The flow-map solve: one jump per interval of the grid, ``x_r = x_t - (t - r) u(x_t, r, t)``, in float64 as
+    the ODE solvers keep their state."""
+    start, end = check_span(span)
+    grid = (end + (start - end) * _grid(solve.steps, solve.schedule)).to(x.device)
+    dtype, batch = x.dtype, x.shape[0]
+    state = x.to(torch.float64)
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        u = velocity(state.to(dtype), t_cur.expand(batch), t_next.expand(batch)).to(torch.float64)
+        state = state - (t_cur - t_next) * u
+    return state, len(grid) - 1
