@@ -7,6 +7,8 @@ v = eps - x. This package imports nothing else of ours.
 
 from .categorical import cfg_mix, filter_logits, sample_tokens
 from .networks import HEAD_KINDS, FlowTransformerHead, MLPHead, build_head
+from .meanflow import (MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD, MEANFLOW_SHARE_EQUAL, draw_flow_map_times,
+                       flow_map_loss, mean_flow_target)
 from .path import flow_matching_loss, interpolate, velocity_target
 from .flow import FlowHead, FlowSample, Guidance, HeadVelocity, KnownRegionNet, sample_flow
 from .solvers import SCHEDULES, SOLVERS, SolveOptions, integrate, step_schedule
@@ -19,6 +21,12 @@ __all__ = [
     "FlowTransformerHead",
     "MLPHead",
     "build_head",
+    "MEANFLOW_LOGIT_MEAN",
+    "MEANFLOW_LOGIT_STD",
+    "MEANFLOW_SHARE_EQUAL",
+    "draw_flow_map_times",
+    "flow_map_loss",
+    "mean_flow_target",
     "flow_matching_loss",
     "interpolate",
     "velocity_target",

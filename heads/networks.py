@@ -8,11 +8,19 @@ in x_t's dtype.
 Its module and parameter names equal those under ``flownet.`` in the released FlowAR checkpoints,
 so ``head.load_state_dict(sd_without_prefix, strict=True)`` works unchanged.
 ``MLPHead`` is MAR's per-token MLP head (no attention): cheaper, every token independent.
+
+Built with ``flow_map=True``, either head is a flow-map head (MeanFlow, ``heads.meanflow``): it also takes r (B,),
+r <= t, and predicts the average velocity u(x_t, r, t) over [r, t], so that x_r = x_t - (t - r) u jumps along
+the flow in one evaluation; r = None (or r = t) is the ordinary velocity. Its one extra module,
+``interval_embed``, embeds t - r into the time embedding with a zero-initialised output, so every other key is
+the ordinary head's and a released head loaded with ``load_velocity_state`` predicts its velocity at every r,
+bit for bit, until trained.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 from .flow import FlowHead
 from .layers import GatedMLP, RMSNorm, Rope2D, apply_rope, attention, gated_mlp_hidden, timestep_embedding, \
     xavier_init_linears
+from .meanflow import flow_map_loss
 
 HEAD_KINDS = ("transformer-v1", "transformer-v2", "mlp")
 
@@ -40,13 +49,24 @@ def _square_side(n: int) -> int:
     return side
 
 
-def _check_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, token_dim: int, cond_dim: int) -> None:
+def _check_inputs(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, token_dim: int, cond_dim: int,
+                  r: Optional[torch.Tensor] = None, flow_map: bool = False) -> None:
     if x.ndim != 3 or x.shape[-1] != token_dim:
         raise ValueError(f"x must be (B, N, {token_dim}), got {tuple(x.shape)}")
     if cond.ndim != 3 or cond.shape[:2] != x.shape[:2] or cond.shape[-1] != cond_dim:
         raise ValueError(f"cond must be ({x.shape[0]}, {x.shape[1]}, {cond_dim}) to match x, got {tuple(cond.shape)}")
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    if r is not None:
+        if not flow_map:
+            raise ValueError(NOT_A_FLOW_MAP)
+        if r.shape != t.shape:
+            raise ValueError(f"r must have the shape of t {tuple(t.shape)}, got {tuple(r.shape)}")
+
+
+NOT_A_FLOW_MAP = ("r was given, but this head predicts the instantaneous velocity v(x_t, t); build it with "
+                  "flow_map=True (and load an ordinary head's weights with load_velocity_state) to predict the "
+                  "average velocity u(x_t, r, t) over [r, t]")
 
 
 #################################################################################
@@ -83,6 +103,65 @@ class AdaFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class FlowMapMode:
+    """Mixin for head networks: the optional flow-map mode (``flow_map=True``), its extra module
+    ``interval_embed`` and the loading of an ordinary head's weights into it."""
+
+    INTERVAL_PREFIX = "interval_embed."
+
+    def _add_interval_embed(self, flow_map: bool) -> None:
+        self.flow_map = bool(flow_map)
+        if self.flow_map:
+            # Continuous: the MeanFlow target differentiates u in t, also through t - r.
+            self.interval_embed = TimestepEmbedder(self.width, quantize=False)
+
+    def _init_interval_embed(self) -> None:
+        """The time embedder's init, but a zero last layer: the embedding of t - r adds exactly 0 to the time
+        embedding, so an untrained flow map is the velocity head it starts from."""
+        if not self.flow_map:
+            return
+        nn.init.normal_(self.interval_embed.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.interval_embed.mlp[0].bias)
+        self._zero_interval_output()
+
+    def _zero_interval_output(self) -> None:
+        with torch.no_grad():
+            self.interval_embed.mlp[2].weight.zero_()
+            self.interval_embed.mlp[2].bias.zero_()
+
+    def _interval(self, t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        """t - r, the interval the average velocity is over; r = None is r = t (the velocity)."""
+        return torch.zeros_like(t) if r is None else t - r
+
+    def load_velocity_state(self, state: Mapping[str, torch.Tensor]):
+        """Load an ordinary head's state dict (a released checkpoint's, say) into this head and return the head.
+
+        Strict: ``state`` must hold exactly this head's keys but ``interval_embed.*``. The interval embedding's
+        output is then zeroed, so the flow-map head predicts the loaded head's velocity at every r, bit for bit,
+        until it is trained. On an ordinary head this is ``load_state_dict(state, strict=True)``."""
+        own = [k for k in state if k.startswith(self.INTERVAL_PREFIX)]
+        if own:
+            raise ValueError(f"state holds {own[0]!r}: it is a flow-map head's state dict, not an ordinary head's; "
+                             "load it with load_state_dict")
+        expected = {k for k in self.state_dict() if not k.startswith(self.INTERVAL_PREFIX)}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"state must hold exactly the ordinary head's keys; missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        self.load_state_dict(state, strict=not self.flow_map)
+        if self.flow_map:
+            self._zero_interval_output()
+        return self
+
+    def flow_map_loss(self, x: torch.Tensor, cond: torch.Tensor, *, r: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample MeanFlow loss (B,) of clean tokens x (B, N, C) under cond (B, N, D) over [r, t] (B,) with the
+        path's noise; see ``heads.meanflow.flow_map_loss``. Needs ``flow_map=True``."""
+        if not self.flow_map:
+            raise ValueError("flow_map_loss needs a flow-map head (flow_map=True): " + NOT_A_FLOW_MAP)
+        return flow_map_loss(self.conditioned(cond), x, noise, r, t)
 
 
 #################################################################################
@@ -194,10 +273,15 @@ class BlockV2(nn.Module):
         return x
 
 
-class FlowTransformerHead(FlowHead, nn.Module):
-    """FlowAR's flow-matching head: a small transformer over the tokens of one scale."""
+class FlowTransformerHead(FlowMapMode, FlowHead, nn.Module):
+    """FlowAR's flow-matching head: a small transformer over the tokens of one scale.
 
-    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int, *, variant: str = "v1"):
+    quantize_time: embed int(1000 t) as the released head does (True), or 1000 t itself; a head trained with the
+    MeanFlow objective needs False, since that objective differentiates u in t and the integer has no derivative.
+    flow_map: also predict average velocities (see the module docstring)."""
+
+    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int, *, variant: str = "v1",
+                 flow_map: bool = False, quantize_time: bool = True):
         super().__init__()
         if variant not in ("v1", "v2"):
             raise ValueError(f"variant must be one of ('v1', 'v2'), got {variant!r}")
@@ -207,7 +291,7 @@ class FlowTransformerHead(FlowHead, nn.Module):
         self.variant = variant
         num_heads = width // HEAD_DIM
 
-        self.time_embed = TimestepEmbedder(width, quantize=True)
+        self.time_embed = TimestepEmbedder(width, quantize=quantize_time)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
         if variant == "v1":
@@ -216,6 +300,7 @@ class FlowTransformerHead(FlowHead, nn.Module):
             blocks = [BlockV2(width, cond_dim, num_heads) for _ in range(depth)]
         self.res_blocks = nn.ModuleList(blocks)
         self.final_layer = AdaFinalLayer(width, token_dim, RMSNorm(width))
+        self._add_interval_embed(flow_map)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -225,15 +310,18 @@ class FlowTransformerHead(FlowHead, nn.Module):
         # Only the output is zeroed (the adaLN layers are not, unlike DiT): a fresh head predicts v = 0.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        self._init_interval_embed()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C) with N = s*s, t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype."""
-        _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
-        return self._fix_condition(cond)(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, C) with N = s*s, t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype; with r (B,), r <= t (a
+        flow-map head only), the average velocity u over [r, t]."""
+        _check_inputs(x, t, cond, self.token_dim, self.cond_dim, r, self.flow_map)
+        return self._fix_condition(cond)(x, t, r)
 
     def conditioned(self, cond: torch.Tensor):
-        """The head with its per-token conditions fixed: ``velocity(x (B, N, C), t (B,)) -> v``, as
-        ``self(x, t, cond)``. The work that depends on cond alone (its embedding c and, in v2, every block's
+        """The head with its per-token conditions fixed: ``velocity(x (B, N, C), t (B,), r=None) -> v``, as
+        ``self(x, t, cond, r)``. The work that depends on cond alone (its embedding c and, in v2, every block's
         cross-attention keys and values) is done here once, not at each of a scale's ODE steps: 2% of the
         S head's FLOPs per step, about 10% of the L and H heads'."""
         return self._fix_condition(cond)
@@ -248,8 +336,15 @@ class FlowTransformerHead(FlowHead, nn.Module):
         features = [block.condition(cond, cos, sin) for block in self.res_blocks]
 
         # No checks in here: it runs at every ODE step, and heads.flow.sample_flow checked the solve's inputs.
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._velocity(x, t, c, features, cos, sin)
+        # Which closure is decided here, once: an ordinary head's refuses r with one `is not None`.
+        if self.flow_map:
+            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+                return self._velocity(x, t, c, features, cos, sin, self._interval(t, r))
+        else:
+            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+                if r is not None:
+                    raise ValueError(NOT_A_FLOW_MAP)
+                return self._velocity(x, t, c, features, cos, sin, None)
 
         return velocity
 
@@ -259,9 +354,14 @@ class FlowTransformerHead(FlowHead, nn.Module):
         grid, so every scale would recompile, past dynamo's limit, and fall back to eager."""
         self._velocity = torch.compile(self._velocity, *args, **kwargs)
 
-    def _velocity(self, x, t, c, features, cos, sin) -> torch.Tensor:
+    def _velocity(self, x, t, c, features, cos, sin, interval) -> torch.Tensor:
+        """One step's arithmetic; ``interval`` is t - r (B,) for a flow-map head, None for an ordinary one. A tensor,
+        not a float, so a compiled step does not specialise (and recompile) on r."""
         h = self.input_proj(x)  # (B, N, W)
-        t_emb = self.time_embed(t).unsqueeze(1)  # (B, 1, W)
+        t_emb = self.time_embed(t)
+        if interval is not None:
+            t_emb = t_emb + self.interval_embed(interval)  # exactly + 0 until trained
+        t_emb = t_emb.unsqueeze(1)  # (B, 1, W)
         for block, block_features in zip(self.res_blocks, features):
             h = block(h, t_emb, c, block_features, cos, sin)
         return self.final_layer(h, c + t_emb).to(x.dtype)
@@ -286,10 +386,12 @@ class ResBlock(nn.Module):
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
-class MLPHead(FlowHead, nn.Module):
-    """MAR-style per-token MLP head, conditioned on t_emb + cond_emb; tokens never see each other."""
+class MLPHead(FlowMapMode, FlowHead, nn.Module):
+    """MAR-style per-token MLP head, conditioned on t_emb + cond_emb; tokens never see each other.
 
-    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int):
+    flow_map: also predict average velocities (see the module docstring)."""
+
+    def __init__(self, token_dim: int, width: int, cond_dim: int, depth: int, *, flow_map: bool = False):
         super().__init__()
         self.token_dim, self.width, self.cond_dim, self.depth = token_dim, width, cond_dim, depth
         # Continuous time: no released weights to match here, and a field that is smooth in t is
@@ -299,6 +401,7 @@ class MLPHead(FlowHead, nn.Module):
         self.input_proj = nn.Linear(token_dim, width)
         self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
         self.final_layer = AdaFinalLayer(width, token_dim, nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+        self._add_interval_embed(flow_map)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -313,15 +416,18 @@ class MLPHead(FlowHead, nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        self._init_interval_embed()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C), t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype. N need not be square."""
-        _check_inputs(x, t, cond, self.token_dim, self.cond_dim)
-        return self._fix_condition(cond)(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, C), t (B,), cond (B, N, D) -> v (B, N, C) in x's dtype. N need not be square. With r (B,),
+        r <= t (a flow-map head only), the average velocity u over [r, t]."""
+        _check_inputs(x, t, cond, self.token_dim, self.cond_dim, r, self.flow_map)
+        return self._fix_condition(cond)(x, t, r)
 
     def conditioned(self, cond: torch.Tensor):
-        """The head with its per-token conditions fixed, ``velocity(x, t) -> v``; cond's embedding is computed
-        once instead of at every ODE step."""
+        """The head with its per-token conditions fixed, ``velocity(x, t, r=None) -> v``; cond's embedding is
+        computed once instead of at every ODE step."""
         return self._fix_condition(cond)
 
     def _fix_condition(self, cond: torch.Tensor):
@@ -329,22 +435,44 @@ class MLPHead(FlowHead, nn.Module):
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
         c = self.cond_embed(cond)  # (B, N, W)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # unchecked: see FlowTransformerHead's
-            h = self.input_proj(x)  # (B, N, W)
-            y = self.time_embed(t).unsqueeze(1) + c  # (B, N, W)
-            for block in self.res_blocks:
-                h = block(h, y)
-            return self.final_layer(h, y).to(x.dtype)
+        # Unchecked, and the closure chosen once: see FlowTransformerHead's.
+        if self.flow_map:
+            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+                return self._velocity(x, t, c, self._interval(t, r))
+        else:
+            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+                if r is not None:
+                    raise ValueError(NOT_A_FLOW_MAP)
+                return self._velocity(x, t, c, None)
 
         return velocity
 
+    def _velocity(self, x, t, c, interval) -> torch.Tensor:
+        h = self.input_proj(x)  # (B, N, W)
+        t_emb = self.time_embed(t)
+        if interval is not None:
+            t_emb = t_emb + self.interval_embed(interval)  # exactly + 0 until trained
+        y = t_emb.unsqueeze(1) + c  # (B, N, W)
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y).to(x.dtype)
 
-def build_head(kind: str, *, token_dim: int, width: int, cond_dim: int, depth: int) -> nn.Module:
-    """Build a head by name: "transformer-v1" (FlowAR-S), "transformer-v2" (FlowAR-L/H) or "mlp" (MAR)."""
-    if kind == "transformer-v1":
-        return FlowTransformerHead(token_dim, width, cond_dim, depth, variant="v1")
-    if kind == "transformer-v2":
-        return FlowTransformerHead(token_dim, width, cond_dim, depth, variant="v2")
+
+def build_head(kind: str, *, token_dim: int, width: int, cond_dim: int, depth: int, flow_map: bool = False,
+               quantize_time: Optional[bool] = None) -> nn.Module:
+    """Build a head by name: "transformer-v1" (FlowAR-S), "transformer-v2" (FlowAR-L/H) or "mlp" (MAR).
+
+    flow_map: a flow-map head (average velocities, ``heads.meanflow``). quantize_time: None keeps each kind's own
+    time embedding (the transformers' int(1000 t), as released; the MLP's continuous one); False makes a
+    transformer's continuous, as the MeanFlow objective needs; the MLP head has no quantised time."""
+    if quantize_time is not None and not isinstance(quantize_time, bool):
+        raise ValueError(f"quantize_time must be None, True or False, got {quantize_time!r}")
+    if kind in ("transformer-v1", "transformer-v2"):
+        return FlowTransformerHead(token_dim, width, cond_dim, depth, variant=kind[-2:], flow_map=flow_map,
+                                   quantize_time=True if quantize_time is None else quantize_time)
     if kind == "mlp":
-        return MLPHead(token_dim, width, cond_dim, depth)
+        if quantize_time:
+            raise ValueError("quantize_time=True is for the transformer heads (the released time embedding); the "
+                             "mlp head's time is continuous: pass None or False")
+        return MLPHead(token_dim, width, cond_dim, depth, flow_map=flow_map)
     raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
