@@ -9,7 +9,8 @@ from heads.flow import check_guidance_interval
 from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN, check_time_distribution
-from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions
+from heads.meanflow import MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD, MEANFLOW_SHARE_EQUAL
+from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
 
@@ -22,6 +23,9 @@ FLOWS = ("full", "multistage")
 # the last scale's tokens, so the 1x1 scale gets 1/64 of the 8x8 one's weight), or "equal" (1 per scale, so
 # the coarse scales, where the class and layout are decided, train as hard as the last one).
 SCALE_WEIGHTS = ("area", "equal")
+# What the head learns: "flow-matching" (the velocity, FlowAR's loss) or "mean-flow" (a flow-map head's average
+# velocity from scratch, heads.meanflow).
+OBJECTIVES = ("flow-matching", "mean-flow")
 
 
 @dataclass
@@ -65,6 +69,11 @@ class FlowARSampling(GuidanceOptions):
         return self._solves[k if isinstance(self.steps, tuple) else 0]
 
     def check_model(self, config) -> None:
+        if self.solver in JUMP_SOLVERS and not config.flow_map:
+            raise ValueError(f"solver {self.solver!r} jumps with a head that predicts average velocities, and this "
+                             "model's head predicts the instantaneous velocity (flow_map=False); use an ODE solver "
+                             f"({', '.join(s for s in SOLVERS if s not in JUMP_SOLVERS)}), or train or distill a "
+                             "flow-map head")
         if isinstance(self.steps, tuple) and len(self.steps) != len(config.scales):
             raise ValueError(f"steps must hold one count per scale ({len(config.scales)} for scales "
                              f"{config.scales}), got {len(self.steps)}: {list(self.steps)}")
@@ -110,6 +119,15 @@ class FlowARConfig(ConfigMixin):
     # the next scale's input, so the model learns to correct the imperfect scales it is given when sampling
     # (exposure bias). Sampling is unchanged: its inputs are the generated scales. 0 = off.
     context_noise: float = 0.0
+    # A flow-map head (heads.meanflow): it predicts the average velocity u(x_t, r, t) over [r, t], so the
+    # "flow-map" solver jumps a scale in one or a few evaluations. objective="mean-flow" trains it from scratch
+    # (the MeanFlow identity, with a continuous-time head); a flow-map head with the default objective is trained
+    # by distillation from an ordinary head. The (r, t) law is the paper's unless changed.
+    flow_map: bool = False
+    objective: str = "flow-matching"  # one of OBJECTIVES
+    mean_flow_share_equal: float = MEANFLOW_SHARE_EQUAL
+    mean_flow_logit_mean: float = MEANFLOW_LOGIT_MEAN
+    mean_flow_logit_std: float = MEANFLOW_LOGIT_STD
     # Sampling defaults (the authors' evaluation settings for the released models).
     sampling: FlowARSampling = field(default_factory=FlowARSampling)
 
@@ -145,6 +163,14 @@ class FlowARConfig(ConfigMixin):
             raise ValueError(f"head_batch_mul must be an integer >= 1, got {self.head_batch_mul!r}")
         if not 0.0 <= self.context_noise <= 1.0:
             raise ValueError(f"context_noise must be in [0, 1] (a noise level; 0 = off), got {self.context_noise}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "mean-flow" and (not self.flow_map or self.flow != "full"):
+            raise ValueError("objective='mean-flow' trains a flow-map head on the full flow: it needs flow_map=True "
+                             f"and flow='full', got flow_map={self.flow_map}, flow={self.flow!r}")
+        if not 0.0 <= self.mean_flow_share_equal <= 1.0 or not self.mean_flow_logit_std > 0:
+            raise ValueError("mean_flow_share_equal must be in [0, 1] and mean_flow_logit_std > 0, got "
+                             f"{self.mean_flow_share_equal} and {self.mean_flow_logit_std}")
         if self.flow == "multistage" and (self.head_batch_mul != 1 or self.context_noise):
             # The stages chain one noise per scale (each start is the previous end, re-noised) and their inputs
             # are noisy already; neither lever is defined on that chain.

@@ -13,6 +13,7 @@ from heads.flow import FlowSample, Guidance
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
+from heads.meanflow import draw_flow_map_times
 from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, next_scale_input
@@ -119,7 +120,9 @@ class FlowAR(ScaleWiseModel):
         self.decoder_blocks = blocks(c.decoder_depth)
         self.decoder_norm = RMSNorm(width, weight=True)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
-        self.flownet = build_head(c.head, token_dim=c.token_dim, width=c.head_width, cond_dim=width, depth=c.head_depth)
+        # The MeanFlow target differentiates the head in t, which the released head's integer timesteps would zero.
+        self.flownet = build_head(c.head, token_dim=c.token_dim, width=c.head_width, cond_dim=width, depth=c.head_depth,
+                                  flow_map=c.flow_map, quantize_time=False if c.objective == "mean-flow" else None)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -213,12 +216,22 @@ class FlowAR(ScaleWiseModel):
             drawn = draw_times(batch_size * m, span, generator=generator, device=device, **self._time_law())
             return drawn if m == 1 else drawn.reshape(batch_size, m)
 
-        draws = {
-            "drop_mask": rand(batch_size) < c.label_drop,
-            "flow_times": [times(span) for span in c.spans],
+        def flow_map_times():
+            drawn = draw_flow_map_times(batch_size * m, generator=generator, device=device,
+                                        share_equal=c.mean_flow_share_equal, logit_mean=c.mean_flow_logit_mean,
+                                        logit_std=c.mean_flow_logit_std)
+            return drawn if m == 1 else tuple(d.reshape(batch_size, m) for d in drawn)
+
+        if c.objective == "mean-flow":  # each scale's (r, t): the jump's end and start
+            ends, starts = zip(*(flow_map_times() for _ in c.scales))
+            draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": list(starts),
+                     "flow_ends": list(ends)}
+        else:
+            draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": [times(span) for span in c.spans]}
+        draws.update({
             "flow_noise": [randn(batch_size, s * s, c.token_dim) if m == 1 else randn(batch_size, m, s * s, c.token_dim)
                            for s in c.scales],
-        }
+        })
         if c.context_noise:
             draws["context_levels"] = [c.context_noise * rand(batch_size) for _ in c.scales[:-1]]
             draws["context_noise"] = [randn(batch_size, s * s, c.token_dim) for s in c.scales[:-1]]
@@ -229,12 +242,13 @@ class FlowAR(ScaleWiseModel):
         return {"distribution": c.time_distribution, "logit_mean": c.time_logit_mean, "logit_std": c.time_logit_std}
 
     def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
-                flow_noise=None, context_levels=None, context_noise=None):
+                flow_noise=None, flow_ends=None, context_levels=None, context_noise=None):
         """Flow-matching loss of a batch of scaled VAE latents (B, C, S, S).
 
         Every random number of the step comes from :meth:`draw_randomness`: ``drop_mask`` (B,) (in training
         mode a share ``label_drop`` of the labels becomes the null class), ``flow_times`` and ``flow_noise``
-        (per scale), and with ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale).
+        (per scale; with ``objective="mean-flow"`` also ``flow_ends``, each scale's r <= t of the average
+        velocity), and with ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale).
         A trainer passes what it drew for its rows of the global batch; whatever is not given is drawn here
         with ``generator``, by that one method. A multistage flow trains each scale on its stage
         (``heads.multistage``): its transformer sees the previous stage's noisy end, and ``flow_noise[k]`` is
@@ -247,6 +261,8 @@ class FlowAR(ScaleWiseModel):
         given = {"drop_mask": drop_mask, "flow_times": flow_times, "flow_noise": flow_noise}
         if c.context_noise:
             given.update(context_levels=context_levels, context_noise=context_noise)
+        if c.objective == "mean-flow":
+            given["flow_ends"] = flow_ends
         if any(v is None for v in given.values()):
             drawn = self.draw_randomness(latents.shape[0], generator=generator, device=latents.device)
             given = {k: drawn[k] if v is None else v for k, v in given.items()}
@@ -267,11 +283,16 @@ class FlowAR(ScaleWiseModel):
         for k, ((start, end), target) in enumerate(zip(scale_segments(c.scales), pyramid)):
             x, cond = to_tokens(target), z[:, start:end]
             t, noise = given["flow_times"][k], given["flow_noise"][k]
+            r = given["flow_ends"][k] if c.objective == "mean-flow" else None
             if c.head_batch_mul > 1:  # each token's condition, m times, with its own times and noise
                 m = c.head_batch_mul
                 x, cond = x.repeat_interleave(m, dim=0), cond.repeat_interleave(m, dim=0)
                 t, noise = t.reshape(-1), noise.reshape(-1, *noise.shape[2:])
-            per_image = self.flownet.loss(x, cond, t=t, noise=noise)
+                r = None if r is None else r.reshape(-1)
+            if r is None:
+                per_image = self.flownet.loss(x, cond, t=t, noise=noise)
+            else:
+                per_image = self.flownet.flow_map_loss(x, cond, r=r, t=t, noise=noise)
             losses.append(per_image.mean())
         return self._weighted(losses)
 
