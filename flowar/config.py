@@ -9,7 +9,8 @@ from heads.flow import check_guidance_interval
 from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN, check_time_distribution
-from heads.meanflow import MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD, MEANFLOW_SHARE_EQUAL
+from heads.meanflow import (MEANFLOW_ADAPTIVE_POWER, MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD,
+                            MEANFLOW_SHARE_EQUAL)
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
@@ -128,6 +129,7 @@ class FlowARConfig(ConfigMixin):
     mean_flow_share_equal: float = MEANFLOW_SHARE_EQUAL
     mean_flow_logit_mean: float = MEANFLOW_LOGIT_MEAN
     mean_flow_logit_std: float = MEANFLOW_LOGIT_STD
+    mean_flow_adaptive_power: float = MEANFLOW_ADAPTIVE_POWER  # 0: the plain squared error
     # Sampling defaults (the authors' evaluation settings for the released models).
     sampling: FlowARSampling = field(default_factory=FlowARSampling)
 
@@ -168,9 +170,15 @@ class FlowARConfig(ConfigMixin):
         if self.objective == "mean-flow" and (not self.flow_map or self.flow != "full"):
             raise ValueError("objective='mean-flow' trains a flow-map head on the full flow: it needs flow_map=True "
                              f"and flow='full', got flow_map={self.flow_map}, flow={self.flow!r}")
-        if not 0.0 <= self.mean_flow_share_equal <= 1.0 or not self.mean_flow_logit_std > 0:
-            raise ValueError("mean_flow_share_equal must be in [0, 1] and mean_flow_logit_std > 0, got "
-                             f"{self.mean_flow_share_equal} and {self.mean_flow_logit_std}")
+        if self.objective == "mean-flow" and (self.time_distribution, self.time_logit_mean, self.time_logit_std) != \
+                ("uniform", 0.0, 1.0):
+            raise ValueError("time_distribution and time_logit_* are the flow-matching objective's; objective="
+                             "'mean-flow' draws (r, t) by mean_flow_share_equal / mean_flow_logit_mean / _std")
+        if not 0.0 <= self.mean_flow_share_equal <= 1.0 or not self.mean_flow_logit_std > 0 or \
+                not self.mean_flow_adaptive_power >= 0:
+            raise ValueError("mean_flow_share_equal must be in [0, 1], mean_flow_logit_std > 0 and "
+                             f"mean_flow_adaptive_power >= 0, got {self.mean_flow_share_equal}, "
+                             f"{self.mean_flow_logit_std} and {self.mean_flow_adaptive_power}")
         if self.flow == "multistage" and (self.head_batch_mul != 1 or self.context_noise):
             # The stages chain one noise per scale (each start is the previous end, re-noised) and their inputs
             # are noisy already; neither lever is defined on that chain.

@@ -13,7 +13,7 @@ from heads.flow import FlowSample, Guidance
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
-from heads.meanflow import draw_flow_map_times
+from heads.meanflow import MEANFLOW_ADAPTIVE_EPS, adaptive_weighted, draw_flow_map_times
 from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, next_scale_input
@@ -292,7 +292,8 @@ class FlowAR(ScaleWiseModel):
             if r is None:
                 per_image = self.flownet.loss(x, cond, t=t, noise=noise)
             else:
-                per_image = self.flownet.flow_map_loss(x, cond, r=r, t=t, noise=noise)
+                per_image = adaptive_weighted(self.flownet.flow_map_loss(x, cond, r=r, t=t, noise=noise),
+                                              power=c.mean_flow_adaptive_power, eps=MEANFLOW_ADAPTIVE_EPS)
             losses.append(per_image.mean())
         return self._weighted(losses)
 

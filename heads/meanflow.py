@@ -30,6 +30,11 @@ FlowMapVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 MEANFLOW_SHARE_EQUAL = 0.75
 MEANFLOW_LOGIT_MEAN = -0.4
 MEANFLOW_LOGIT_STD = 1.0
+# The paper's adaptive loss weight, w = 1 / (error + c)^p with p = 1 and c = 1e-3 (its ImageNet choice): each
+# sample's squared error divided by a stop-gradient copy of itself, so the few samples whose target carries a
+# large (t - r) du/dt (the untrained network is steep in t) do not swamp the step.
+MEANFLOW_ADAPTIVE_POWER = 1.0
+MEANFLOW_ADAPTIVE_EPS = 1e-3
 
 
 def draw_flow_map_times(batch: int, *, generator: Optional[torch.Generator] = None, device=None,
@@ -112,3 +117,11 @@ def flow_map_loss(net_velocity: FlowMapVelocity, x: torch.Tensor, noise: torch.T
     acc = torch.promote_types(x.dtype, torch.float32)
     err = (u.to(acc) - u_tgt.to(acc)).pow(2)
     return err.mean(dim=tuple(range(1, x.ndim)))
+
+
+def adaptive_weighted(loss: torch.Tensor, *, power: float, eps: float) -> torch.Tensor:
+    """Per-sample losses (B,) times the paper's adaptive weight 1 / (loss + eps)^power, the weight held constant
+    (no gradient through it); power 0 leaves the loss as it is."""
+    if power == 0:
+        return loss
+    return loss / (loss.detach() + eps).pow(power)

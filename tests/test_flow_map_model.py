@@ -47,7 +47,7 @@ def test_the_flow_map_solver_is_refused_for_an_ordinary_head_by_name():
 
 
 def test_mean_flow_training_draws_in_one_place_and_trains_the_interval_embedding():
-    model = FlowAR(get_preset("flowar-tiny", flow_map=True, objective="mean-flow")).train()
+    model = FlowAR(get_preset("flowar-tiny", flow_map=True, objective="mean-flow", mean_flow_adaptive_power=0.0)).train()
     assert model.flownet.time_embed.quantize is False  # d/dt through integer timesteps would be zero
     latents, labels = torch.randn(3, 4, 8, 8, generator=gen(1)), torch.tensor([0, 5, 9])
     draws = model.draw_randomness(3, generator=gen(2))
@@ -64,6 +64,11 @@ def test_mean_flow_training_draws_in_one_place_and_trains_the_interval_embedding
     velocity_twin.load_state_dict(model.state_dict())
     given = {k: v for k, v in equal.items() if k != "flow_ends"}
     torch.testing.assert_close(model(latents, labels, **equal).loss, velocity_twin(latents, labels, **given).loss)
+    # The paper's adaptive weight (p = 1) divides each sample's error by itself plus 1e-3: every term below 1.
+    adaptive = FlowAR(get_preset("flowar-tiny", flow_map=True, objective="mean-flow")).train()
+    adaptive.load_state_dict(model.state_dict())
+    per_scale = adaptive(latents, labels, **draws).loss_per_scale
+    assert ((per_scale > 0) & (per_scale < 1)).all() and (model(latents, labels, **draws).loss_per_scale > 1).any()
 
 
 def test_flow_map_config_is_checked_and_saved(tmp_path):

@@ -3,6 +3,7 @@
     python -m train.demo --out runs/demo                                   # FlowAR
     python -m train.demo --out runs/demo-var --model var                   # the VAR baseline, same training budget
     python -m train.demo --out runs/demo-ms --model flowar-multistage      # FlowAR with E-CAR's multistage flow
+    python -m train.demo --out runs/demo-fs --model flowar-fewstep         # a flow-map head: 2 jumps per scale
     python -m train.demo --out runs/demo-s1 --seed 1 --fid                 # another seed, and FID too
 
 FlowAR:
@@ -14,6 +15,9 @@ FlowAR:
 
 VAR: the same, with VAR's multi-scale VQ tokenizer (scales 1, 2, 4, 8) instead of the VAE and a VAR
 transformer trained with the same steps, batch and learning-rate schedule.
+
+flowar-fewstep: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
+(``heads.meanflow``), sampled with two jumps per scale (8 head evaluations per image against the demo's 70).
 
 flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
 only its stage of time and fewer head steps are run at the late scales.
@@ -94,7 +98,11 @@ TRAINING = ["global_batch=64", "warmup_steps=40", "lr=3e-3", "min_lr=1e-4", "ema
 # bf16 or AMX, torch emulates bf16 and gains nothing, so auto stays float32 there (docs/ablations.md#precision).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
-MODELS = {"flowar": DEMO_FLOWAR, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
+# The few-step FlowAR: the same model with a flow-map head trained from scratch (objective "mean-flow", the
+# paper's (r, t) law in place of the logit-normal times), sampled with 2 jumps per scale on the uniform grid.
+DEMO_FEWSTEP = {**DEMO_FLOWAR, "flow_map": True, "objective": "mean-flow", "time_distribution": "uniform",
+                "sampling": {**DEMO_FLOWAR["sampling"], "solver": "flow-map", "steps": 2, "schedule": "uniform"}}
+MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FEWSTEP, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
 # guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).
 
