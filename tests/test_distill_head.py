@@ -1,0 +1,117 @@
+"""Distilling a FlowAR's head into a flow-map head (train.distill_head): the student's jumps approach the
+teacher's guided solve, a resumed run equals an uninterrupted one, and bad inputs are refused by name."""
+
+import re
+
+import pytest
+import torch
+from conftest import gen, tiny_flowar_pipeline, tiny_var
+from test_train import make_cache
+
+from flowar import FlowAR, FlowARPipeline, get_preset
+from flowar.sampling import guidance_excess
+from heads.flow import Guidance
+from heads.solvers import SolveOptions
+from train.distill_head import build_student, load_teacher, main, teacher_conditions
+
+LR = "3e-3"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_cache(tmp_path_factory):
+    """A tiny teacher pipeline whose head's velocities are not trivial, sampled (guided, weight 2 at the last
+    scale) with 8 Euler steps on the uniform grid, and a cache of 16 latents."""
+    root = tmp_path_factory.mktemp("distill")
+    pipe = tiny_flowar_pipeline(0, sampling={"schedule": "uniform", "steps": 8})
+    with torch.no_grad():  # the released init zeroes the head's output layer: every velocity would be 0
+        pipe.model.flownet.final_layer.linear.weight.normal_(std=0.3, generator=gen(1))
+    pipe.save_pretrained(root / "teacher")
+    return root / "teacher", make_cache(root / "cache", n=16)
+
+
+def run(teacher, cache, out, *extra):
+    return main([str(teacher), "--latent-cache", str(cache), "--out", str(out), "--batch", "8", "--lr", LR,
+                 "--no-progress", *extra])
+
+
+def jump_error(teacher: FlowAR, student: FlowAR, latents, labels, *, guided_student: bool) -> float:
+    """Mean squared distance, over scales and held-out noise, of the student's one jump per scale from the
+    teacher's full guided solve, both conditioned by teacher forcing on ``latents``."""
+    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    o, c = teacher.config.sampling, teacher.config
+    jump = SolveOptions(solver="flow-map", steps=1, schedule="uniform", atol=1e-5, rtol=1e-5)
+    errors = []
+    for k, side in enumerate(c.scales):
+        noise = torch.randn((latents.shape[0], side * side, c.token_dim), generator=gen(100 + k))
+        guidance = Guidance(cond_null[k], 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule),
+                            o.guidance_interval)
+        target = teacher.flownet.sample(noise, cond[k], o.solve_at(k), guidance=guidance).x
+        jumped = student.flownet.sample(noise, cond[k], jump, guidance=guidance if guided_student else None).x
+        errors.append((jumped - target).pow(2).mean())
+    return torch.stack(errors).mean().item()
+
+
+def test_distillation_brings_one_jump_per_scale_to_the_teachers_solve(teacher_and_cache, tmp_path, one_thread):
+    """Before distillation one jump is one Euler step of the teacher (guided, though t = 1 lies outside its guidance
+    interval); after 30 steps the unguided student's jump lands at least 2x closer (in squared distance) to the
+    teacher's 8-step guided endpoints, on noise it never trained on."""
+    teacher_dir, cache = teacher_and_cache
+    teacher, _ = load_teacher(teacher_dir)
+    latents = torch.randn(8, 4, 8, 8, generator=gen(7))
+    labels = torch.arange(8)
+    before = jump_error(teacher, build_student(teacher, 1), latents, labels, guided_student=True)
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "30") == 0
+    release = FlowARPipeline.from_pretrained(tmp_path / "run" / "release")
+    student = release.model
+    assert student.config.flow_map and student.config.sampling.solver == "flow-map"
+    assert student.config.sampling.steps == 1 and student.config.sampling.guidance_scale == 1.0
+    after = jump_error(teacher, student, latents, labels, guided_student=False)
+    assert after < before / 2, (before, after)
+    # Only the head trained: the transformer is the teacher's, bit for bit.
+    trunk = {k: v for k, v in teacher.state_dict().items() if not k.startswith("flownet.")}
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in trunk.items())
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_and_cache, tmp_path, one_thread):
+    teacher_dir, cache = teacher_and_cache
+    common = ("--jumps-per-scale", "2", "--checkpoint-every", "2")
+    assert run(teacher_dir, cache, tmp_path / "whole", "--steps", "4", *common) == 0
+    assert run(teacher_dir, cache, tmp_path / "split", "--steps", "2", *common) == 0
+    assert run(teacher_dir, cache, tmp_path / "split", "--steps", "4", "--resume", *common) == 0
+    whole, split = (torch.load(tmp_path / d / "checkpoint-last.pt", weights_only=True) for d in ("whole", "split"))
+    assert whole["step"] == split["step"] == 4
+    assert whole["head"].keys() == split["head"].keys()
+    assert all(torch.equal(whole["head"][k], split["head"][k]) for k in whole["head"])
+    for a, b in zip(whole["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert FlowAR.from_pretrained(tmp_path / "split" / "release").config.sampling.steps == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--steps", "0"), "--steps must be an integer >= 1"),
+    (("--batch", "0"), "--batch must be an integer >= 1"),
+    (("--jumps-per-scale", "0"), "--jumps-per-scale must be an integer >= 1"),
+    (("--lr", "nan"), "--lr must be a finite number > 0"),
+    (("--batch", "17"), r"--batch \(17\) exceeds the latent cache's 16 items"),
+    (("--resume",), "--resume: no checkpoint"),
+])
+def test_bad_numbers_are_refused_by_name(teacher_and_cache, tmp_path, capsys, extra, message):
+    teacher_dir, cache = teacher_and_cache
+    assert run(teacher_dir, cache, tmp_path / "bad", *extra) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_teacher_that_is_no_flowar_and_a_cache_that_does_not_fit_are_refused_by_name(teacher_and_cache, tmp_path,
+                                                                                     capsys):
+    teacher_dir, cache = teacher_and_cache
+    tiny_var(0).save_pretrained(tmp_path / "var")
+    assert run(tmp_path / "var", cache, tmp_path / "out") == 2
+    assert "TEACHER" in capsys.readouterr().err
+    FlowAR(get_preset("flowar-tiny", token_dim=8)).save_pretrained(tmp_path / "wide")
+    assert run(tmp_path / "wide", cache, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "--latent-cache" in err and "teacher expects (8, 8, 8)" in err
+    FlowAR(get_preset("flowar-tiny", num_classes=5)).save_pretrained(tmp_path / "five")
+    assert run(tmp_path / "five", cache, tmp_path / "out") == 2
+    assert "holds 10 classes but the teacher knows 5" in capsys.readouterr().err

@@ -1,0 +1,298 @@
+"""Distil a trained FlowAR's head into a flow-map head that jumps each scale in K evaluations.
+
+    python -m train.distill_head TEACHER --latent-cache DIR --out OUT [--steps N] [--batch B] [--lr LR]
+        [--seed S] [--jumps-per-scale K] [--checkpoint-every N] [--resume]
+
+TEACHER is a FlowAR pipeline folder (its ``vae/`` beside the model) or a bare model folder. The student is the
+teacher's model with ``flow_map=True``: the teacher's transformer, frozen, and a head that starts as the teacher's
+(``load_velocity_state``: its average velocity is the teacher's velocity, so one jump is one Euler step).
+
+Objective: flow-map matching against the teacher's own trajectories. Each step takes a batch of cached latents,
+conditions every scale on them by teacher forcing (the class's conditions and the null class's), solves the
+teacher's guided ODE from fresh noise on a uniform grid and records every grid state. The student then regresses
+its average velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps
+sampling will take (the uniform jump grid) and for one random pair t_i > t_j of the teacher's grid per image.
+A direct regression needs no jvp (unlike the MeanFlow identity), and its minimiser is the teacher's solution
+itself, so at convergence the trained jumps land exactly where the teacher's solve does; the random pairs teach
+the other intervals, so a student sampled with another jump count still has something learnt to say.
+
+The targets are the teacher's GUIDED solution (its saved guidance weight per scale, schedule and interval), so
+the student samples unguided (``guidance_scale=1``): guidance costs nothing at sampling time. Its saved sampling
+defaults are the "flow-map" solver with K jumps per scale on the uniform grid.
+
+The teacher's grid is uniform, with its saved step count rounded up to a multiple of K (25 for an adaptive
+solver), so every jump ends on a grid point and no target is interpolated; its own solver (Euler, midpoint, rk4,
+dopri5) steps from grid point to grid point. A teacher saved with the "flowar" grid is thus solved on the uniform
+one with at least as many steps, and the student learns that solution (the jump grid's times are not all on the
+"flowar" grid, and interpolating between its states would add an error of its own to every target).
+
+Reproducibility: every random draw of a step (the batch, posterior noise and flips, ODE noise, the random pairs)
+comes from one generator seeded by (seed, step), so a resumed run equals an uninterrupted one. Checkpoints (the
+student head, the optimiser, the step) go to OUT atomically every ``--checkpoint-every`` steps and at the end;
+TensorBoard scalars to OUT/tensorboard; the student release to OUT/release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flowar import FlowAR, FlowARPipeline
+from flowar.attention import scale_segments
+from flowar.sampling import guidance_excess
+from heads.flow import Guidance, HeadVelocity
+from heads.solvers import SolveOptions, integrate
+from vae.files import read_model_type
+from vae.pyramid import area_pyramid
+
+from .checkpoint import CheckpointManager
+from .latents import CachedLatents
+from .train import step_generator
+
+ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_teacher(path) -> tuple[FlowAR, object | None]:
+    """(the teacher FlowAR, its pipeline's VAE or None for a bare model folder), in eval mode."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"TEACHER must be a FlowAR pipeline or model folder, got {path}")
+    kind = read_model_type(folder)
+    if kind != FlowAR.model_type:
+        raise ValueError(f"TEACHER {path} holds a {kind!r} model; distillation needs a {FlowAR.model_type!r} one")
+    if (folder / FlowARPipeline.autoencoder_folder).is_dir():
+        pipe = FlowARPipeline.from_pretrained(folder)
+        teacher, vae = pipe.model, pipe.vae
+    else:
+        teacher, vae = FlowAR.from_pretrained(folder), None
+    c = teacher.config
+    if c.flow_map:
+        raise ValueError(f"TEACHER {path} has a flow-map head already (flow_map=True); distil an ordinary head")
+    if c.flow != "full":
+        raise ValueError(f"TEACHER {path} has flow={c.flow!r}; distillation supports flow='full' only")
+    teacher.requires_grad_(False)
+    return teacher.eval(), vae
+
+
+def build_student(teacher: FlowAR, jumps: int, *, seed: int = 0) -> FlowAR:
+    """The teacher's model with a flow-map head: every weight copied, only the head trainable, and sampling
+    defaults of ``jumps`` uniform flow-map jumps per scale, unguided (the head learns the guided solution).
+
+    The interval embedding's first layer keeps its random init (only its output is zeroed), so it is drawn from
+    ``seed``: two runs with one seed start from one student, whatever the global generator holds."""
+    c = teacher.config
+    sampling = c.sampling.replace(solver="flow-map", steps=jumps, schedule="uniform", guidance_scale=1.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = FlowAR(dataclasses.replace(c, flow_map=True, sampling=sampling))
+    state = teacher.state_dict()
+    rest = {k: v for k, v in state.items() if not k.startswith("flownet.")}
+    student.load_state_dict(rest, strict=False)
+    student.flownet.load_velocity_state({k[len("flownet."):]: v for k, v in state.items() if k.startswith("flownet.")})
+    for name, p in student.named_parameters():
+        p.requires_grad_(name.startswith("flownet."))
+    return student.eval()  # no dropout: the frozen transformer conditions exactly as the teacher's
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def teacher_steps(teacher: FlowAR, k: int, jumps: int) -> int:
+    """Scale k's uniform teacher grid: its saved step count rounded up to a multiple of ``jumps``."""
+    steps = teacher.config.sampling.steps_at(k) or ADAPTIVE_TEACHER_STEPS
+    return math.ceil(steps / jumps) * jumps
+
+
+@torch.no_grad()
+def teacher_conditions(teacher: FlowAR, latents: torch.Tensor, labels: torch.Tensor | None
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per-scale head conditions (B, s*s, D) of the class and of the null class (None when unguided), from the
+    teacher-forced pyramid of ``latents`` (B, C, S, S), as in training but without label drop or context noise."""
+    c = teacher.config
+    teacher._check_latents(latents)
+    if c.unconditional:
+        labels = torch.full((latents.shape[0],), teacher.null_class, device=latents.device)
+    pyramid = area_pyramid(latents, c.scales)
+    inputs = teacher.z_proj(teacher.input_tokens(pyramid))
+    guided = c.sampling.guided and not c.unconditional
+
+    def run(class_ids):
+        class_embedding = teacher.class_emb(class_ids)
+        z = teacher.transformer(torch.cat([class_embedding[:, None], inputs], dim=1), class_embedding)
+        return [z[:, start:end] for start, end in scale_segments(c.scales)]
+
+    cond = run(labels)
+    null = run(torch.full_like(labels, teacher.null_class)) if guided else None
+    return cond, null
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher: FlowAR, k: int, noise: torch.Tensor, cond: torch.Tensor,
+                       cond_null: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor:
+    """The teacher's guided solve of scale k from ``noise`` (B, N, C) at t = 1, every state on ``grid`` (from 1
+    down to 0): (len(grid), B, N, C) float64. Its own solver steps from one grid point to the next (one step of a
+    fixed-step solver, an adaptive solve for dopri5), with its saved guidance weight and interval."""
+    o, c = teacher.config.sampling, teacher.config
+    guidance = None
+    if cond_null is not None:
+        weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
+        guidance = Guidance(cond_null.float(), weight, o.guidance_interval)
+    velocity = HeadVelocity(teacher.flownet, cond.float(), guidance=guidance, dtype=torch.float32)
+    solve = SolveOptions(solver=o.solver, steps=None if o.solver == "dopri5" else 1, schedule="uniform",
+                         atol=o.atol, rtol=o.rtol)
+    states, x = [noise.to(torch.float64)], noise.float()
+    for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        state, _ = integrate(velocity, x, solve, jumps=velocity.jumps, span=(t_cur, t_next))
+        states.append(state)
+        # The head takes float32 states; rounding the float64 state at each grid point is far below the solve's error.
+        x = state.to(torch.float32)
+    return torch.stack(states)
+
+
+def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices (start, end), start < end (t_start > t_end), each (jumps * batch + batch,): the K jumps of the
+    uniform jump grid for every image, then one random pair of the teacher grid's points per image."""
+    stride = steps // jumps
+    jump_start = torch.arange(jumps).repeat_interleave(batch) * stride
+    first = torch.randint(0, steps + 1, (batch,), generator=generator)
+    second = torch.randint(0, steps, (batch,), generator=generator)
+    second = second + (second >= first).long()  # a uniform pair of distinct points
+    start = torch.cat([jump_start, torch.minimum(first, second)])
+    end = torch.cat([jump_start + stride, torch.maximum(first, second)])
+    return start, end
+
+
+def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
+                      jumps: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
+    The generator draws, in order, each scale's noise and then its random pairs."""
+    c = teacher.config
+    batch = latents.shape[0]
+    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    losses = []
+    for k, side in enumerate(c.scales):
+        noise = torch.randn((batch, side * side, c.token_dim), generator=generator).to(latents.device)
+        steps = teacher_steps(teacher, k, jumps)
+        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        states = teacher_trajectory(teacher, k, noise, cond[k], None if cond_null is None else cond_null[k], grid)
+        start, end = training_pairs(steps, jumps, batch, generator)
+        rows = torch.arange(start.shape[0]) % batch
+        t, r = grid[start].to(latents.device), grid[end].to(latents.device)
+        x_t, x_r = states[start, rows], states[end, rows]
+        target = ((x_t - x_r) / (t - r)[:, None, None]).float()
+        u = student.flownet.conditioned(cond[k][rows].float())(x_t.float(), t.float(), r.float())
+        losses.append((u.float() - target).pow(2).mean())
+    return torch.stack(losses)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def check_arguments(args) -> None:
+    for name, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0),
+                               ("--jumps-per-scale", args.jumps_per_scale, 1),
+                               ("--checkpoint-every", args.checkpoint_every, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+
+
+def distill(args) -> Path:
+    check_arguments(args)
+    out = Path(args.out)
+    teacher, vae = load_teacher(args.teacher)
+    c = teacher.config
+    source = CachedLatents(args.latent_cache, seed=args.seed)
+    expected = (c.token_dim, c.scales[-1], c.scales[-1])
+    if tuple(source.latent_shape) != expected:
+        raise ValueError(f"--latent-cache {args.latent_cache} holds latents {tuple(source.latent_shape)} but the "
+                         f"teacher expects {expected}")
+    if not c.unconditional and source.num_classes > c.num_classes:
+        raise ValueError(f"--latent-cache {args.latent_cache} holds {source.num_classes} classes but the teacher "
+                         f"knows {c.num_classes}")
+    if args.batch > source.num_items:
+        raise ValueError(f"--batch ({args.batch}) exceeds the latent cache's {source.num_items} items")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
+    student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
+    head = student.flownet
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+    checkpoints = CheckpointManager(out)
+    settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                "jumps_per_scale": args.jumps_per_scale}
+    start_step = 0
+    if args.resume:
+        state = checkpoints.load_last(map_location=device)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
+        differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        if differ:
+            raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if args.resume else None)
+    bar = tqdm(total=args.steps, initial=start_step, desc="distill", disable=not args.progress, dynamic_ncols=True)
+    for step in range(start_step, args.steps):
+        generator = step_generator(args.seed, step, "cpu")
+        indices = source.batch_indices(step, args.batch, generator)
+        latents, labels = source.get(indices, source.draw_randomness(args.batch, generator))
+        latents, labels = latents.to(device), labels.to(device)
+        per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator)
+        loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}; the last checkpoint is left untouched")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        writer.add_scalar("distill/loss", loss.item(), done)
+        for k, side in enumerate(c.scales):
+            writer.add_scalar(f"distill/loss_scale_{side}x{side}", per_scale[k].item(), done)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            checkpoints.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                              "settings": settings})
+    bar.close()
+    writer.close()
+    release = out / "release"
+    if vae is not None:
+        FlowARPipeline(student, vae).save_pretrained(release)
+    else:
+        student.save_pretrained(release)
+    return release
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("teacher", help="FlowAR pipeline or model folder")
+    p.add_argument("--latent-cache", required=True, help="folder written by train.cache_latents")
+    p.add_argument("--out", required=True, help="folder for checkpoints, tensorboard/ and release/")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        distill(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"distill_head: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
