@@ -200,7 +200,8 @@ class FlowAR(ScaleWiseModel):
         A trainer draws these for the global batch and hands each process its rows, so a run gives the
         same result however it is split over processes and accumulation steps. With ``head_batch_mul`` m > 1
         each scale's times are (B, m) and its noise (B, m, s*s, C); with ``context_noise`` the draws add each
-        coarser scale's context level (B,) and noise (B, s*s, C).
+        coarser scale's context level (B,) and noise (B, s*s, C); with ``objective="mean-flow"``, each scale's
+        times are the (r, t) pairs of the average velocity, ``flow_ends`` and ``flow_times``.
         """
         c = self.config
         device = self.class_emb.weight.device if device is None else device
@@ -228,10 +229,8 @@ class FlowAR(ScaleWiseModel):
                      "flow_ends": list(ends)}
         else:
             draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": [times(span) for span in c.spans]}
-        draws.update({
-            "flow_noise": [randn(batch_size, s * s, c.token_dim) if m == 1 else randn(batch_size, m, s * s, c.token_dim)
-                           for s in c.scales],
-        })
+        draws["flow_noise"] = [randn(batch_size, s * s, c.token_dim) if m == 1
+                               else randn(batch_size, m, s * s, c.token_dim) for s in c.scales]
         if c.context_noise:
             draws["context_levels"] = [c.context_noise * rand(batch_size) for _ in c.scales[:-1]]
             draws["context_noise"] = [randn(batch_size, s * s, c.token_dim) for s in c.scales[:-1]]
@@ -243,7 +242,8 @@ class FlowAR(ScaleWiseModel):
 
     def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
                 flow_noise=None, flow_ends=None, context_levels=None, context_noise=None):
-        """Flow-matching loss of a batch of scaled VAE latents (B, C, S, S).
+        """Training loss of a batch of scaled VAE latents (B, C, S, S): flow matching, or with
+        ``objective="mean-flow"`` the MeanFlow loss of a flow-map head (``heads.meanflow``).
 
         Every random number of the step comes from :meth:`draw_randomness`: ``drop_mask`` (B,) (in training
         mode a share ``label_drop`` of the labels becomes the null class), ``flow_times`` and ``flow_noise``

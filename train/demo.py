@@ -33,7 +33,8 @@ same digit classifier), with ``--sample KEY=VALUE`` overriding its saved samplin
 JSON value, e.g. ``--sample steps=20`` or ``--sample 'steps=[10,8,6,4]'``), and writes ``OUT/results.json``.
 
 Everything a run measures is also written to ``OUT/results.json`` (``python -m tools.demo_table``, in a clone
-of the repository, puts seeds and models side by side). ``--seed`` seeds the autoencoder's and the model's training and the sampling; ``--fid`` adds
+of the repository, puts seeds and models side by side). ``--seed`` seeds the autoencoder's and the model's
+training and the sampling; ``--fid`` adds
 the FID of the scored samples against the 4,500 training digits (the Inception network on a 2-core CPU:
 about two minutes more per run, plus about eight the first time, while the reference's features are cached).
 """
