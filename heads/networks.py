@@ -135,6 +135,26 @@ class FlowMapMode:
         """t - r, the interval the average velocity is over; r = None is r = t (the velocity)."""
         return torch.zeros_like(t) if r is None else t - r
 
+    def _step_function(self, step):
+        """``velocity(x, t, r=None)`` over one step's arithmetic ``step(x, t, interval)``, chosen once per
+        condition so that the per-step call checks nothing: a flow-map head passes t - r, an ordinary one refuses
+        r with one ``is not None`` (heads.flow.sample_flow checked the solve's inputs)."""
+        if self.flow_map:
+            return lambda x, t, r=None: step(x, t, self._interval(t, r))
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+            if r is not None:
+                raise ValueError(NOT_A_FLOW_MAP)
+            return step(x, t, None)
+
+        return velocity
+
+    def _time_embedding(self, t: torch.Tensor, interval: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, W): the embedding of t, plus that of the interval t - r in a flow-map head (exactly + 0 until
+        trained)."""
+        t_emb = self.time_embed(t)
+        return t_emb if interval is None else t_emb + self.interval_embed(interval)
+
     def load_velocity_state(self, state: Mapping[str, torch.Tensor]):
         """Load an ordinary head's state dict (a released checkpoint's, say) into this head and return the head.
 
@@ -335,18 +355,7 @@ class FlowTransformerHead(FlowMapMode, FlowHead, nn.Module):
         c = self.cond_embed(cond)  # (B, N, W)
         features = [block.condition(cond, cos, sin) for block in self.res_blocks]
 
-        # No checks in here: it runs at every ODE step, and heads.flow.sample_flow checked the solve's inputs.
-        # Which closure is decided here, once: an ordinary head's refuses r with one `is not None`.
-        if self.flow_map:
-            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-                return self._velocity(x, t, c, features, cos, sin, self._interval(t, r))
-        else:
-            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-                if r is not None:
-                    raise ValueError(NOT_A_FLOW_MAP)
-                return self._velocity(x, t, c, features, cos, sin, None)
-
-        return velocity
+        return self._step_function(lambda x, t, interval: self._velocity(x, t, c, features, cos, sin, interval))
 
     def compile(self, *args, **kwargs) -> None:
         """``torch.compile`` the arithmetic of each ODE step (``nn.Module.compile``'s arguments). The checks and
@@ -358,10 +367,7 @@ class FlowTransformerHead(FlowMapMode, FlowHead, nn.Module):
         """One step's arithmetic; ``interval`` is t - r (B,) for a flow-map head, None for an ordinary one. A tensor,
         not a float, so a compiled step does not specialise (and recompile) on r."""
         h = self.input_proj(x)  # (B, N, W)
-        t_emb = self.time_embed(t)
-        if interval is not None:
-            t_emb = t_emb + self.interval_embed(interval)  # exactly + 0 until trained
-        t_emb = t_emb.unsqueeze(1)  # (B, 1, W)
+        t_emb = self._time_embedding(t, interval).unsqueeze(1)  # (B, 1, W)
         for block, block_features in zip(self.res_blocks, features):
             h = block(h, t_emb, c, block_features, cos, sin)
         return self.final_layer(h, c + t_emb).to(x.dtype)
@@ -435,24 +441,11 @@ class MLPHead(FlowMapMode, FlowHead, nn.Module):
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
         c = self.cond_embed(cond)  # (B, N, W)
 
-        # Unchecked, and the closure chosen once: see FlowTransformerHead's.
-        if self.flow_map:
-            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-                return self._velocity(x, t, c, self._interval(t, r))
-        else:
-            def velocity(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-                if r is not None:
-                    raise ValueError(NOT_A_FLOW_MAP)
-                return self._velocity(x, t, c, None)
-
-        return velocity
+        return self._step_function(lambda x, t, interval: self._velocity(x, t, c, interval))
 
     def _velocity(self, x, t, c, interval) -> torch.Tensor:
         h = self.input_proj(x)  # (B, N, W)
-        t_emb = self.time_embed(t)
-        if interval is not None:
-            t_emb = t_emb + self.interval_embed(interval)  # exactly + 0 until trained
-        y = t_emb.unsqueeze(1) + c  # (B, N, W)
+        y = self._time_embedding(t, interval).unsqueeze(1) + c  # (B, N, W)
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y).to(x.dtype)
