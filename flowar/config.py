@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from heads.flow import check_guidance_interval
+import torch
+
+from heads.flow import Guidance, check_guidance_interval
+from heads.meanflow import (MEANFLOW_ADAPTIVE_POWER, MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD,
+                            MEANFLOW_SHARE_EQUAL)
 from heads.multistage import check_stage_times, stages_from_ends
 from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN, check_time_distribution
-from heads.meanflow import (MEANFLOW_ADAPTIVE_POWER, MEANFLOW_LOGIT_MEAN, MEANFLOW_LOGIT_STD,
-                            MEANFLOW_SHARE_EQUAL)
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 from vae.pyramid import check_scales
 
-from .sampling import GuidanceOptions
+from .sampling import GuidanceOptions, guidance_excess
 
 # How the head's flow is laid over the scales: "full", FlowAR's (every scale from noise to data), or
 # "multistage", E-CAR's (scale k integrates only its span of stage_times; heads.multistage).
@@ -68,6 +70,12 @@ class FlowARSampling(GuidanceOptions):
     def solve_at(self, k: int) -> SolveOptions:
         """The head's ODE solve at scale k."""
         return self._solves[k if isinstance(self.steps, tuple) else 0]
+
+    def guidance_at(self, k: int, num_scales: int, cond_null: torch.Tensor) -> Guidance:
+        """Scale k's guidance of the head: the null class's conditions ``cond_null`` (B, N, D), the weight of the
+        scale on ``cfg_schedule``'s ramp, and ``guidance_interval``."""
+        weight = 1.0 + guidance_excess(self.guidance_scale, k, num_scales, self.cfg_schedule)
+        return Guidance(cond_null, weight, self.guidance_interval)
 
     def check_model(self, config) -> None:
         if self.solver in JUMP_SOLVERS and not config.flow_map:

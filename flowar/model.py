@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from heads.flow import FlowSample, Guidance
+from heads.flow import FlowSample
 from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
@@ -20,7 +20,7 @@ from vae.pyramid import area_pyramid, next_scale_input
 
 from .attention import ScaleBlock, block_causal_mask, scale_segments
 from .config import FlowARConfig, FlowARSampling, get_preset
-from .sampling import CachedStepper, Known, generate, guidance_excess
+from .sampling import CachedStepper, Known, generate
 from .scalewise import ScaleWiseModel
 
 MODEL_TYPE = "flowar"
@@ -452,10 +452,7 @@ class FlowARStepper(CachedStepper):
                 x_init = to_tokens(renoise(previous, from_tokens(x_init, side), previous_end=c.spans[k - 1][1],
                                            start=span[0]))
             z = self.z
-            guidance = None
-            if self.guided:
-                weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
-                guidance = Guidance(z[self.batch:].float(), weight, o.guidance_interval)
+            guidance = o.guidance_at(k, len(c.scales), z[self.batch:].float()) if self.guided else None
             flow = self.model.flownet.sample(x_init, z[:self.batch].float(), o.solve_at(k), guidance=guidance,
                                              known=known, span=span)
         self.counts.nfe += flow.nfe

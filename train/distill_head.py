@@ -45,9 +45,8 @@ from tqdm.auto import tqdm
 
 from flowar import FlowAR, FlowARPipeline
 from flowar.attention import scale_segments
-from flowar.sampling import guidance_excess
-from heads.flow import Guidance, HeadVelocity
-from heads.solvers import SolveOptions, integrate
+from heads.flow import HeadVelocity
+from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions, integrate
 from vae.files import read_model_type
 from vae.pyramid import area_pyramid
 
@@ -138,12 +137,9 @@ def teacher_trajectory(teacher: FlowAR, k: int, noise: torch.Tensor, cond: torch
     down to 0): (len(grid), B, N, C) float64. Its own solver steps from one grid point to the next (one step of a
     fixed-step solver, an adaptive solve for dopri5), with its saved guidance weight and interval."""
     o, c = teacher.config.sampling, teacher.config
-    guidance = None
-    if cond_null is not None:
-        weight = 1.0 + guidance_excess(o.guidance_scale, k, len(c.scales), o.cfg_schedule)
-        guidance = Guidance(cond_null.float(), weight, o.guidance_interval)
+    guidance = None if cond_null is None else o.guidance_at(k, len(c.scales), cond_null.float())
     velocity = HeadVelocity(teacher.flownet, cond.float(), guidance=guidance, dtype=torch.float32)
-    solve = SolveOptions(solver=o.solver, steps=None if o.solver == "dopri5" else 1, schedule="uniform",
+    solve = SolveOptions(solver=o.solver, steps=None if o.solver in ADAPTIVE_SOLVERS else 1, schedule="uniform",
                          atol=o.atol, rtol=o.rtol)
     states, x = [noise.to(torch.float64)], noise.float()
     for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
