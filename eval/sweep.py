@@ -7,11 +7,14 @@ and wall time.
         --steps 10,10/8/6/4,10/6/4/2                    # per-scale step counts: fewer at the late scales
     python -m eval.sweep runs/demo/flowar-release --out runs/bf16 --digits --solvers euler --steps 10 \
         --precision fp32,bf16                           # the generator under bf16 autocast (never the decoder)
+    python -m eval.sweep runs/demo-fs/distill/release --out runs/jumps --digits --solvers flow-map \
+        --steps 1,2,4 --schedule uniform --guidance-scale 1   # a flow-map head: jumps per scale
 
 Every configuration samples the same labels (cycling over the classes) from the same seed, so rows differ
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
 its ``--tolerances`` take the place of ``--steps``; an entry a/b/c/d of ``--steps`` is one count per scale,
-coarse to fine, as ``FlowARSampling.steps`` takes them), the wall time per image of sampling and decoding, and
+coarse to fine, as ``FlowARSampling.steps`` takes them; for the "flow-map" solver of a flow-map head they are
+its jumps per scale, one evaluation each, and an ordinary head is refused before anything is sampled), the wall time per image of sampling and decoding, and
 FID against ``--reference`` (an image folder, an images npz or a mu/sigma npz; default with ``--digits``:
 the bundled training digits). ``--digits`` also scores samples with the MNIST digit classifier
 (``eval.quality``): class-consistency and the Frechet distance in its feature space.

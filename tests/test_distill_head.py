@@ -1,10 +1,17 @@
 """Distilling a FlowAR's head into a flow-map head (train.distill_head): the student's jumps approach the
 teacher's guided solve, a resumed run equals an uninterrupted one, and bad inputs are refused by name."""
 
+import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import gen, tiny_flowar_pipeline, tiny_var
 from test_train import make_cache
 
@@ -27,6 +34,9 @@ def teacher_and_cache(tmp_path_factory):
         pipe.model.flownet.final_layer.linear.weight.normal_(std=0.3, generator=gen(1))
     pipe.save_pretrained(root / "teacher")
     return root / "teacher", make_cache(root / "cache", n=16)
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(teacher, cache, out, *extra):
@@ -86,6 +96,50 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_and_cache, t
     for a, b in zip(whole["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert FlowAR.from_pretrained(tmp_path / "split" / "release").config.sampling.steps == 2
+
+
+def test_two_gloo_processes_distil_as_one_process_does(teacher_and_cache, tmp_path):
+    """torchrun with 2 processes of 4 images each takes the same draws as one process of 8 and averages the
+    gradients: the losses of 3 steps agree, and so do the heads, but for the few weights whose gradient is at
+    rounding level (Adam's first steps move every weight by about lr times the sign of its gradient, so a
+    gradient of 1e-9 against -1e-9 is a difference of 2 lr)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    teacher_dir, cache = teacher_and_cache
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    common = [str(teacher_dir), "--latent-cache", str(cache), "--batch", "8", "--lr", LR, "--steps", "3",
+              "--jumps-per-scale", "2", "--sample-every", "0", "--no-progress"]
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        cmd = [sys.executable, *launcher, "-m", "train.distill_head", *common, "--out", str(tmp_path / out)]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / d / "checkpoint-last.pt", weights_only=True) for d in ("one", "two"))
+    start = build_student(load_teacher(teacher_dir)[0], 2).flownet.state_dict()
+    losses = [[e.value for e in EventAccumulator(str(tmp_path / d / "tensorboard")).Reload().Scalars("distill/loss")]
+              for d in ("one", "two")]
+    assert len(losses[0]) == 3
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    moved = torch.cat([(one["head"][k] - start[k]).abs().flatten() for k in start])
+    differ = torch.cat([(two["head"][k] - one["head"][k]).abs().flatten() for k in start])
+    assert moved.max() > 1e-3, "the head trained"
+    assert (differ < 1e-5).float().mean() > 0.999, differ.topk(10).values
+
+
+def test_sample_grids_show_the_teacher_once_and_the_student_as_it_trains(teacher_and_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    teacher_dir, cache = teacher_and_cache
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "4", "--sample-every", "2") == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples/teacher_grid")] == [2]
+    student = events.Images("samples/student_grid")
+    assert [e.step for e in student] == [2, 4]
+    pictures = [np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for e in student]
+    # One row of 8 square images per class (2 pixels of padding around each): 10 rows; the student changed
+    # between the grids.
+    height, width = pictures[0].shape[:2]
+    assert (height - 2) / 10 == (width - 2) / 8 > 2
+    assert not np.array_equal(pictures[0], pictures[1])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -142,3 +142,25 @@ def test_precision_is_an_axis_that_changes_the_samples_and_other_layouts_are_ref
         writer.writerows([{k: v for k, v in r.items() if k != "precision"} for r in rows])
     assert main(argv) == 2
     assert "lacks the columns ['precision']" in capsys.readouterr().err
+
+
+def test_flow_map_jumps_are_an_axis_and_an_ordinary_head_is_refused_before_sampling(tmp_path, capsys, small_network):
+    """A flow-map head sweeps its jumps per scale like steps (one evaluation per jump); an ordinary head asked for
+    flow-map jumps stops before the first sample, naming the solver."""
+    reference = tmp_path / "reference.npz"
+    write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    common = ["--solvers", "flow-map", "--steps", "1,2,3/2/1/1", "--schedule", "uniform", "--guidance-scale", "1,2",
+              "--num-samples", "6",
+              "--reference", str(reference), "--batch-size", "6"]
+    tiny_flowar_pipeline(flow_map=True).save_pretrained(tmp_path / "student")
+    assert main([str(tmp_path / "student"), "--out", str(tmp_path / "jumps"), *common]) == 0
+    with (tmp_path / "jumps" / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # Guided jumps evaluate the head on the class and the null class in one batch: one evaluation each.
+    assert [(r["solver"], r["guidance_scale"], r["steps"], float(r["nfe_per_image"])) for r in rows] == [
+        ("flow-map", w, steps, nfe) for w in ("1", "2") for steps, nfe in (("1", 4), ("2", 8), ("3/2/1/1", 7))]
+    tiny_flowar_pipeline().save_pretrained(tmp_path / "ordinary")
+    capsys.readouterr()
+    assert main([str(tmp_path / "ordinary"), "--out", str(tmp_path / "refused"), *common]) == 2
+    assert "flow-map" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "sweep.csv").exists()

@@ -1,7 +1,8 @@
 """Distil a trained FlowAR's head into a flow-map head that jumps each scale in K evaluations.
 
     python -m train.distill_head TEACHER --latent-cache DIR --out OUT [--steps N] [--batch B] [--lr LR]
-        [--seed S] [--jumps-per-scale K] [--checkpoint-every N] [--resume]
+        [--seed S] [--jumps-per-scale K] [--checkpoint-every N] [--sample-every N] [--resume]
+    torchrun --nproc_per_node=2 -m train.distill_head TEACHER ...     # DDP (gloo on CPU, nccl on GPU)
 
 TEACHER is a FlowAR pipeline folder (its ``vae/`` beside the model) or a bare model folder. The student is the
 teacher's model with ``flow_map=True``: the teacher's transformer, frozen, and a head that starts as the teacher's
@@ -27,9 +28,14 @@ one with at least as many steps, and the student learns that solution (the jump 
 "flowar" grid, and interpolating between its states would add an error of its own to every target).
 
 Reproducibility: every random draw of a step (the batch, posterior noise and flips, ODE noise, the random pairs)
-comes from one generator seeded by (seed, step), so a resumed run equals an uninterrupted one. Checkpoints (the
-student head, the optimiser, the step) go to OUT atomically every ``--checkpoint-every`` steps and at the end;
-TensorBoard scalars to OUT/tensorboard; the student release to OUT/release.
+is drawn for the whole batch from one generator seeded by (seed, step), and each process takes its rows of it, so
+a resumed run equals an uninterrupted one and the draws do not depend on the number of processes. Under torchrun
+each process solves the teacher for its rows and the head's gradients are averaged over processes.
+
+Outputs (rank 0): checkpoints (the student head, the optimiser, the step) to OUT atomically every
+``--checkpoint-every`` steps and at the end; TensorBoard scalars and, every ``--sample-every`` steps, a grid of
+the student's samples (one row per class, the same noise every time, beside the teacher's guided samples from
+that noise at step 0) to OUT/tensorboard; the student release to OUT/release.
 """
 
 from __future__ import annotations
@@ -40,11 +46,15 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flowar import FlowAR, FlowARPipeline
 from flowar.attention import scale_segments
+from flowar.outputs import image_grid, to_uint8_images
+from flowar.sampling import generate
 from heads.flow import HeadVelocity
 from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions, integrate
 from vae.files import read_model_type
@@ -52,7 +62,7 @@ from vae.pyramid import area_pyramid
 
 from .checkpoint import CheckpointManager
 from .latents import CachedLatents
-from .train import step_generator
+from .train import setup_distributed, step_generator
 
 ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
 
@@ -151,37 +161,43 @@ def teacher_trajectory(teacher: FlowAR, k: int, noise: torch.Tensor, cond: torch
 
 
 def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid indices (start, end), start < end (t_start > t_end), each (jumps * batch + batch,): the K jumps of the
-    uniform jump grid for every image, then one random pair of the teacher grid's points per image."""
+    """Grid indices (start, end), start < end (t_start > t_end), each (jumps + 1, batch): row j < K is the j-th
+    jump of the uniform jump grid for every image, the last row one random pair of the teacher grid's points per
+    image."""
     stride = steps // jumps
-    jump_start = torch.arange(jumps).repeat_interleave(batch) * stride
+    jump_start = (torch.arange(jumps) * stride)[:, None].expand(jumps, batch)
     first = torch.randint(0, steps + 1, (batch,), generator=generator)
     second = torch.randint(0, steps, (batch,), generator=generator)
     second = second + (second >= first).long()  # a uniform pair of distinct points
-    start = torch.cat([jump_start, torch.minimum(first, second)])
-    end = torch.cat([jump_start + stride, torch.maximum(first, second)])
+    start = torch.cat([jump_start, torch.minimum(first, second)[None]])
+    end = torch.cat([jump_start + stride, torch.maximum(first, second)[None]])
     return start, end
 
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
-                      jumps: int, generator: torch.Generator) -> torch.Tensor:
+                      jumps: int, generator: torch.Generator, *, global_batch: int | None = None,
+                      rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
-    The generator draws, in order, each scale's noise and then its random pairs."""
+
+    ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
+    all of it). The generator draws, in order, each scale's noise and then its random pairs, for the whole global
+    batch, and this process keeps its rows."""
     c = teacher.config
+    global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
     cond, cond_null = teacher_conditions(teacher, latents, labels)
     losses = []
     for k, side in enumerate(c.scales):
-        noise = torch.randn((batch, side * side, c.token_dim), generator=generator).to(latents.device)
+        noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
         steps = teacher_steps(teacher, k, jumps)
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         states = teacher_trajectory(teacher, k, noise, cond[k], None if cond_null is None else cond_null[k], grid)
-        start, end = training_pairs(steps, jumps, batch, generator)
-        rows = torch.arange(start.shape[0]) % batch
+        start, end = (index[:, rows].reshape(-1) for index in training_pairs(steps, jumps, global_batch, generator))
+        rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
-        x_t, x_r = states[start, rows], states[end, rows]
+        x_t, x_r = states[start, rows_of], states[end, rows_of]
         target = ((x_t - x_r) / (t - r)[:, None, None]).float()
-        u = student.flownet.conditioned(cond[k][rows].float())(x_t.float(), t.float(), r.float())
+        u = student.flownet.conditioned(cond[k][rows_of].float())(x_t.float(), t.float(), r.float())
         losses.append((u.float() - target).pow(2).mean())
     return torch.stack(losses)
 
@@ -190,16 +206,60 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
 def check_arguments(args) -> None:
     for name, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0),
                                ("--jumps-per-scale", args.jumps_per_scale, 1),
-                               ("--checkpoint-every", args.checkpoint_every, 1)):
+                               ("--checkpoint-every", args.checkpoint_every, 1), ("--sample-every", args.sample_every, 0)):
         if value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
 
 
+def average_gradients(parameters, world: int) -> None:
+    """The mean of every process's gradient, in place (the head is small: one all-reduce per tensor)."""
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+class SampleGrids:
+    """TensorBoard grids of the student's samples, one row per class (4 rows unconditional) of 8, from the same
+    noise every time; the first call also logs the teacher's samples (its saved guided sampling) from that noise."""
+
+    PER_ROW = 8
+    FIRST_SEED = 1234
+
+    def __init__(self, teacher: FlowAR, vae, writer, device):
+        c = teacher.config
+        rows = 4 if c.unconditional else min(c.num_classes, 10)
+        self.labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(self.PER_ROW)
+        self.noise = [n.to(device) for n in teacher.noise_from_seeds(
+            list(range(self.FIRST_SEED, self.FIRST_SEED + rows * self.PER_ROW)))]
+        self.teacher, self.vae, self.writer = teacher, vae, writer
+        self.logged_teacher = False
+
+    @torch.no_grad()
+    def _log(self, tag: str, model: FlowAR, step: int) -> None:
+        out = generate(model, self.labels, autoencoder=self.vae, batch_size=len(self.noise[0]), noise=self.noise)
+        images = self.vae.decode(out.decoder_input)  # in [-1, 1]
+        grid = image_grid(to_uint8_images(images), self.PER_ROW)
+        self.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+
+    def __call__(self, student: FlowAR, step: int) -> None:
+        if not self.logged_teacher:
+            self._log("samples/teacher_grid", self.teacher, step)
+            self.logged_teacher = True
+        self._log("samples/student_grid", student, step)
+
+
 def distill(args) -> Path:
     check_arguments(args)
     out = Path(args.out)
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    if args.batch % world:
+        raise ValueError(f"--batch ({args.batch}) must be divisible by the {world} processes")
+    local = args.batch // world
+    rows = slice(rank * local, (rank + 1) * local)
     teacher, vae = load_teacher(args.teacher)
     c = teacher.config
     source = CachedLatents(args.latent_cache, seed=args.seed)
@@ -212,7 +272,6 @@ def distill(args) -> Path:
                          f"knows {c.num_classes}")
     if args.batch > source.num_items:
         raise ValueError(f"--batch ({args.batch}) exceeds the latent cache's {source.num_items} items")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device)
     student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
     head = student.flownet
@@ -232,43 +291,68 @@ def distill(args) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = grids = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if args.resume else None)
-    bar = tqdm(total=args.steps, initial=start_step, desc="distill", disable=not args.progress, dynamic_ncols=True)
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if args.resume else None)
+        if args.sample_every and vae is not None:
+            grids = SampleGrids(teacher, vae.to(device), writer, device)
+        elif args.sample_every:
+            print(f"distill_head: TEACHER {args.teacher} is a bare model folder (no vae/): no sample grids")
+    bar = tqdm(total=args.steps, initial=start_step, desc="distill", disable=not (is_main and args.progress),
+               dynamic_ncols=True)
     for step in range(start_step, args.steps):
         generator = step_generator(args.seed, step, "cpu")
         indices = source.batch_indices(step, args.batch, generator)
-        latents, labels = source.get(indices, source.draw_randomness(args.batch, generator))
+        randomness = source.draw_randomness(args.batch, generator)
+        latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
-        per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator)
+        per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
+                                      global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {step}; the last checkpoint is left untouched")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        per_scale = per_scale.detach()
+        if world > 1:
+            average_gradients(head.parameters(), world)
+            dist.all_reduce(per_scale)
+            per_scale /= world
+        loss_value = per_scale.mean().item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss is {loss_value} at step {step}; the last checkpoint is left untouched")
         optimizer.step()
         done = step + 1
-        writer.add_scalar("distill/loss", loss.item(), done)
-        for k, side in enumerate(c.scales):
-            writer.add_scalar(f"distill/loss_scale_{side}x{side}", per_scale[k].item(), done)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if is_main:
+            writer.add_scalar("distill/loss", loss_value, done)
+            for k, side in enumerate(c.scales):
+                writer.add_scalar(f"distill/loss_scale_{side}x{side}", per_scale[k].item(), done)
+            if grids is not None and (done % args.sample_every == 0 or done == args.steps):
+                grids(student, done)
         if done % args.checkpoint_every == 0 or done == args.steps:
-            checkpoints.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                              "settings": settings})
+            if is_main:
+                checkpoints.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                                  "settings": settings})
+            if world > 1:
+                dist.barrier()
     bar.close()
-    writer.close()
     release = out / "release"
-    if vae is not None:
-        FlowARPipeline(student, vae).save_pretrained(release)
-    else:
-        student.save_pretrained(release)
+    if is_main:
+        writer.close()
+        if vae is not None:
+            FlowARPipeline(student, vae).save_pretrained(release)
+        else:
+            student.save_pretrained(release)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return release
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher", help="FlowAR pipeline or model folder")
     p.add_argument("--latent-cache", required=True, help="folder written by train.cache_latents")
@@ -279,9 +363,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         distill(args)
     except (ValueError, FileNotFoundError) as err:
