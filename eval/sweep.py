@@ -14,9 +14,9 @@ Every configuration samples the same labels (cycling over the classes) from the 
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
 its ``--tolerances`` take the place of ``--steps``; an entry a/b/c/d of ``--steps`` is one count per scale,
 coarse to fine, as ``FlowARSampling.steps`` takes them; for the "flow-map" solver of a flow-map head they are
-its jumps per scale, one evaluation each, and an ordinary head is refused before anything is sampled), the wall time per image of sampling and decoding, and
-FID against ``--reference`` (an image folder, an images npz or a mu/sigma npz; default with ``--digits``:
-the bundled training digits). ``--digits`` also scores samples with the MNIST digit classifier
+its jumps per scale, one evaluation each, and an ordinary head is refused before anything is sampled), the
+wall time per image of sampling and decoding, and FID against ``--reference`` (an image folder, an images npz
+or a mu/sigma npz; default with ``--digits``: the bundled training digits). ``--digits`` also scores samples with the MNIST digit classifier
 (``eval.quality``): class-consistency and the Frechet distance in its feature space.
 
 Outputs in ``--out``: ``sweep.csv`` (one row per configuration, appended as each finishes; a rerun
