@@ -61,3 +61,51 @@ def test_latent_norm_on_a_reused_vae_renormalizes_a_copy_and_names_the_row(first
     assert summary["latent_norm"] == "per-channel" and summary["steps"] == 2
     index = json.loads((out / "latents" / CACHE_INDEX).read_text())
     assert index["vae"] == str(out / "vae") and index["latents_mean"] == config["latents_mean"]  # cached with the copy
+
+
+def test_the_fewstep_demo_distils_a_flowar_runs_head_and_scores_the_student(first_run, tmp_path):
+    """--model flowar-fewstep --teacher RUN: the run's FlowAR release is distilled into a flow-map head of 2 jumps
+    per scale, sampled unguided; the run itself is left as it was."""
+    from flowar import FlowARPipeline
+
+    before = (first_run / "results.json").read_text()
+    out = tmp_path / "fewstep"
+    assert demo.main(["--out", str(out), "--model", "flowar-fewstep", "--teacher", str(first_run),
+                      "--distill", "steps=2", "--distill", "batch=8", "--per-class", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "flowar-fewstep" and results["seed"] == 0 and results["teacher"] == str(first_run)
+    assert results["distill"] == {**demo.DISTILL, "steps": 2, "batch": 8}
+    assert results["distill_overrides"] == ["steps=2", "batch=8"]
+    # 4 scales x 2 jumps, one head evaluation each; the teacher sampled with 2 guided Euler steps per scale.
+    assert results["head_evaluations"] == 8 and results["num_samples"] == 10
+    student = FlowARPipeline.from_pretrained(results["release"]).model
+    assert student.config.flow_map and student.config.sampling.solver == "flow-map"
+    assert student.config.sampling.guidance_scale == 1.0
+    assert (out / "grid.png").is_file() and (out / "distill" / "tensorboard").is_dir()
+    assert (first_run / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "flowar", "--teacher", "RUN"], "--teacher distils a FlowAR demo run's head: it needs --model flowar-fewstep"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--set", "lr=1"], "--teacher reuses the run's VAE and FlowAR"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--seed", "5"], "--seed 5: the teacher run"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "jumps=2"], "--distill takes KEY=VALUE with KEY among"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "steps=many"], "--distill steps takes an integer"),
+    (["--model", "flowar", "--distill", "steps=2"], "--distill sets the distillation of --model flowar-fewstep"),
+])
+def test_bad_teacher_and_distill_options_are_refused_by_name(first_run, argv, message, tmp_path, capsys):
+    argv = [str(first_run) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_that_is_not_a_flowar_run_is_refused(first_run, tmp_path, capsys):
+    fake = tmp_path / "var-run"
+    fake.mkdir()
+    (fake / "results.json").write_text(json.dumps({"model": "var", "seed": 0}))
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "out"), "--model", "flowar-fewstep", "--teacher", str(fake)])
+    assert "the teacher must be a --model flowar run" in capsys.readouterr().err

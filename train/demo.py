@@ -3,7 +3,9 @@
     python -m train.demo --out runs/demo                                   # FlowAR
     python -m train.demo --out runs/demo-var --model var                   # the VAR baseline, same training budget
     python -m train.demo --out runs/demo-ms --model flowar-multistage      # FlowAR with E-CAR's multistage flow
-    python -m train.demo --out runs/demo-fs --model flowar-fewstep         # a flow-map head: 2 jumps per scale
+    python -m train.demo --out runs/demo-fs --model flowar-fewstep         # FlowAR, its head distilled: 2 jumps per scale
+    python -m train.demo --out runs/demo-fs --model flowar-fewstep --teacher runs/demo   # distil a FlowAR run's head
+    python -m train.demo --out runs/demo-mf --model flowar-meanflow        # a flow-map head trained from scratch
     python -m train.demo --out runs/demo-s1 --seed 1 --fid                 # another seed, and FID too
 
 FlowAR:
@@ -16,8 +18,14 @@ FlowAR:
 VAR: the same, with VAR's multi-scale VQ tokenizer (scales 1, 2, 4, 8) instead of the VAE and a VAR
 transformer trained with the same steps, batch and learning-rate schedule.
 
-flowar-fewstep: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
-(``heads.meanflow``), sampled with two jumps per scale (8 head evaluations per image against the demo's 70).
+flowar-fewstep: the FlowAR demo (steps 1-4), then its head distilled into a flow-map head by
+``train.distill_head`` (the transformer frozen, the head regressed onto the FlowAR's guided ODE solution), then
+steps 4-5 with the student: 2 jumps per scale, unguided, 8 head evaluations per image against the FlowAR's 70.
+``--teacher RUN`` distils the release of a FlowAR demo run already made (its seed, latent cache and VAE) instead
+of training one; the distillation adds about DISTILL_MINUTES to the FlowAR demo's time.
+
+flowar-meanflow: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
+(``heads.meanflow``), sampled with two jumps per scale.
 
 flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
 only its stage of time and fewer head steps are run at the late scales.
@@ -50,7 +58,7 @@ import torch
 
 from eval.machine import describe_cpu
 from eval.quality import DigitScorer, sample_digits
-from flowar import load_pipeline
+from flowar import FlowARPipeline, load_pipeline
 from flowar.outputs import image_grid
 from flowar.sampling import generate
 from heads.multistage import stages_from_ends
@@ -63,6 +71,7 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
+from .distill_head import build_parser as build_distill_parser, distill
 from .train_vae import KL_WEIGHT, LATENT_NORMS, VAE_CHANNELS, check_kl_weight, parse_channels, renormalize_vae, \
     train_vae
 
@@ -99,11 +108,16 @@ TRAINING = ["global_batch=64", "warmup_steps=40", "lr=3e-3", "min_lr=1e-4", "ema
 # bf16 or AMX, torch emulates bf16 and gains nothing, so auto stays float32 there (docs/ablations.md#precision).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PRECISIONS = ("auto", "fp32", "bf16")
-# The few-step FlowAR: the same model with a flow-map head trained from scratch (objective "mean-flow", the
+# The MeanFlow FlowAR: the same model with a flow-map head trained from scratch (objective "mean-flow", the
 # paper's (r, t) law in place of the logit-normal times), sampled with 2 jumps per scale on the uniform grid.
-DEMO_FEWSTEP = {**DEMO_FLOWAR, "flow_map": True, "objective": "mean-flow", "time_distribution": "uniform",
-                "sampling": {**DEMO_FLOWAR["sampling"], "solver": "flow-map", "steps": 2, "schedule": "uniform"}}
-MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FEWSTEP, "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
+DEMO_MEANFLOW = {**DEMO_FLOWAR, "flow_map": True, "objective": "mean-flow", "time_distribution": "uniform",
+                 "sampling": {**DEMO_FLOWAR["sampling"], "solver": "flow-map", "steps": 2, "schedule": "uniform"}}
+# The few-step FlowAR trains the FlowAR demo's model and then distils its head (train.distill_head).
+MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow": DEMO_MEANFLOW,
+          "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
+# The distillation (docs/ablations.md#distilled-few-step): DISTILL_STEPS of batch DISTILL_BATCH at a constant lr,
+# 2 jumps per scale.
+DISTILL = {"steps": 150, "batch": 32, "lr": 1e-4, "jumps_per_scale": 2}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
 # guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).
 
@@ -136,6 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training-config override as train.train takes it, e.g. model.head_batch_mul=4 or "
                         "lr=1e-3 (repeatable; applied after the demo's own settings)")
+    p.add_argument("--teacher", default=None, metavar="RUN",
+                   help="with --model flowar-fewstep: distil the release of this FlowAR demo output folder (its "
+                        "seed, VAE and latent cache) instead of training a FlowAR first")
+    p.add_argument("--distill", dest="distill_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --model flowar-fewstep: a distillation setting to override, among "
+                        + ", ".join(DISTILL) + " (repeatable), e.g. steps=600")
     p.add_argument("--rescore", default=None, metavar="RUN",
                    help="score the release of an earlier demo output folder again (step 5 only), with --sample")
     p.add_argument("--sample", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
@@ -147,6 +167,10 @@ def main(argv=None) -> int:
     if args.sampling:
         p.error("--sample needs --rescore RUN: a full run scores with the release's saved sampling options; "
                 "score its output folder again with --rescore OUT --sample KEY=VALUE")
+    teacher_run = None
+    if args.teacher is not None:
+        teacher_run = check_teacher_run(p, args)
+    distill_settings = parse_distill(p, args)
     if args.seed is None:
         args.seed = 0
     if args.fid and not args.per_class:
@@ -180,72 +204,28 @@ def main(argv=None) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     var = args.model == "var"
+    fewstep = args.model == "flowar-fewstep"
     results = {"model": args.model, "seed": args.seed, "steps": args.steps, **describe_cpu()}
-    precision = training_precision(args.precision, results["cpu_flags"])
-    results["precision"] = precision
-
-    steps = args.vae_steps or AUTOENCODER_STEPS
-    vae_options = {**VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
-                   **({"latent_norm": args.latent_norm} if args.latent_norm else {}),
-                   **({"channels": args.vae_channels} if args.vae_channels is not None else {})}
-    renormalize = args.autoencoder is not None and args.latent_norm is not None
-    encoder_dir = Path(args.autoencoder) if args.autoencoder and not renormalize \
-        else out / ("tokenizer" if var else "vae")
-    if args.autoencoder:
-        print(f"[1/5] reusing the {'tokenizer' if var else 'VAE'} in {args.autoencoder}")
-        summary_file = Path(args.autoencoder) / "demo_autoencoder.json"
-        result = json.loads(summary_file.read_text()) if summary_file.exists() else {"psnr": float("nan"), "steps": None}
-        steps = result.get("steps")
-        if not var:  # a VAE's own summary says how it was trained (None: a folder the demo did not train)
-            vae_options = {key: result.get(key) for key in VAE_OPTIONS}
-        if renormalize:
-            print(f"      its latents normalised {args.latent_norm}, saved to {encoder_dir}")
-            result = {**result, **renormalize_vae(args.autoencoder, encoder_dir, latent_norm=args.latent_norm,
-                                                  seed=result.get("seed", args.seed))}
-            vae_options["latent_norm"] = args.latent_norm
-    elif var:
-        print(f"[1/5] training the MNIST multi-scale VQ tokenizer ({steps} steps)")
-        result = train_tokenizer(encoder_dir, steps=steps, seed=args.seed)
-        usage = " ".join(f"{s}x{s}:{u:.0%}" for s, u in zip(result["scales"], result["usage"]))
-        print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
+    stages = Stages(5 + fewstep)
+    if teacher_run is not None:
+        release, cache_dir, encoder_dir, run_dir = reuse_teacher(teacher_run, results, stages)
     else:
-        print(f"[1/5] training the MNIST VAE ({steps} steps, channels {vae_options['channels']}, {precision})")
-        result = train_vae(encoder_dir, steps=steps, seed=args.seed, bf16=precision == "bf16", **vae_options)
-        print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
-    if not args.autoencoder or renormalize:  # what a later --autoencoder run reports about it
-        summary = {"steps": steps, "psnr": float(result["psnr"]), "seed": result.get("seed", args.seed),
-                   **({"usage": list(result["usage"])} if var else vae_options)}
-        atomic_write(encoder_dir / "demo_autoencoder.json", lambda tmp: tmp.write_text(json.dumps(summary)))
-    encoder = load_tokenizer(str(encoder_dir)) if var else load_any_vae(str(encoder_dir))
-    if var and "usage" in result:
-        results["codebook_use"] = list(result["usage"])
-    results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
-    if not var:  # a row of tools.demo_table per VAE that differs from the demo's
-        results["autoencoder_overrides"] = [
-            f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
-            for key, value in vae_options.items() if value != VAE_OPTIONS[key]]
+        release, cache_dir, encoder_dir, run_dir = train_generator(args, out, results, stages)
+    if fewstep:
+        d = distill_settings
+        stages.next(f"distilling the head into a flow-map head ({d['steps']} steps of batch {d['batch']}, lr "
+                    f"{d['lr']:g}, {d['jumps_per_scale']} jumps per scale)")
+        began = time.perf_counter()
+        distill_args = build_distill_parser().parse_args([
+            str(release), "--latent-cache", str(cache_dir), "--out", str(out / "distill"), "--seed", str(args.seed),
+            *(f"--{key.replace('_', '-')}={value}" for key, value in d.items()),
+            "--sample-every", str(max(d["steps"] // 4, 1)), "--checkpoint-every", str(d["steps"])])
+        release = distill(distill_args)
+        results.update(distill_minutes=(time.perf_counter() - began) / 60, distill=d,
+                       distill_overrides=list(args.distill_overrides), teacher=str(teacher_run or out / "flowar-release"))
+        run_dir = out / "distill"
 
-    print("[2/5] caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
-    cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
-                              vae_path=str(encoder_dir), data_source="mnist")
-
-    name = "VAR" if var else "FlowAR"
-    print(f"[3/5] training {name} ({args.steps} steps, {precision})")
-    model = dict(MODELS[args.model])
-    if var:  # the transformer's vocabulary and inputs are the tokenizer's
-        model = {**model, "scales": list(encoder.scales), "vocab_size": encoder.codebook_size,
-                 "code_dim": encoder.code_dim}
-    cfg = load_config(None, [
-        f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
-        *TRAINING, f"bf16={str(precision == 'bf16').lower()}", f"total_steps={args.steps}", "checkpoint_every=100",
-        f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
-        *(f"model.{k}={json.dumps(v)}" for k, v in model.items()), *args.overrides,
-    ])
-    results["overrides"] = list(args.overrides)
-    run_dir = train(cfg)
-
-    print("[4/5] exporting the weights and sampling a 10x10 grid")
-    release = export(run_dir, out / f"{args.model}-release")
+    stages.next(f"sampling a 10x10 grid from the release {release}")
     pipe = load_pipeline(release)
     labels = [digit for digit in range(10) for _ in range(10)]
     images = pipe(labels, output_type="np", generator=torch.Generator().manual_seed(args.seed))
@@ -255,7 +235,7 @@ def main(argv=None) -> int:
 
     report = None
     if args.per_class:
-        print(f"[5/5] scoring {10 * args.per_class} samples with the digit classifier")
+        stages.next(f"scoring {10 * args.per_class} samples with the digit classifier")
         report = score(pipe, results, classifier_dir=out / "digit-classifier", per_class=args.per_class,
                        seed=args.seed, fid=args.fid)
     results["minutes"] = (time.perf_counter() - start) / 60
@@ -273,6 +253,152 @@ def main(argv=None) -> int:
         print("  digit classifier".ljust(32) + str(out / "digit-classifier"))
         print("  class-consistency".ljust(32) + f"{report.class_consistency:.1%}")
     return 0
+
+
+class Stages:
+    """The demo's numbered progress lines: [i/n] text."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def next(self, text: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}")
+
+
+def train_generator(args, out: Path, results: dict, stages: Stages) -> tuple[Path, Path, Path, Path]:
+    """Steps 1-3 and the export: the autoencoder, the cache, the generator's training, its release folder.
+    Returns (release, cache folder, autoencoder folder, training run folder); fills ``results``."""
+    var = args.model == "var"
+    precision = training_precision(args.precision, results["cpu_flags"])
+    results["precision"] = precision
+
+    steps = args.vae_steps or AUTOENCODER_STEPS
+    vae_options = {**VAE_OPTIONS, **({"kl_weight": args.kl_weight} if args.kl_weight is not None else {}),
+                   **({"latent_norm": args.latent_norm} if args.latent_norm else {}),
+                   **({"channels": args.vae_channels} if args.vae_channels is not None else {})}
+    renormalize = args.autoencoder is not None and args.latent_norm is not None
+    encoder_dir = Path(args.autoencoder) if args.autoencoder and not renormalize \
+        else out / ("tokenizer" if var else "vae")
+    if args.autoencoder:
+        stages.next(f"reusing the {'tokenizer' if var else 'VAE'} in {args.autoencoder}")
+        summary_file = Path(args.autoencoder) / "demo_autoencoder.json"
+        result = json.loads(summary_file.read_text()) if summary_file.exists() else {"psnr": float("nan"), "steps": None}
+        steps = result.get("steps")
+        if not var:  # a VAE's own summary says how it was trained (None: a folder the demo did not train)
+            vae_options = {key: result.get(key) for key in VAE_OPTIONS}
+        if renormalize:
+            print(f"      its latents normalised {args.latent_norm}, saved to {encoder_dir}")
+            result = {**result, **renormalize_vae(args.autoencoder, encoder_dir, latent_norm=args.latent_norm,
+                                                  seed=result.get("seed", args.seed))}
+            vae_options["latent_norm"] = args.latent_norm
+    elif var:
+        stages.next(f"training the MNIST multi-scale VQ tokenizer ({steps} steps)")
+        result = train_tokenizer(encoder_dir, steps=steps, seed=args.seed)
+        usage = " ".join(f"{s}x{s}:{u:.0%}" for s, u in zip(result["scales"], result["usage"]))
+        print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, codebook use per scale {usage}")
+    else:
+        stages.next(f"training the MNIST VAE ({steps} steps, channels {vae_options['channels']}, {precision})")
+        result = train_vae(encoder_dir, steps=steps, seed=args.seed, bf16=precision == "bf16", **vae_options)
+        print(f"      held-out reconstruction PSNR {result['psnr']:.2f} dB, scaling factor {result['scaling_factor']:.3f}")
+    if not args.autoencoder or renormalize:  # what a later --autoencoder run reports about it
+        summary = {"steps": steps, "psnr": float(result["psnr"]), "seed": result.get("seed", args.seed),
+                   **({"usage": list(result["usage"])} if var else vae_options)}
+        atomic_write(encoder_dir / "demo_autoencoder.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+    encoder = load_tokenizer(str(encoder_dir)) if var else load_any_vae(str(encoder_dir))
+    if var and "usage" in result:
+        results["codebook_use"] = list(result["usage"])
+    results.update(autoencoder_steps=steps, psnr=float(result["psnr"]))
+    if not var:  # a row of tools.demo_table per VAE that differs from the demo's
+        results["autoencoder_overrides"] = [
+            f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
+            for key, value in vae_options.items() if value != VAE_OPTIONS[key]]
+
+    stages.next("caching the " + ("token maps" if var else "VAE latents") + " of the training digits")
+    cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
+                              vae_path=str(encoder_dir), data_source="mnist")
+
+    name = "VAR" if var else "FlowAR"
+    stages.next(f"training {name} ({args.steps} steps, {precision})")
+    model = dict(MODELS[args.model])
+    if var:  # the transformer's vocabulary and inputs are the tokenizer's
+        model = {**model, "scales": list(encoder.scales), "vocab_size": encoder.codebook_size,
+                 "code_dim": encoder.code_dim}
+    cfg = load_config(None, [
+        f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
+        *TRAINING, f"bf16={str(precision == 'bf16').lower()}", f"total_steps={args.steps}", "checkpoint_every=100",
+        f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
+        *(f"model.{k}={json.dumps(v)}" for k, v in model.items()), *args.overrides,
+    ])
+    results["overrides"] = list(args.overrides)
+    run_dir = train(cfg)
+
+    release = export(run_dir, out / f"{'flowar' if args.model == 'flowar-fewstep' else args.model}-release")
+    return release, cache_dir, encoder_dir, run_dir
+
+
+def parse_distill(p: argparse.ArgumentParser, args) -> dict:
+    """DISTILL updated by ``--distill KEY=VALUE`` items (flowar-fewstep only), each value of its setting's type."""
+    if args.distill_overrides and args.model != "flowar-fewstep":
+        p.error("--distill sets the distillation of --model flowar-fewstep")
+    settings = dict(DISTILL)
+    for item in args.distill_overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DISTILL:
+            p.error(f"--distill takes KEY=VALUE with KEY among {', '.join(DISTILL)}, got {item!r}")
+        try:
+            settings[key] = type(DISTILL[key])(value)
+        except ValueError:
+            p.error(f"--distill {key} takes a{'n integer' if isinstance(DISTILL[key], int) else ' number'}, got {value!r}")
+    return settings
+
+
+def check_teacher_run(p: argparse.ArgumentParser, args) -> Path:
+    """``--teacher RUN``: a finished FlowAR demo folder, for --model flowar-fewstep, with none of the options that
+    would train a FlowAR or an autoencoder; sets ``args.seed`` to the run's."""
+    if args.model != "flowar-fewstep":
+        p.error("--teacher distils a FlowAR demo run's head: it needs --model flowar-fewstep")
+    if args.autoencoder is not None or args.overrides or args.vae_steps is not None or args.kl_weight is not None \
+            or args.vae_channels is not None or args.latent_norm is not None or args.precision != "auto":
+        p.error("--teacher reuses the run's VAE and FlowAR: --autoencoder, --set, --vae-steps, --kl-weight, "
+                "--vae-channels, --latent-norm and --precision do not apply")
+    run = Path(args.teacher)
+    summary = run / "results.json"
+    if not summary.is_file():
+        p.error(f"--teacher {run}: not a demo output folder (no results.json there)")
+    previous = json.loads(summary.read_text())
+    if previous.get("model") != "flowar":
+        p.error(f"--teacher {run}: a run of --model {previous.get('model')}; the teacher must be a --model flowar run")
+    if args.seed is not None and args.seed != previous["seed"]:
+        p.error(f"--seed {args.seed}: the teacher run {run} was made with seed {previous['seed']}; omit --seed")
+    args.seed = previous["seed"]
+    release = run_release(run, previous)
+    if not (release / "config.json").is_file():
+        p.error(f"--teacher {run}: its release folder is missing ({release})")
+    if not (run / "latents").is_dir():
+        p.error(f"--teacher {run}: its latent cache is missing ({run / 'latents'})")
+    return run
+
+
+def run_release(run: Path, previous: dict) -> Path:
+    """A demo run's release folder: where its results.json says, or where the demo puts it if the run folder
+    was moved."""
+    release = Path(previous.get("release", ""))
+    if (release / "config.json").is_file():
+        return release
+    return run / "distill" / "release" if previous["model"] == "flowar-fewstep" else run / f"{previous['model']}-release"
+
+
+def reuse_teacher(run: Path, results: dict, stages: Stages) -> tuple[Path, Path, Path, Path]:
+    """Steps 1-3 and the export, taken from the FlowAR demo run ``run``: what train_generator returns."""
+    previous = json.loads((run / "results.json").read_text())
+    stages.done = 3  # the autoencoder, the cache and the FlowAR are the run's
+    print(f"[1-3/{stages.total}] reusing the VAE, latent cache and FlowAR release of {run}")
+    results.update({key: previous[key] for key in ("precision", "autoencoder_steps", "psnr", "autoencoder_overrides",
+                                                     "overrides", "steps") if key in previous})
+    results["teacher_minutes"] = previous.get("minutes")
+    release = run_release(run, previous)
+    return release, run / "latents", release / FlowARPipeline.autoencoder_folder, run / "flowar"
 
 
 def training_precision(choice: str, cpu_flags: list[str]) -> str:
@@ -338,9 +464,7 @@ def rescore(p: argparse.ArgumentParser, args) -> int:
     if out.resolve() == run.resolve():
         p.error(f"--out {out}: give a new folder; --rescore does not overwrite the run's results")
     previous = json.loads((run / "results.json").read_text())
-    release = Path(previous.get("release", ""))
-    if not (release / "config.json").is_file():
-        release = run / f"{previous['model']}-release"  # the run folder was moved since
+    release = run_release(run, previous)
     if not (release / "config.json").is_file():
         p.error(f"--rescore {run}: its release folder is missing ({release})")
     sampling = parse_sampling(p, args.sampling)
