@@ -8,7 +8,7 @@ from tools.demo_table import format_table, main, read_runs
 
 
 def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampling=None, fid_minutes=None,
-              autoencoder=None):
+              autoencoder=None, **extra):
     folder.mkdir(parents=True)
     run = {"model": model, "seed": seed, "head_evaluations": 40, "head_rows_per_image": 1600.0,
            "class_consistency": consistency, "per_digit": [consistency - 0.1] + [consistency] * 9,
@@ -23,6 +23,7 @@ def write_run(folder, model, seed, consistency, fid=None, overrides=None, sampli
         run["sampling_overrides"] = sampling
     if autoencoder is not None:
         run["autoencoder_overrides"] = autoencoder
+    run.update(extra)
     (folder / "results.json").write_text(json.dumps(run))
     return folder
 
@@ -72,8 +73,20 @@ def test_the_demos_own_minutes_leave_the_fid_out_where_its_time_was_recorded(tmp
     timed = write_run(tmp_path / "t", "flowar", 0, 0.95, fid=40.0, fid_minutes=1.5)
     untimed = write_run(tmp_path / "u", "var", 0, 0.95, fid=40.0)  # written before fid_minutes was recorded
     table = format_table(read_runs([timed, untimed])).splitlines()
-    assert table[0].endswith("| run minutes | minutes without FID |")
-    assert table[2].endswith("| 5.0 | 3.5 |") and table[3].endswith("| 5.0 | - |")
+    assert table[0].endswith("| run minutes | of which distillation | demo minutes without FID |")
+    assert table[2].endswith("| 5.0 | - | 3.5 |") and table[3].endswith("| 5.0 | - | - |")
+
+
+def test_a_distilled_run_adds_its_teachers_demo_time_and_its_overrides_make_rows(tmp_path):
+    """A few-step run that distilled an existing FlowAR run took 5 minutes (2 of them the FID, 2.5 the
+    distillation) after the teacher's 8.5: the few-step demo is 11.5 minutes without the FID."""
+    runs = [write_run(tmp_path / f"fs{s}", "flowar-fewstep", s, 0.95, fid=30.0, fid_minutes=2.0, teacher_minutes=8.5,
+                      distill_minutes=2.5, distill_overrides=[]) for s in (0, 1)]
+    longer = write_run(tmp_path / "long", "flowar-fewstep", 0, 0.96, fid_minutes=2.0, teacher_minutes=8.5,
+                       distill_minutes=2.5, distill_overrides=["steps=600"])
+    groups = read_runs([*runs, longer])
+    assert list(groups) == ["flowar-fewstep", "flowar-fewstep distill steps=600"]
+    assert format_table(groups).splitlines()[2].endswith("| 5.0 | 2.5 | 11.5 |")
 
 
 def test_a_folder_without_results_is_named(tmp_path, capsys):

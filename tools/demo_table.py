@@ -4,7 +4,7 @@
 
 Each argument is a demo output folder holding ``results.json``. Rows group the runs by model, by the
 training-config overrides the run was given (``train.demo --set``), by its VAE options (``--kl-weight``,
-``--latent-norm``) and by the sampling overrides of a rescored
+``--latent-norm``), by its distillation overrides (``--distill``) and by the sampling overrides of a rescored
 run (``train.demo --rescore RUN --sample``), so the rows of an ablation come apart;
 each cell is the mean +- sample sd over the runs (seeds) of that row. ``--time`` also times sampling in this one
 process: each model's first release samples the same 100 labels at its saved settings, the models taking
@@ -30,7 +30,8 @@ COLUMNS = [  # (results.json key, header, format)
     ("frechet_distance", "classifier Frechet", "{:.1f}"),
     ("fid", "FID", "{:.1f}"),
     ("minutes", "run minutes", "{:.1f}"),
-    ("demo_minutes", "minutes without FID", "{:.1f}"),
+    ("distill_minutes", "of which distillation", "{:.1f}"),
+    ("demo_minutes", "demo minutes without FID", "{:.1f}"),
 ]
 PERCENT = ("class_consistency", "worst_digit")
 
@@ -38,8 +39,9 @@ PERCENT = ("class_consistency", "worst_digit")
 def read_runs(folders) -> dict[str, list[dict]]:
     """results.json of each folder, grouped by model and overrides (in the order first seen); a row's name is
     the model, its training precision, then its VAE's options where they differ from the demo's, its training
-    overrides, then its sampling ones, e.g. ``flowar bf16 model.head_batch_mul=4``, ``flowar bf16 vae
-    latent_norm=per-channel`` or ``flowar bf16 sampling steps=20``."""
+    overrides, its distillation ones (``train.demo --distill``), then its sampling ones, e.g. ``flowar bf16
+    model.head_batch_mul=4``, ``flowar bf16 vae latent_norm=per-channel``, ``flowar-fewstep bf16 distill lr=0.001``
+    or ``flowar bf16 sampling steps=20``."""
     groups: dict[str, list[dict]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -49,12 +51,14 @@ def read_runs(folders) -> dict[str, list[dict]]:
         if run.get("per_digit"):
             run["worst_digit"] = min(run["per_digit"])
         if run.get("minutes") is not None and (run.get("fid") is None or run.get("fid_minutes") is not None):
-            run["demo_minutes"] = run["minutes"] - run.get("fid_minutes", 0.0)  # what the demo takes without --fid
+            # What the demo takes without --fid; a few-step run that distilled a FlowAR run adds that run's time.
+            run["demo_minutes"] = run["minutes"] - run.get("fid_minutes", 0.0) + run.get("teacher_minutes", 0.0)
         sampling = run.get("sampling_overrides") or []
         precision = [run["precision"]] if run.get("precision") else []  # recorded since the demo trains in bf16
         vae = run.get("autoencoder_overrides") or []  # recorded since the demo has VAE levers
+        distill = run.get("distill_overrides") or []
         name = " ".join([run["model"], *precision, *(["vae", *vae] if vae else []), *run.get("overrides", []),
-                         *(["sampling", *sampling] if sampling else [])])
+                         *(["distill", *distill] if distill else []), *(["sampling", *sampling] if sampling else [])])
         groups.setdefault(name, []).append(run)
     return groups
 

@@ -396,7 +396,8 @@ def reuse_teacher(run: Path, results: dict, stages: Stages) -> tuple[Path, Path,
     print(f"[1-3/{stages.total}] reusing the VAE, latent cache and FlowAR release of {run}")
     results.update({key: previous[key] for key in ("precision", "autoencoder_steps", "psnr", "autoencoder_overrides",
                                                      "overrides", "steps") if key in previous})
-    results["teacher_minutes"] = previous.get("minutes")
+    # What the teacher's demo took without its FID: with the distillation, the few-step demo's whole time.
+    results["teacher_minutes"] = previous["minutes"] - previous.get("fid_minutes", 0.0)
     release = run_release(run, previous)
     return release, run / "latents", release / FlowARPipeline.autoencoder_folder, run / "flowar"
 
