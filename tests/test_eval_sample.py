@@ -172,6 +172,7 @@ def test_a_changed_argument_refuses_to_resume(tmp_path, pipe_dir, capsys):
     (dict(format="jpg"), r"--format must be one of \('png', 'npz', 'both'\), got 'jpg'"),
     (dict(precision="fp16"), "--precision"),
     (dict(solver="heun"), "solver must be one of"),
+    (dict(solver="flow-map"), "flow-map"),  # jumps need a flow-map head
     (dict(schedule="cosine"), "schedule must be one of"),
     (dict(cfg_schedule="step"), "cfg_schedule must be one of"),
     (dict(seed=-1), "--seed"),

@@ -198,3 +198,26 @@ def test_cli_samples_released_style_var_checkpoints(tmp_path, capsys):
     assert cli_main([str(tmp_path / "var_tiny.pth"), "--preset", "var-tiny", "--tokenizer",
                      str(tmp_path / "vae_mnist.pth"), "--tokenizer-preset", "tiny", "--out", str(out)]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_cli_samples_a_flow_map_release_at_its_saved_jumps_and_refuses_jumps_for_an_ordinary_head(folders, tmp_path,
+                                                                                                   capsys):
+    """A flow-map release samples with its saved defaults (here 2 uniform jumps per scale, unguided), and --steps
+    sets its jumps per scale; an ordinary head asked for flow-map jumps exits naming the solver."""
+    student = tiny_flowar_pipeline(flow_map=True, sampling={"solver": "flow-map", "steps": 2, "schedule": "uniform",
+                                                            "guidance_scale": 1.0})
+    with torch.no_grad():  # a head whose jumps move the sample (the released init zeroes its output)
+        student.model.flownet.final_layer.linear.weight.normal_(std=0.3, generator=gen(1))
+    student.save_pretrained(tmp_path / "student")
+    for steps in ("2", "1"):
+        out = tmp_path / f"jumps-{steps}.png"
+        argv = [str(tmp_path / "student"), "--labels", "1,2", "--seed", "3", "--out", str(out), "--nrow", "2",
+                "--device", "cpu"] + (["--steps", steps] if steps == "1" else [])
+        assert cli_main(argv) == 0
+        expected = student([1, 2], output_type="np", generator=gen(3), steps=int(steps))
+        np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 2)))
+    assert not np.array_equal(read_grid(tmp_path / "jumps-2.png"), read_grid(tmp_path / "jumps-1.png"))
+    flowar_dir, _ = folders
+    capsys.readouterr()
+    assert cli_main([str(flowar_dir), "--solver", "flow-map", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+    assert "flow-map" in capsys.readouterr().err
