@@ -111,7 +111,8 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
 
         parts = [model] + ([tokenizer.post_quant_conv, tokenizer.decoder] if decode else [])
     else:
-        model = FlowAR(get_preset(preset)).to(device).eval()
+        # The "flow-map" solver needs a flow-map head; random weights cost what a distilled head costs.
+        model = FlowAR(get_preset(preset, flow_map=options.get("solver") == "flow-map")).to(device).eval()
         kwargs = family_options(model, options)
         vae = None
         if decode:

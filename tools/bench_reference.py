@@ -2,6 +2,8 @@
 
     python -m tools.bench_reference sample --reference /path/to/FlowAR --preset flowar-s --batch 2 \\
         --precision fp32,bf16 --steps 25,25/17/13/9/7 --timm-path /tmp/timm_pkg
+    python -m tools.bench_reference sample --reference /path/to/FlowAR --preset flowar-s --batch 2 \
+        --precision fp32,bf16 --solver flow-map --schedule uniform --steps 2 --guidance-scale 1 --timm-path /tmp/timm_pkg
     python -m tools.bench_reference train --reference /path/to/FlowAR --preset flowar-s --batch 4 \\
         --precision fp32,bf16 --timm-path /tmp/timm_pkg
 
@@ -17,7 +19,9 @@ all in one process: every round calls each side once in turn, and the fastest ca
 step count; FlowAR-S: 25 points, 24 Euler steps per scale). Before timing, each of our rows samples from
 their first call's initial noise, and the table gives how far its latents lie from theirs
 (max |ours - theirs| / max |theirs|): fp32 at the same steps must agree to float precision; bf16 or fewer
-steps show what they change. Peak memory is not given (one process holds both models), nor ``--decode``.
+steps show what they change. ``--solver flow-map`` rows run a flow-map head on the same weights (as
+``train.distill_head`` starts its student), at the given jumps per scale and guidance: what a distilled few-step
+FlowAR of that size costs. Peak memory is not given (one process holds both models), nor ``--decode``.
 
 ``train`` adds their step as released: fp32 (their engine turns autocast off for the forward), their
 forward, backward, clipping at 3.0, AdamW (0.9, 0.95) over the same parameter groups in torch's default
@@ -45,6 +49,7 @@ from heads.solvers import step_schedule
 from tools import parity_flowar as parity
 from train import bench as train_bench
 from train.bench import EMA_DECAY, count_and_compile, our_step, row_of
+from train.distill_head import build_student
 from train.train import param_groups
 
 PROG = "python -m tools.bench_reference"
@@ -104,7 +109,12 @@ def measure_against_reference(reference_path: str, timm_path: str | None, preset
         given = {k: v for k, v in family_options(ours, options).items() if v is not None}
         settings = {**same_settings, **given, **overrides}
         model = ours
-        if compiled:  # a second copy of the same weights, so the eager rows stay eager
+        if settings.get("solver") == "flow-map":
+            # A flow-map head on the same weights (its interval embedding zero at the output, as distillation
+            # starts it; its own copy, so compiling it leaves the other rows eager): it costs what a distilled
+            # head costs, and its jumps land where as many Euler steps of the released head do.
+            model = build_student(ours, settings["steps"]).to(device).eval()
+        elif compiled:  # a second copy of the same weights, so the eager rows stay eager
             model = FlowAR(config).to(device).eval()
             model.load_state_dict(ours.state_dict())
 

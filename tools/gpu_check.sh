@@ -3,7 +3,8 @@
 # nothing is downloaded):
 #   1. the CUDA tests (tests/test_cuda.py, compile tests included),
 #   2. the FlowAR parity tool on CUDA, when a checkout of the authors' code is given,
-#   3. the sampling benchmark of FlowAR-S at batch 1 and 64, fp32 and bf16, compile off and on,
+#   3. the sampling benchmark of FlowAR-S at batch 1 and 64, fp32 and bf16, compile off and on, then with a
+#      flow-map head at 2 unguided jumps per scale (a distilled few-step FlowAR-S's cost),
 #   4. the training benchmark of FlowAR-S at batch 64, fp32 and bf16, compile off and on;
 #   with a checkout, 3 and 4 also time the authors' code beside ours (tools.bench_reference).
 #
@@ -41,6 +42,15 @@ if [ -n "$reference" ]; then
   python -m tools.bench_reference sample --reference "$reference" "${sample_options[@]}"
 else
   python -m eval.bench_sample "${sample_options[@]}"
+fi
+
+echo "== 3b. sampling benchmark, a flow-map head: 2 unguided jumps per scale"
+fewstep_options=(--preset flowar-s --batch 1,64 --precision fp32,bf16 --device cuda --repeats 3
+                 --solver flow-map --schedule uniform --steps 2 --guidance-scale 1)
+if [ -n "$reference" ]; then
+  python -m tools.bench_reference sample --reference "$reference" "${fewstep_options[@]}"
+else
+  python -m eval.bench_sample "${fewstep_options[@]}"
 fi
 
 echo "== 4. training benchmark"
