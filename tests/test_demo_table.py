@@ -94,3 +94,26 @@ def test_a_folder_without_results_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "empty")])
     assert "holds no results.json" in capsys.readouterr().err
+
+
+def test_time_samples_each_row_at_its_own_sampling(tmp_path, monkeypatch):
+    """--time samples every row's release, a rescored row with its --sample overrides (JSON values parsed)."""
+    from tools import demo_table
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, release):
+            self.release = release
+
+        def __call__(self, labels, **kwargs):
+            calls.append((self.release, len(labels), {k: v for k, v in kwargs.items() if k not in ("output_type", "generator")}))
+
+    monkeypatch.setattr("flowar.load_pipeline", Recorder)
+    saved = write_run(tmp_path / "a", "flowar-fewstep", 0, 0.95, release="rel-a")
+    rescored = write_run(tmp_path / "b", "flowar-fewstep", 0, 0.95, release="rel-a",
+                         sampling=["steps=1", "solver=flow-map", "steps_list=[2,1]"])
+    timing = demo_table.time_sampling(read_runs([saved, rescored]), repeats=2, batch=4)
+    assert set(timing) == {"flowar-fewstep", "flowar-fewstep sampling steps=1 solver=flow-map steps_list=[2,1]"}
+    assert calls[:2] == [("rel-a", 4, {}), ("rel-a", 4, {"steps": 1, "solver": "flow-map", "steps_list": [2, 1]})]
+    assert len(calls) == 4  # two rounds, the rows taking turns

@@ -7,8 +7,8 @@ training-config overrides the run was given (``train.demo --set``), by its VAE o
 ``--latent-norm``), by its distillation overrides (``--distill``) and by the sampling overrides of a rescored
 run (``train.demo --rescore RUN --sample``), so the rows of an ablation come apart;
 each cell is the mean +- sample sd over the runs (seeds) of that row. ``--time`` also times sampling in this one
-process: each model's first release samples the same 100 labels at its saved settings, the models taking
-turns, ``--repeats`` rounds, the fastest round counting; so the ms/image column is a side-by-side
+process: each row's first release samples the same 100 labels at its saved settings (with a rescored row's
+sampling overrides), the rows taking turns, ``--repeats`` rounds, the fastest round counting; so the ms/image column is a side-by-side
 measurement, unlike the demo's own wall times.
 """
 
@@ -79,17 +79,31 @@ def cell(runs: list[dict], key: str, fmt: str) -> str:
     return f"{fmt.format(mean)} ± {fmt.format(sd)}"
 
 
+def sampling_overrides(run: dict) -> dict:
+    """A rescored run's ``--sample KEY=VALUE`` overrides as keyword options (values JSON where they parse)."""
+    options = {}
+    for item in run.get("sampling_overrides") or []:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 100) -> dict[str, float]:
-    """ms/image of each model's first release, the models interleaved in this process."""
+    """ms/image of each row's first release at the row's sampling (a rescored row's overrides applied), the
+    rows interleaved in this process."""
     from flowar import load_pipeline
 
     pipes = {model: load_pipeline(runs[0]["release"]) for model, runs in groups.items()}
+    options = {model: sampling_overrides(runs[0]) for model, runs in groups.items()}
     labels = [i % 10 for i in range(batch)]
     best = {model: math.inf for model in pipes}
     for round_ in range(repeats):
         for model, pipe in pipes.items():
             start = time.perf_counter()
-            pipe(labels, output_type="np", generator=torch.Generator().manual_seed(round_))
+            pipe(labels, output_type="np", generator=torch.Generator().manual_seed(round_), **options[model])
             best[model] = min(best[model], 1000 * (time.perf_counter() - start) / batch)
     return best
 
