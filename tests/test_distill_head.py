@@ -19,7 +19,8 @@ from flowar import FlowAR, FlowARPipeline, get_preset
 from flowar.sampling import guidance_excess
 from heads.flow import Guidance
 from heads.solvers import SolveOptions
-from train.distill_head import build_student, load_teacher, main, teacher_conditions
+from train.distill_head import build_student, load_teacher, main, target_sampling, teacher_conditions, \
+    teacher_trajectory
 
 LR = "3e-3"
 
@@ -149,6 +150,8 @@ def test_sample_grids_show_the_teacher_once_and_the_student_as_it_trains(teacher
     (("--lr", "nan"), "--lr must be a finite number > 0"),
     (("--batch", "17"), r"--batch \(17\) exceeds the latent cache's 16 items"),
     (("--resume",), "--resume: no checkpoint"),
+    (("--teacher-steps", "0"), "--teacher-solver / --teacher-steps: .*steps"),
+    (("--teacher-steps", "4/4"), "--teacher-solver / --teacher-steps: .*steps"),
 ])
 def test_bad_numbers_are_refused_by_name(teacher_and_cache, tmp_path, capsys, extra, message):
     teacher_dir, cache = teacher_and_cache
@@ -169,3 +172,24 @@ def test_a_teacher_that_is_no_flowar_and_a_cache_that_does_not_fit_are_refused_b
     FlowAR(get_preset("flowar-tiny", num_classes=5)).save_pretrained(tmp_path / "five")
     assert run(tmp_path / "five", cache, tmp_path / "out") == 2
     assert "holds 10 classes but the teacher knows 5" in capsys.readouterr().err
+
+
+def test_the_targets_are_the_chosen_solve_of_the_teacher(teacher_and_cache):
+    """--teacher-solver midpoint --teacher-steps 4: the recorded states end where the teacher's own guided
+    midpoint solve of 4 uniform steps ends, and pass through its 2-step solve's midpoint state."""
+    teacher, _ = load_teacher(teacher_and_cache[0])
+    sampling = target_sampling(teacher, solver="midpoint", steps=4)
+    assert (sampling.solver, sampling.steps, sampling.guidance_scale) == ("midpoint", 4, teacher.config.sampling.guidance_scale)
+    latents, labels = torch.randn(3, 4, 8, 8, generator=gen(2)), torch.tensor([1, 5, 9])
+    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    k = 2
+    noise = torch.randn(3, 16, 4, generator=gen(3))
+    grid = torch.linspace(1, 0, 5, dtype=torch.float64)
+    states = teacher_trajectory(teacher, sampling, k, noise, cond[k], cond_null[k], grid)
+    c = teacher.config
+    guidance = Guidance(cond_null[k], 1.0 + guidance_excess(sampling.guidance_scale, k, len(c.scales),
+                                                            sampling.cfg_schedule), sampling.guidance_interval)
+    whole = teacher.flownet.sample(noise, cond[k], SolveOptions(solver="midpoint", steps=4, schedule="uniform",
+                                                                atol=1e-5, rtol=1e-5), guidance=guidance).x
+    torch.testing.assert_close(states[-1].float(), whole.float(), rtol=1e-4, atol=1e-5)
+    assert (states[-1] - states[0]).abs().max() > 0.1  # the solve moved

@@ -51,12 +51,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from flowar import FlowAR, FlowARPipeline
+from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
 from flowar.outputs import image_grid, to_uint8_images
 from flowar.sampling import generate
 from heads.flow import HeadVelocity
-from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions, integrate
+from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
 from vae.files import read_model_type
 from vae.pyramid import area_pyramid
 
@@ -65,6 +65,7 @@ from .latents import CachedLatents
 from .train import setup_distributed, step_generator
 
 ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
+ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can solve an ordinary head's ODE
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -111,9 +112,21 @@ def build_student(teacher: FlowAR, jumps: int, *, seed: int = 0) -> FlowAR:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def teacher_steps(teacher: FlowAR, k: int, jumps: int) -> int:
-    """Scale k's uniform teacher grid: its saved step count rounded up to a multiple of ``jumps``."""
-    steps = teacher.config.sampling.steps_at(k) or ADAPTIVE_TEACHER_STEPS
+def target_sampling(teacher: FlowAR, *, solver: str | None = None, steps=None) -> FlowARSampling:
+    """The teacher's saved sampling with its solver and step counts replaced where given (``--teacher-solver``,
+    ``--teacher-steps``): the solve whose states are the targets. Its guidance is always the teacher's own."""
+    given = {key: value for key, value in (("solver", solver), ("steps", steps)) if value is not None}
+    if given.get("solver") in ADAPTIVE_SOLVERS:
+        given["steps"] = None
+    try:
+        return teacher.sampling_options(None, **given)  # checked against the teacher (one count per scale)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--teacher-solver / --teacher-steps: {err}") from None
+
+
+def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
+    """Scale k's uniform teacher grid: the target solve's step count rounded up to a multiple of ``jumps``."""
+    steps = sampling.steps_at(k) or ADAPTIVE_TEACHER_STEPS
     return math.ceil(steps / jumps) * jumps
 
 
@@ -141,12 +154,12 @@ def teacher_conditions(teacher: FlowAR, latents: torch.Tensor, labels: torch.Ten
 
 
 @torch.no_grad()
-def teacher_trajectory(teacher: FlowAR, k: int, noise: torch.Tensor, cond: torch.Tensor,
+def teacher_trajectory(teacher: FlowAR, sampling: FlowARSampling, k: int, noise: torch.Tensor, cond: torch.Tensor,
                        cond_null: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor:
     """The teacher's guided solve of scale k from ``noise`` (B, N, C) at t = 1, every state on ``grid`` (from 1
-    down to 0): (len(grid), B, N, C) float64. Its own solver steps from one grid point to the next (one step of a
-    fixed-step solver, an adaptive solve for dopri5), with its saved guidance weight and interval."""
-    o, c = teacher.config.sampling, teacher.config
+    down to 0): (len(grid), B, N, C) float64. The solver of ``sampling`` steps from one grid point to the next
+    (one step of a fixed-step solver, an adaptive solve for dopri5), with its guidance weight and interval."""
+    o, c = sampling, teacher.config
     guidance = None if cond_null is None else o.guidance_at(k, len(c.scales), cond_null.float())
     velocity = HeadVelocity(teacher.flownet, cond.float(), guidance=guidance, dtype=torch.float32)
     solve = SolveOptions(solver=o.solver, steps=None if o.solver in ADAPTIVE_SOLVERS else 1, schedule="uniform",
@@ -175,23 +188,26 @@ def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generato
 
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
-                      jumps: int, generator: torch.Generator, *, global_batch: int | None = None,
-                      rows: slice = slice(None)) -> torch.Tensor:
+                      jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
+                      global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
 
     ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
-    all of it). The generator draws, in order, each scale's noise and then its random pairs, for the whole global
-    batch, and this process keeps its rows."""
+    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one). The generator
+    draws, in order, each scale's noise and then its random pairs, for the whole global batch, and this process
+    keeps its rows."""
     c = teacher.config
+    sampling = sampling or c.sampling
     global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
     cond, cond_null = teacher_conditions(teacher, latents, labels)
     losses = []
     for k, side in enumerate(c.scales):
         noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
-        steps = teacher_steps(teacher, k, jumps)
+        steps = teacher_steps(sampling, k, jumps)
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-        states = teacher_trajectory(teacher, k, noise, cond[k], None if cond_null is None else cond_null[k], grid)
+        states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
+                                    grid)
         start, end = (index[:, rows].reshape(-1) for index in training_pairs(steps, jumps, global_batch, generator))
         rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
@@ -272,13 +288,15 @@ def distill(args) -> Path:
                          f"knows {c.num_classes}")
     if args.batch > source.num_items:
         raise ValueError(f"--batch ({args.batch}) exceeds the latent cache's {source.num_items} items")
+    sampling = target_sampling(teacher, solver=args.teacher_solver, steps=args.teacher_steps)
     teacher.to(device)
     student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
     head = student.flownet
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     checkpoints = CheckpointManager(out)
     settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                "jumps_per_scale": args.jumps_per_scale}
+                "jumps_per_scale": args.jumps_per_scale, "teacher_solver": sampling.solver,
+                "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
     if args.resume:
         state = checkpoints.load_last(map_location=device)
@@ -310,7 +328,7 @@ def distill(args) -> Path:
         latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
         per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
-                                      global_batch=args.batch, rows=rows)
+                                      sampling=sampling, global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -352,6 +370,15 @@ def distill(args) -> Path:
     return release
 
 
+def steps_argument(text: str) -> int | tuple[int, ...]:
+    """``--teacher-steps``: "40" or "40/40/40/20"."""
+    try:
+        counts = tuple(int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer or per-scale integers such as 40/40/40/20, got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher", help="FlowAR pipeline or model folder")
@@ -362,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
+    p.add_argument("--teacher-solver", choices=ODE_SOLVERS, default=None,
+                   help="the ODE solver of the target solve (default: the teacher's saved one)")
+    p.add_argument("--teacher-steps", type=steps_argument, default=None, metavar="N or N1/N2/...",
+                   help="steps per scale of the target solve, one count or one per scale (default: the teacher's "
+                        "saved ones); each is rounded up to a multiple of the jumps")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
