@@ -86,7 +86,7 @@ def test_distillation_brings_one_jump_per_scale_to_the_teachers_solve(teacher_an
 
 def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_and_cache, tmp_path, one_thread):
     teacher_dir, cache = teacher_and_cache
-    common = ("--jumps-per-scale", "2", "--checkpoint-every", "2")
+    common = ("--jumps-per-scale", "2", "--checkpoint-every", "2", "--ema", "0.5")
     assert run(teacher_dir, cache, tmp_path / "whole", "--steps", "4", *common) == 0
     assert run(teacher_dir, cache, tmp_path / "split", "--steps", "2", *common) == 0
     assert run(teacher_dir, cache, tmp_path / "split", "--steps", "4", "--resume", *common) == 0
@@ -94,6 +94,7 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_and_cache, t
     assert whole["step"] == split["step"] == 4
     assert whole["head"].keys() == split["head"].keys()
     assert all(torch.equal(whole["head"][k], split["head"][k]) for k in whole["head"])
+    assert all(torch.equal(whole["ema"][k], split["ema"][k]) for k in whole["ema"])
     for a, b in zip(whole["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert FlowAR.from_pretrained(tmp_path / "split" / "release").config.sampling.steps == 2
@@ -148,6 +149,7 @@ def test_sample_grids_show_the_teacher_once_and_the_student_as_it_trains(teacher
     (("--batch", "0"), "--batch must be an integer >= 1"),
     (("--jumps-per-scale", "0"), "--jumps-per-scale must be an integer >= 1"),
     (("--lr", "nan"), "--lr must be a finite number > 0"),
+    (("--ema", "1"), r"--ema must be a decay in \[0, 1\)"),
     (("--batch", "17"), r"--batch \(17\) exceeds the latent cache's 16 items"),
     (("--resume",), "--resume: no checkpoint"),
     (("--teacher-steps", "0"), "--teacher-solver / --teacher-steps: .*steps"),
@@ -193,3 +195,14 @@ def test_the_targets_are_the_chosen_solve_of_the_teacher(teacher_and_cache):
                                                                 atol=1e-5, rtol=1e-5), guidance=guidance).x
     torch.testing.assert_close(states[-1].float(), whole.float(), rtol=1e-4, atol=1e-5)
     assert (states[-1] - states[0]).abs().max() > 0.1  # the solve moved
+
+
+def test_the_release_holds_the_average_head_with_ema_and_the_trained_one_without(teacher_and_cache, tmp_path):
+    teacher_dir, cache = teacher_and_cache
+    for decay in ("0", "0.9"):
+        assert run(teacher_dir, cache, tmp_path / decay, "--steps", "3", "--ema", decay, "--sample-every", "0") == 0
+        state = torch.load(tmp_path / decay / "checkpoint-last.pt", weights_only=True)
+        released = FlowAR.from_pretrained(tmp_path / decay / "release").flownet.state_dict()
+        assert all(torch.equal(released[k], state["ema"][k]) for k in state["ema"])
+        same_as_trained = all(torch.equal(released[k], state["head"][k]) for k in state["head"])
+        assert same_as_trained == (decay == "0")

@@ -117,7 +117,7 @@ MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow
           "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
 # The distillation (docs/ablations.md#distilled-few-step): DISTILL_STEPS of batch DISTILL_BATCH at a constant lr,
 # 2 jumps per scale.
-DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "jumps_per_scale": 2, "teacher_solver": "euler",
+DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "ema": 0.0, "jumps_per_scale": 2, "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10"}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
 # guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).

@@ -32,10 +32,11 @@ is drawn for the whole batch from one generator seeded by (seed, step), and each
 a resumed run equals an uninterrupted one and the draws do not depend on the number of processes. Under torchrun
 each process solves the teacher for its rows and the head's gradients are averaged over processes.
 
-Outputs (rank 0): checkpoints (the student head, the optimiser, the step) to OUT atomically every
-``--checkpoint-every`` steps and at the end; TensorBoard scalars and, every ``--sample-every`` steps, a grid of
-the student's samples (one row per class, the same noise every time, beside the teacher's guided samples from
-that noise at step 0) to OUT/tensorboard; the student release to OUT/release.
+Outputs (rank 0): checkpoints (the student head, its average, the optimiser, the step) to OUT atomically
+every ``--checkpoint-every`` steps and at the end; TensorBoard scalars and, every ``--sample-every`` steps, a
+grid of the student's samples (one row per class, the same noise every time, beside the teacher's guided
+samples from that noise at step 0) to OUT/tensorboard; the student release (the averaged head with ``--ema``)
+to OUT/release.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from vae.pyramid import area_pyramid
 
 from .checkpoint import CheckpointManager
 from .latents import CachedLatents
-from .train import setup_distributed, step_generator
+from .train import ema_decay, setup_distributed, step_generator, update_ema
 
 ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
 ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can solve an ordinary head's ODE
@@ -227,6 +228,8 @@ def check_arguments(args) -> None:
             raise ValueError(f"{name} must be an integer >= {least}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.ema < 1:
+        raise ValueError(f"--ema must be a decay in [0, 1), got {args.ema}")
 
 
 def average_gradients(parameters, world: int) -> None:
@@ -293,9 +296,10 @@ def distill(args) -> Path:
     student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
     head = student.flownet
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = {name: p.detach().float().clone() for name, p in head.named_parameters()}
     checkpoints = CheckpointManager(out)
     settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                "jumps_per_scale": args.jumps_per_scale, "teacher_solver": sampling.solver,
+                "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "teacher_solver": sampling.solver,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
     if args.resume:
@@ -307,6 +311,7 @@ def distill(args) -> Path:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
+        ema = {name: value.to(device) for name, value in state["ema"].items()}
         start_step = state["step"]
 
     writer = grids = None
@@ -342,6 +347,7 @@ def distill(args) -> Path:
             raise RuntimeError(f"loss is {loss_value} at step {step}; the last checkpoint is left untouched")
         optimizer.step()
         done = step + 1
+        update_ema(ema, head, ema_decay(args.ema, done, bias_correction=True))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if is_main:
@@ -352,14 +358,15 @@ def distill(args) -> Path:
                 grids(student, done)
         if done % args.checkpoint_every == 0 or done == args.steps:
             if is_main:
-                checkpoints.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                                  "settings": settings})
+                checkpoints.save({"head": head.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),
+                                  "step": done, "settings": settings})
             if world > 1:
                 dist.barrier()
     bar.close()
     release = out / "release"
     if is_main:
         writer.close()
+        head.load_state_dict(ema, strict=False)  # the release holds the averaged head (--ema 0: the trained one)
         if vae is not None:
             FlowARPipeline(student, vae).save_pretrained(release)
         else:
@@ -389,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of the head's weight average, bias-corrected, which the release holds (0: none)")
     p.add_argument("--teacher-solver", choices=ODE_SOLVERS, default=None,
                    help="the ODE solver of the target solve (default: the teacher's saved one)")
     p.add_argument("--teacher-steps", type=steps_argument, default=None, metavar="N or N1/N2/...",
