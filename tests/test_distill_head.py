@@ -206,25 +206,3 @@ def test_the_release_holds_the_average_head_with_ema_and_the_trained_one_without
         assert all(torch.equal(released[k], state["ema"][k]) for k in state["ema"])
         same_as_trained = all(torch.equal(released[k], state["head"][k]) for k in state["head"])
         assert same_as_trained == (decay == "0")
-
-
-def test_the_jumps_take_the_teachers_own_grid_where_it_holds_them():
-    """The "flowar" grid's 2 jumps (1, 0.25, 0) lie on every even "flowar" grid, and its 4 jumps (1, 0.3, 0.25,
-    0.125, 0) on the 20-step one but not on the 10-step one; then, and for 1 jump, the grid is uniform with the
-    step counts rounded up to a multiple of the jumps."""
-    from flowar import FlowARSampling
-    from heads.solvers import step_schedule
-    from train.distill_head import distillation_grid, jump_schedule
-
-    saved = FlowARSampling(steps=(20, 20, 20, 10), schedule="flowar")
-    assert jump_schedule(saved, 4, 2) == "flowar"
-    grid, index = distillation_grid(saved, 0, 2, "flowar")
-    assert torch.equal(grid, step_schedule(20, "flowar")) and index.tolist() == [0, 10, 20]
-    assert grid[index].tolist() == [1.0, 0.25, 0.0]
-    assert distillation_grid(saved, 3, 2, "flowar")[1].tolist() == [0, 5, 10]
-    assert jump_schedule(saved.replace(steps=20), 4, 4) == "flowar"
-    assert jump_schedule(saved, 4, 4) == "uniform"  # 0.125 is not on the 10-step "flowar" grid
-    assert jump_schedule(saved, 4, 1) == "uniform"
-    grid, index = distillation_grid(saved, 3, 4, "uniform")
-    assert len(grid) == 13 and index.tolist() == [0, 3, 6, 9, 12]  # 10 steps rounded up to 12
-    assert jump_schedule(saved.replace(schedule="uniform"), 4, 2) == "uniform"

@@ -10,24 +10,22 @@ teacher's model with ``flow_map=True``: the teacher's transformer, frozen, and a
 
 Objective: flow-map matching against the teacher's own trajectories. Each step takes a batch of cached latents,
 conditions every scale on them by teacher forcing (the class's conditions and the null class's), solves the
-teacher's guided ODE from fresh noise and records every grid state. The student then regresses its average
-velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps sampling will
-take and for one random pair t_i > t_j of the grid per image. A direct regression needs no jvp (unlike the
-MeanFlow identity), and its minimiser is the teacher's solution itself, so at convergence the trained jumps land
-exactly where the teacher's solve does; the random pairs teach the other intervals, so a student sampled with
-another jump count still has something learnt to say.
+teacher's guided ODE from fresh noise on a uniform grid and records every grid state. The student then regresses
+its average velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps
+sampling will take (the uniform jump grid) and for one random pair t_i > t_j of the teacher's grid per image.
+A direct regression needs no jvp (unlike the MeanFlow identity), and its minimiser is the teacher's solution
+itself, so at convergence the trained jumps land exactly where the teacher's solve does; the random pairs teach
+the other intervals, so a student sampled with another jump count still has something learnt to say.
 
 The targets are the teacher's GUIDED solution (its saved guidance weight per scale, schedule and interval), so
 the student samples unguided (``guidance_scale=1``): guidance costs nothing at sampling time. Its saved sampling
-defaults are the "flow-map" solver with K jumps per scale.
+defaults are the "flow-map" solver with K jumps per scale on the uniform grid.
 
-The grid: the target solve is the teacher's saved one (``--teacher-solver`` and ``--teacher-steps`` replace its
-solver and step counts), its solver stepping from grid point to grid point. Where the K-jump grid of the
-teacher's schedule lies on the teacher's grid at every scale (the "flowar" grid: 2 jumps at 1, 0.25, 0, which
-every even "flowar" grid holds), that grid is used, the student jumps on that schedule and its targets are the
-teacher's own sampling exactly. Otherwise the grid is uniform, the step counts rounded up to a multiple of K (25
-for an adaptive solver), so every jump still ends on a grid point and no target is interpolated, and the student
-jumps on the uniform grid.
+The teacher's grid is uniform, with its saved step count rounded up to a multiple of K (25 for an adaptive
+solver), so every jump ends on a grid point and no target is interpolated; its own solver (Euler, midpoint, rk4,
+dopri5) steps from grid point to grid point. A teacher saved with the "flowar" grid is thus solved on the uniform
+one with at least as many steps, and the student learns that solution (the jump grid's times are not all on the
+"flowar" grid, and interpolating between its states would add an error of its own to every target).
 
 Reproducibility: every random draw of a step (the batch, posterior noise and flips, ODE noise, the random pairs)
 is drawn for the whole batch from one generator seeded by (seed, step), and each process takes its rows of it, so
@@ -59,7 +57,7 @@ from flowar.attention import scale_segments
 from flowar.outputs import image_grid, to_uint8_images
 from flowar.sampling import generate
 from heads.flow import HeadVelocity
-from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate, step_schedule
+from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
 from vae.files import read_model_type
 from vae.pyramid import area_pyramid
 
@@ -94,15 +92,14 @@ def load_teacher(path) -> tuple[FlowAR, object | None]:
     return teacher.eval(), vae
 
 
-def build_student(teacher: FlowAR, jumps: int, *, schedule: str = "uniform", seed: int = 0) -> FlowAR:
+def build_student(teacher: FlowAR, jumps: int, *, seed: int = 0) -> FlowAR:
     """The teacher's model with a flow-map head: every weight copied, only the head trainable, and sampling
-    defaults of ``jumps`` flow-map jumps per scale on the grid ``schedule``, unguided (the head learns the guided
-    solution).
+    defaults of ``jumps`` uniform flow-map jumps per scale, unguided (the head learns the guided solution).
 
     The interval embedding's first layer keeps its random init (only its output is zeroed), so it is drawn from
     ``seed``: two runs with one seed start from one student, whatever the global generator holds."""
     c = teacher.config
-    sampling = c.sampling.replace(solver="flow-map", steps=jumps, schedule=schedule, guidance_scale=1.0)
+    sampling = c.sampling.replace(solver="flow-map", steps=jumps, schedule="uniform", guidance_scale=1.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = FlowAR(dataclasses.replace(c, flow_map=True, sampling=sampling))
@@ -128,34 +125,10 @@ def target_sampling(teacher: FlowAR, *, solver: str | None = None, steps=None) -
         raise ValueError(f"--teacher-solver / --teacher-steps: {err}") from None
 
 
-def jump_schedule(sampling: FlowARSampling, num_scales: int, jumps: int) -> str:
-    """The grid of the student's jumps: the target solve's own schedule where its ``jumps``-step grid lies on the
-    target grid at every scale (the "flowar" grid with 2 jumps: 1, 0.25, 0, points of every even "flowar"
-    grid), so the targets are that solve itself; else "uniform"."""
-    if sampling.solver in ADAPTIVE_SOLVERS or sampling.schedule == "uniform":
-        return "uniform"
-    try:
-        jump_times = step_schedule(jumps, sampling.schedule)
-    except ValueError:  # e.g. one step on the "flowar" grid
-        return "uniform"
-    for k in range(num_scales):
-        grid = step_schedule(sampling.steps_at(k), sampling.schedule)
-        if not all(torch.isclose(grid, t, atol=1e-9, rtol=0).any() for t in jump_times):
-            return "uniform"
-    return sampling.schedule
-
-
-def distillation_grid(sampling: FlowARSampling, k: int, jumps: int, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale k's target grid (float64, from 1 down to 0) and the indices on it of the student's ``jumps`` + 1
-    jump times. On the uniform grid the target solve's step count is rounded up to a multiple of ``jumps``
-    (25 steps for an adaptive solver, which saves none), so every jump ends on a grid point and no target is
-    interpolated; on the target's own schedule (:func:`jump_schedule`) the grid is that solve's."""
+def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
+    """Scale k's uniform teacher grid: the target solve's step count rounded up to a multiple of ``jumps``."""
     steps = sampling.steps_at(k) or ADAPTIVE_TEACHER_STEPS
-    if schedule == "uniform":
-        steps = math.ceil(steps / jumps) * jumps
-        return torch.linspace(1, 0, steps + 1, dtype=torch.float64), torch.arange(jumps + 1) * (steps // jumps)
-    grid = step_schedule(steps, schedule)
-    return grid, (grid[None, :] - step_schedule(jumps, schedule)[:, None]).abs().argmin(dim=1)
+    return math.ceil(steps / jumps) * jumps
 
 
 @torch.no_grad()
@@ -201,31 +174,27 @@ def teacher_trajectory(teacher: FlowAR, sampling: FlowARSampling, k: int, noise:
     return torch.stack(states)
 
 
-def training_pairs(jump_index: torch.Tensor, steps: int, batch: int, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid indices (start, end), start < end (t_start > t_end), each (K + 1, batch): row j < K is the j-th
-    jump (``jump_index[j]`` to ``jump_index[j + 1]``) for every image, the last row one random pair of the
-    ``steps + 1`` grid points per image."""
-    jumps = len(jump_index) - 1
-    jump_start = jump_index[:-1, None].expand(jumps, batch)
-    jump_end = jump_index[1:, None].expand(jumps, batch)
+def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices (start, end), start < end (t_start > t_end), each (jumps + 1, batch): row j < K is the j-th
+    jump of the uniform jump grid for every image, the last row one random pair of the teacher grid's points per
+    image."""
+    stride = steps // jumps
+    jump_start = (torch.arange(jumps) * stride)[:, None].expand(jumps, batch)
     first = torch.randint(0, steps + 1, (batch,), generator=generator)
     second = torch.randint(0, steps, (batch,), generator=generator)
     second = second + (second >= first).long()  # a uniform pair of distinct points
     start = torch.cat([jump_start, torch.minimum(first, second)[None]])
-    end = torch.cat([jump_end, torch.maximum(first, second)[None]])
+    end = torch.cat([jump_start + stride, torch.maximum(first, second)[None]])
     return start, end
 
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
                       jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
-                      schedule: str = "uniform", global_batch: int | None = None, rows: slice = slice(None)
-                      ) -> torch.Tensor:
+                      global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
 
     ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
-    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one) on the grid of
-    :func:`distillation_grid` for the jumps' ``schedule``. The generator
+    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one). The generator
     draws, in order, each scale's noise and then its random pairs, for the whole global batch, and this process
     keeps its rows."""
     c = teacher.config
@@ -236,11 +205,11 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
     losses = []
     for k, side in enumerate(c.scales):
         noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
-        grid, jump_index = distillation_grid(sampling, k, jumps, schedule)
+        steps = teacher_steps(sampling, k, jumps)
+        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
         states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
                                     grid)
-        pairs = training_pairs(jump_index, len(grid) - 1, global_batch, generator)
-        start, end = (index[:, rows].reshape(-1) for index in pairs)
+        start, end = (index[:, rows].reshape(-1) for index in training_pairs(steps, jumps, global_batch, generator))
         rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
         x_t, x_r = states[start, rows_of], states[end, rows_of]
@@ -324,8 +293,7 @@ def distill(args) -> Path:
         raise ValueError(f"--batch ({args.batch}) exceeds the latent cache's {source.num_items} items")
     sampling = target_sampling(teacher, solver=args.teacher_solver, steps=args.teacher_steps)
     teacher.to(device)
-    schedule = jump_schedule(sampling, len(c.scales), args.jumps_per_scale)
-    student = build_student(teacher, args.jumps_per_scale, schedule=schedule, seed=args.seed).to(device)
+    student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
     head = student.flownet
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {name: p.detach().float().clone() for name, p in head.named_parameters()}
@@ -365,7 +333,7 @@ def distill(args) -> Path:
         latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
         per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
-                                      sampling=sampling, schedule=schedule, global_batch=args.batch, rows=rows)
+                                      sampling=sampling, global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
