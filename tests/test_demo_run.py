@@ -109,3 +109,14 @@ def test_a_teacher_that_is_not_a_flowar_run_is_refused(first_run, tmp_path, caps
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path / "out"), "--model", "flowar-fewstep", "--teacher", str(fake)])
     assert "the teacher must be a --model flowar run" in capsys.readouterr().err
+
+
+def test_the_fewstep_demo_without_a_teacher_trains_the_flowar_first(tmp_path):
+    out = tmp_path / "fs"
+    assert demo.main(["--out", str(out), "--model", "flowar-fewstep", "--vae-steps", "2", "--steps", "2",
+                      "--per-class", "0", "--precision", "fp32", "--distill", "steps=1", "--distill", "batch=8",
+                      *QUICK]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"] == str(out / "flowar-release") and results["steps"] == 2
+    assert (out / "flowar-release" / "model.safetensors").is_file()  # the teacher, as the FlowAR demo leaves it
+    assert results["release"] == str(out / "distill" / "release") and results["head_evaluations"] == 8
