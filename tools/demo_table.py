@@ -79,25 +79,14 @@ def cell(runs: list[dict], key: str, fmt: str) -> str:
     return f"{fmt.format(mean)} ± {fmt.format(sd)}"
 
 
-def sampling_overrides(run: dict) -> dict:
-    """A rescored run's ``--sample KEY=VALUE`` overrides as keyword options (values JSON where they parse)."""
-    options = {}
-    for item in run.get("sampling_overrides") or []:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 100) -> dict[str, float]:
     """ms/image of each row's first release at the row's sampling (a rescored row's overrides applied), the
     rows interleaved in this process."""
     from flowar import load_pipeline
+    from train.demo import sampling_options
 
     pipes = {model: load_pipeline(runs[0]["release"]) for model, runs in groups.items()}
-    options = {model: sampling_overrides(runs[0]) for model, runs in groups.items()}
+    options = {model: sampling_options(runs[0].get("sampling_overrides") or []) for model, runs in groups.items()}
     labels = [i % 10 for i in range(batch)]
     best = {model: math.inf for model in pipes}
     for round_ in range(repeats):

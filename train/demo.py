@@ -438,18 +438,27 @@ def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: in
     return report
 
 
-def parse_sampling(p: argparse.ArgumentParser, items: list[str]) -> dict:
-    """``--sample KEY=VALUE`` items as keyword options; each value is JSON where it parses, else a string."""
+def sampling_options(items: list[str]) -> dict:
+    """``--sample KEY=VALUE`` items (as given, or as a rescored run's results.json records them) as keyword
+    options; each value is JSON where it parses, else a string. A malformed item is a ValueError."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            p.error(f"--sample takes KEY=VALUE, got {item!r}")
+            raise ValueError(f"--sample takes KEY=VALUE, got {item!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def parse_sampling(p: argparse.ArgumentParser, items: list[str]) -> dict:
+    """:func:`sampling_options` of the command line, a malformed item exiting with the parser's error."""
+    try:
+        return sampling_options(items)
+    except ValueError as err:
+        p.error(str(err))
 
 
 def rescore(p: argparse.ArgumentParser, args) -> int:
