@@ -34,9 +34,9 @@ each process solves the teacher for its rows and the head's gradients are averag
 
 Outputs (rank 0): checkpoints (the student head, its average, the optimiser, the step) to OUT atomically
 every ``--checkpoint-every`` steps and at the end; TensorBoard scalars and, every ``--sample-every`` steps, a
-grid of the student's samples (one row per class, the same noise every time, beside the teacher's guided
-samples from that noise at step 0) to OUT/tensorboard; the student release (the averaged head with ``--ema``)
-to OUT/release.
+grid of the student's samples (``train.train.SampleGrid``: one row per class, the same noise every time; the
+teacher's guided samples from that noise are logged once, beside the first) to OUT/tensorboard; the student
+release (the averaged head with ``--ema``) to OUT/release.
 """
 
 from __future__ import annotations
@@ -47,15 +47,12 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
-from flowar.outputs import image_grid, to_uint8_images
-from flowar.sampling import generate
 from heads.flow import HeadVelocity
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
 from vae.files import read_model_type
@@ -63,7 +60,7 @@ from vae.pyramid import area_pyramid
 
 from .checkpoint import CheckpointManager
 from .latents import CachedLatents
-from .train import ema_decay, setup_distributed, step_generator, update_ema
+from .train import SampleGrid, ema_decay, setup_distributed, step_generator, update_ema
 
 ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
 ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can solve an ordinary head's ODE
@@ -240,36 +237,6 @@ def average_gradients(parameters, world: int) -> None:
             p.grad /= world
 
 
-class SampleGrids:
-    """TensorBoard grids of the student's samples, one row per class (4 rows unconditional) of 8, from the same
-    noise every time; the first call also logs the teacher's samples (its saved guided sampling) from that noise."""
-
-    PER_ROW = 8
-    FIRST_SEED = 1234
-
-    def __init__(self, teacher: FlowAR, vae, writer, device):
-        c = teacher.config
-        rows = 4 if c.unconditional else min(c.num_classes, 10)
-        self.labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(self.PER_ROW)
-        self.noise = [n.to(device) for n in teacher.noise_from_seeds(
-            list(range(self.FIRST_SEED, self.FIRST_SEED + rows * self.PER_ROW)))]
-        self.teacher, self.vae, self.writer = teacher, vae, writer
-        self.logged_teacher = False
-
-    @torch.no_grad()
-    def _log(self, tag: str, model: FlowAR, step: int) -> None:
-        out = generate(model, self.labels, autoencoder=self.vae, batch_size=len(self.noise[0]), noise=self.noise)
-        images = self.vae.decode(out.decoder_input)  # in [-1, 1]
-        grid = image_grid(to_uint8_images(images), self.PER_ROW)
-        self.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
-
-    def __call__(self, student: FlowAR, step: int) -> None:
-        if not self.logged_teacher:
-            self._log("samples/teacher_grid", self.teacher, step)
-            self.logged_teacher = True
-        self._log("samples/student_grid", student, step)
-
-
 def distill(args) -> Path:
     check_arguments(args)
     out = Path(args.out)
@@ -315,13 +282,15 @@ def distill(args) -> Path:
         start_step = state["step"]
 
     writer = grids = None
+    teacher_logged = False
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step if args.resume else None)
         if args.sample_every and vae is not None:
-            grids = SampleGrids(teacher, vae.to(device), writer, device)
+            grids = SampleGrid(teacher, device)
+            vae.to(device)
         elif args.sample_every:
             print(f"distill_head: TEACHER {args.teacher} is a bare model folder (no vae/): no sample grids")
     bar = tqdm(total=args.steps, initial=start_step, desc="distill", disable=not (is_main and args.progress),
@@ -355,7 +324,10 @@ def distill(args) -> Path:
             for k, side in enumerate(c.scales):
                 writer.add_scalar(f"distill/loss_scale_{side}x{side}", per_scale[k].item(), done)
             if grids is not None and (done % args.sample_every == 0 or done == args.steps):
-                grids(student, done)
+                if not teacher_logged:  # the teacher's samples from the same noise, once, beside the first grid
+                    grids.log(writer, "samples/teacher_grid", teacher, vae, done)
+                    teacher_logged = True
+                grids.log(writer, "samples/student_grid", student, vae, done)
         if done % args.checkpoint_every == 0 or done == args.steps:
             if is_main:
                 checkpoints.save({"head": head.state_dict(), "ema": ema, "optimizer": optimizer.state_dict(),

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
               f"{source.describe()}, {world} process(es), global batch {cfg.global_batch} = {world} x {local} "
               f"x {cfg.grad_accum} accumulation, steps {start_step} -> {cfg.total_steps}, out_dir {out_dir}")
     autocast = autocast_context(device, torch.bfloat16 if cfg.bf16 else None)
-    fixed_noise = None  # for sample grids: the same noise every time, so grids are comparable
+    grid = SampleGrid(model, device) if is_main and cfg.sample_every else None
     fid = InTrainingFID(cfg, out_dir, device) if is_main and cfg.fid_every else None
     bar = tqdm(total=cfg.total_steps, initial=start_step, desc="train", disable=not (is_main and cfg.progress),
                dynamic_ncols=True)
@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             writer.add_scalar("train/images_per_sec", images_since / max(now - last_time, 1e-9), done)
             last_time, images_since = now, 0
         if is_main and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.total_steps):
-            fixed_noise = log_sample_grid(writer, model, ema, source, done, fixed_noise, device)
+            with ema_weights(model, ema):
+                grid.log(writer, "samples/ema_grid", model, source.autoencoder, done)
         if fid is not None and (done % cfg.fid_every == 0 or done == cfg.total_steps):
             writer.add_scalar("eval/fid", fid(model, ema, source), done)
         if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
@@ -275,21 +276,31 @@ def ema_weights(model: FlowAR | VAR, ema: dict):
         model.train()
 
 
-@torch.no_grad()
-def log_sample_grid(writer, model: FlowAR | VAR, ema: dict, source: LatentSource, step: int, fixed_noise, device):
-    """Sample with the EMA weights from fixed noise (one row per class) and log the decoded grid."""
-    c = model.config
-    rows = min(c.num_classes, 10) if not c.unconditional else 4
-    per_row = 8
-    labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(per_row)
-    if fixed_noise is None:
-        fixed_noise = [n.to(device) for n in model.noise_from_seeds(list(range(1234, 1234 + rows * per_row)))]
-    with ema_weights(model, ema):
-        images = sample_images(model, source, labels, batch_size=rows * per_row, noise=fixed_noise)
-    if images is not None:
-        grid = image_grid(to_uint8_images(images), per_row)
-        writer.add_image("samples/ema_grid", np.asarray(grid), step, dataformats="HWC")
-    return fixed_noise
+class SampleGrid:
+    """TensorBoard grids of a model's samples: one row of ``PER_ROW`` per class (4 rows for an unconditional
+    model), from the same seeds every time, so grids logged at different steps, or of different models of one
+    config, are comparable."""
+
+    PER_ROW = 8
+    FIRST_SEED = 1234
+
+    def __init__(self, model: FlowAR | VAR, device):
+        c = model.config
+        rows = min(c.num_classes, 10) if not c.unconditional else 4
+        self.size = rows * self.PER_ROW
+        self.labels = None if c.unconditional else torch.arange(rows, device=device).repeat_interleave(self.PER_ROW)
+        self.noise = [n.to(device) for n in model.noise_from_seeds(list(range(self.FIRST_SEED, self.FIRST_SEED + self.size)))]
+
+    @torch.no_grad()
+    def log(self, writer, tag: str, model: FlowAR | VAR, autoencoder, step: int) -> None:
+        """Sample ``model`` from the grid's noise, decode with ``autoencoder`` and log the grid under ``tag``
+        (nothing without an autoencoder)."""
+        if autoencoder is None:
+            return
+        out = generate(model, self.labels, autoencoder=autoencoder, batch_size=self.size, noise=self.noise)
+        images = autoencoder.decode(out.decoder_input.to(next(autoencoder.parameters()).device))
+        grid = image_grid(to_uint8_images(images), self.PER_ROW)
+        writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
 
 
 class InTrainingFID:
