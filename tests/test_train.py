@@ -35,13 +35,18 @@ def make_cache(folder, *, n=48, nan_item=None, vae=""):
 def run_train(args, *, nproc=1, check=True, **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "train.train", *args]
+        # --standalone: torchrun picks a free port itself, where a fixed one can be held by another program
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "train.train", *args]
     else:
         cmd = [sys.executable, "-m", "train.train", *args]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as hung:
+        text = [o.decode() if isinstance(o, bytes) else (o or "") for o in (hung.stdout, hung.stderr)]
+        raise AssertionError("training did not finish in 300 s; its output so far:\n" + "\n".join(text)) from None
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
