@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from vae.diffusers_vae import DiffusersVAE
+from vae.files import read_class_names, write_class_names
 
 from .editing import inpaint
 from .model import FlowAR
@@ -35,11 +36,14 @@ class ScaleWisePipeline:
     model_class: type
     autoencoder_folder: str
 
-    def __init__(self, model, autoencoder):
+    def __init__(self, model, autoencoder, *, class_names: list[str] | None = None):
         # A pipeline is for inference: no dropout, no drop path, no codebook statistics updates (and
         # diffusers' from_pretrained leaves a VAE in training mode).
         self.model = model.eval()
         self.autoencoder = autoencoder.eval()
+        if class_names is not None and len(class_names) != model.config.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for a model of {model.config.num_classes} classes")
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +64,7 @@ class ScaleWisePipeline:
     def __call__(self, class_labels=None, *, batch_size: int | None = None, sampling=None,
                  generator: torch.Generator | None = None, noise: list[torch.Tensor] | None = None,
                  output_type: str = "pil", autocast_dtype: torch.dtype | None = None, decode_batch: int = 32,
-                 progress: bool = False, **options):
+                 progress: bool = False, on_scale=None, **options):
         """Generate images for ``class_labels`` (a list, or None with ``batch_size`` when unconditional).
 
         sampling / options: the family's sampling options (``FlowARSampling`` / ``VARSampling``; None: the
@@ -68,12 +72,14 @@ class ScaleWisePipeline:
         per-scale randomness (see the model's ``sample``). output_type: "pil" (list of PIL images), "pt"
         ((B, 3, H, W) float in [0, 1]), "np" ((B, H, W, 3) uint8), "latent" (FlowAR: the latents; VAR: the
         token maps). autocast_dtype: e.g. torch.bfloat16 for the generator (never the decoder; FlowAR's ODE
-        state stays float64).
+        state stays float64). on_scale: called with (k, num_scales) after each scale (see
+        ``flowar.sampling.run_scales``).
         """
         check_output_type(output_type)
         with autocast_context(self.device, autocast_dtype):
             sample = generate(self.model, class_labels, autoencoder=self.autoencoder, batch_size=batch_size,
-                              sampling=sampling, generator=generator, noise=noise, progress=progress, **options)
+                              sampling=sampling, generator=generator, noise=noise, progress=progress,
+                              on_scale=on_scale, **options)
         return decode_output(self.autoencoder, sample, output_type, decode_batch=decode_batch)
 
     def inpaint(self, image, mask, class_label=None, *, generator=None, **kwargs):
@@ -81,9 +87,12 @@ class ScaleWisePipeline:
         return inpaint(self, image, mask, class_label, generator=generator, **kwargs)
 
     def save_pretrained(self, path) -> None:
-        """The model's files in ``path`` and the autoencoder's folder in ``path/<autoencoder_folder>``."""
+        """The model's files in ``path``, the autoencoder's folder in ``path/<autoencoder_folder>`` and the
+        class names, where known, in ``path/class_names.json``."""
         self.model.save_pretrained(path)
         self.autoencoder.save_pretrained(Path(path) / self.autoencoder_folder)
+        if self.class_names is not None:
+            write_class_names(path, self.class_names)
 
     @classmethod
     def load_autoencoder(cls, source, *, model, map_location="cpu"):
@@ -109,7 +118,9 @@ class ScaleWisePipeline:
             if not autoencoder.is_dir():
                 raise FileNotFoundError(f"path {path} has no {cls.autoencoder_folder}/ folder; pass "
                                         f"{cls.autoencoder_folder}=... explicitly")
-        return cls._assemble(model, autoencoder, map_location)
+        pipeline = cls._assemble(model, autoencoder, map_location)
+        pipeline.class_names = read_class_names(path, model.config.num_classes)
+        return pipeline
 
     @classmethod
     def from_released(cls, path, preset, autoencoder, *, map_location="cpu"):

@@ -42,6 +42,8 @@ CFG_SCHEDULES = ("linear", "constant")
 # FlowAR: keep (B, s*s, 1), target (B, s*s, C) latent tokens. VAR: keep (B, s, s), target (B, s, s) ids.
 Known = tuple[torch.Tensor, torch.Tensor]
 EditHook = Callable[[int], "Known | None"]
+# Called with (k, num_scales) once scale k is drawn.
+ScaleCallback = Callable[[int, int], None]
 
 
 def check_guidance_scale(value, *, name: str = "guidance_scale") -> float:
@@ -207,13 +209,16 @@ class Canvas(Protocol):
 
 @torch.no_grad()
 def run_scales(steppers: Sequence[Stepper], canvas: Canvas, *, generator: torch.Generator | None = None,
-               noise: list[torch.Tensor] | None = None, edit: EditHook | None = None, progress: bool = False):
+               noise: list[torch.Tensor] | None = None, edit: EditHook | None = None, progress: bool = False,
+               on_scale: ScaleCallback | None = None):
     """Sample every scale, scale k with ``steppers[k]`` (the same object may serve several scales).
 
     A stepper that takes over at scale k first feeds the inputs of the scales before k that others drew.
     ``noise[k]`` (optional) is scale k's randomness, given instead of drawn from ``generator`` (FlowAR: the
     initial noise; VAR: one uniform per token); steppers check it. ``edit(k)`` may return a known region of
-    scale k (see ``Known``). Returns ``canvas.output()``.
+    scale k (see ``Known``). ``on_scale(k, num_scales)`` is called after scale k is drawn (a progress bar of
+    an application); an exception it raises stops the run there (cancellation), and the KV caches go with
+    the steppers. Returns ``canvas.output()``.
     """
     inputs: list = [None]  # input of scale k; None: the class token
     for k in tqdm(range(len(steppers)), desc="scales", disable=not progress):
@@ -226,13 +231,16 @@ def run_scales(steppers: Sequence[Stepper], canvas: Canvas, *, generator: torch.
         inputs.append(canvas.add(k, drawn))
         if all(other is not stepper for other in steppers[k + 1:]):
             stepper.release()
+        if on_scale is not None:
+            on_scale(k, len(steppers))
     return canvas.output()
 
 
 @torch.no_grad()
 def generate(model, class_labels=None, *, autoencoder=None, batch_size: int | None = None, sampling=None,
              generator: torch.Generator | None = None, noise: list[torch.Tensor] | None = None,
-             edit: EditHook | None = None, null_labels: bool = False, progress: bool = False, **options):
+             edit: EditHook | None = None, null_labels: bool = False, progress: bool = False,
+             on_scale: ScaleCallback | None = None, **options):
     """Sample with one model (FlowAR or VAR) through :func:`run_scales`.
 
     sampling: the family's options dataclass (None: the model's saved defaults), updated by ``options``
@@ -249,4 +257,4 @@ def generate(model, class_labels=None, *, autoencoder=None, batch_size: int | No
     if noise is not None:
         model.check_noise(noise, labels.shape[0])
     return run_scales(steppers, model.canvas(labels.shape[0], autoencoder), generator=generator, noise=noise,
-                      edit=edit, progress=progress)
+                      edit=edit, progress=progress, on_scale=on_scale)

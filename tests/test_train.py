@@ -194,6 +194,7 @@ def test_tensorboard_logs_scalars_and_the_sample_grid(tmp_path):
     export(tmp_path / "run", tmp_path / "release")
     pipe = FlowARPipeline.from_pretrained(tmp_path / "release")
     assert pipe.model.config.sampling.steps == 2  # model.sampling={...} updated the preset's saved defaults
+    assert pipe.class_names == [str(i) for i in range(10)]  # the cache's class list, for applications
     state = final_state(tmp_path / "run")
     loaded = dict(pipe.model.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in state["ema"].items())

@@ -55,7 +55,7 @@ from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
 from heads.flow import HeadVelocity
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
-from vae.files import read_model_type
+from vae.files import read_class_names, read_model_type, write_class_names
 from vae.pyramid import area_pyramid
 
 from .checkpoint import CheckpointManager
@@ -339,10 +339,13 @@ def distill(args) -> Path:
     if is_main:
         writer.close()
         head.load_state_dict(ema, strict=False)  # the release holds the averaged head (--ema 0: the trained one)
+        names = read_class_names(args.teacher, student.config.num_classes)  # the teacher's, shown by applications
         if vae is not None:
-            FlowARPipeline(student, vae).save_pretrained(release)
+            FlowARPipeline(student, vae, class_names=names).save_pretrained(release)
         else:
             student.save_pretrained(release)
+            if names is not None:
+                write_class_names(release, names)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

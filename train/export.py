@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flowar.registry import pipeline_class
+from vae.files import write_class_names
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
@@ -39,6 +40,8 @@ def export(run_dir, out_dir, *, with_vae: bool = True) -> Path:
     if with_vae and source:
         autoencoder = pipeline.load_autoencoder(source, model=model)
         autoencoder.save_pretrained(Path(out_dir) / pipeline.autoencoder_folder)
+    if index.get("classes") and len(index["classes"]) == model.config.num_classes:
+        write_class_names(out_dir, index["classes"])  # the data's class folder names, shown by applications
     return Path(out_dir)
 
 

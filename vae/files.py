@@ -104,6 +104,32 @@ def read_model_type(folder) -> str:
     return kind
 
 
+# ---------------------------------------------------------------------------------------------- class names
+CLASS_NAMES_NAME = "class_names.json"
+
+
+def write_class_names(folder, names) -> None:
+    """``folder/class_names.json``: a JSON list, the name of class id i at index i (the training data's
+    folder names, or the digits), so applications can show names instead of ids."""
+    names = [str(n) for n in names]
+    atomic_write(Path(folder) / CLASS_NAMES_NAME, lambda tmp: tmp.write_text(json.dumps(names, indent=1)))
+
+
+def read_class_names(folder, num_classes: int) -> list[str] | None:
+    """The class names saved in ``folder`` (None when it has none); a file that is not a list of
+    ``num_classes`` strings is an error naming it."""
+    file = Path(folder) / CLASS_NAMES_NAME
+    if not file.is_file():
+        return None
+    try:
+        names = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != num_classes:
+        raise ValueError(f"{file} must hold a list of {num_classes} strings (one per class id)")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def read_safetensors(path, *, device="cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a truncated or corrupt file is a ValueError naming it."""
