@@ -71,7 +71,7 @@ class ScaleWisePipeline:
         model's saved defaults) and overrides of its fields, e.g. ``guidance_scale=4, steps=10``. noise: the
         per-scale randomness (see the model's ``sample``). output_type: "pil" (list of PIL images), "pt"
         ((B, 3, H, W) float in [0, 1]), "np" ((B, H, W, 3) uint8), "latent" (FlowAR: the latents; VAR: the
-        token maps). autocast_dtype: e.g. torch.bfloat16 for the generator (never the decoder; FlowAR's ODE
+        token maps), "sample" (the model's sample output, for ``flowar.outputs.decode_output`` later). autocast_dtype: e.g. torch.bfloat16 for the generator (never the decoder; FlowAR's ODE
         state stays float64). on_scale: called with (k, num_scales) after each scale (see
         ``flowar.sampling.run_scales``).
         """
