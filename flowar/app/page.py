@@ -70,7 +70,9 @@ class Outputs:
 def timing(result: Result, release: Release) -> str:
     n = len(result.images)
     precision = "bf16" if release.autocast_dtype is not None else "fp32"
-    return (f"{n} image{'s' if n > 1 else ''} from {release.name} in "
+    first = result.settings[0]
+    label = "" if first["class_id"] is None else f" of class {first['class_id']}"
+    return (f"{n} image{'s' if n > 1 else ''}{label}, seed {first['seed']}, from {release.name} in "
             f"{result.sampling_seconds + result.decoding_seconds:.2f} s: {result.ms_per_image:.1f} ms/image "
             f"(sampling {1000 * result.sampling_seconds / n:.1f}, decoding {1000 * result.decoding_seconds / n:.1f}; "
             f"{release.pipeline.device.type}, {precision})")
