@@ -40,7 +40,7 @@ def requirement(what: str):
 @pytest.fixture(scope="module")
 def webdriver():
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401  (the server needs it)
         from selenium import webdriver
     except ImportError as err:
         requirement(f"the [app] and [test] extras ({err})")

@@ -1,0 +1,83 @@
+"""A screenshot of the web demo's Compare tab over two real releases, for the README.
+
+    python -m tools.app_screenshot runs/demo/flowar-release runs/demo-var/var-release --label 7 \
+        --out docs/images/app-compare-demo.png
+
+Starts ``python -m flowar.app`` on a free port of 127.0.0.1, opens the page in headless Chromium (Debian's
+``chromium`` and ``chromium-driver``), compares the two releases from one seed and class, and saves the page.
+The browser tests (tests/test_app_browser.py) take the screenshots of every tab on tiny random releases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("--label", default="7", help="the class to compare, as the page lists it (id first)")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "flowar.app", args.model_a, args.model_b, "--port", str(port)])
+    url = f"http://127.0.0.1:{port}/"
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        driver.get(url)
+        wait = WebDriverWait(driver, 300, poll_frequency=0.2)
+        wait.until(lambda d: d.find_elements("id", "compare-go"))
+        next(b for b in driver.find_elements("css selector", "button[role=tab]") if b.text.strip() == "Compare").click()
+        time.sleep(1)
+        driver.find_element("css selector", "#compare-b input").click()
+        names = [li for li in driver.find_elements("css selector", "[role=option]")]
+        names[-1].click()  # model B: the second folder given
+        driver.find_element("css selector", "#compare-class input").click()
+        wait.until(lambda d: [li for li in d.find_elements("css selector", "[role=option]")
+                              if li.text.replace("✓", "").strip().startswith(args.label)])[0].click()
+        for selector, value in (("#compare-count input[type=number]", args.count), ("#compare-seed input", args.seed)):
+            field = driver.find_element("css selector", selector)
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(str(value), Keys.TAB)
+        driver.find_element("id", "compare-go").click()
+        wait.until(lambda d: d.find_element("id", "compare-status").text.count("ms/image") == 2)
+        time.sleep(1)
+        driver.save_screenshot(args.out)
+        print(driver.find_element("id", "compare-status").text)
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
