@@ -125,7 +125,8 @@ def wait_for(driver, condition, what: str, timeout: float = WAIT):
 
 
 def css(driver, selector):
-    return driver.find_element("css selector", selector)
+    """The element ``selector`` finds, once it is there (Gradio renders tabs and accordions as they open)."""
+    return wait_for(driver, lambda d: d.find_elements("css selector", selector), selector)[0]
 
 
 def open_tab(driver, name: str):

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+
+from .bench_app import start_app
 
 
 def main(argv=None) -> int:
@@ -33,23 +31,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "flowar.app", args.model_a, args.model_b, "--port", str(port)])
-    url = f"http://127.0.0.1:{port}/"
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
         options.add_argument(flag)
+    server, url = start_app([args.model_a, args.model_b])
     driver = None
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=5).read()
-                break
-            except OSError:
-                time.sleep(0.5)
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         driver.get(url)
         wait = WebDriverWait(driver, 300, poll_frequency=0.2)

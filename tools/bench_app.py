@@ -40,23 +40,32 @@ def library_times(path, label: int, count: int, seed: int, repeats: int) -> tupl
     return statistics.median(sampling[1:]), statistics.median(decoding[1:])
 
 
+def start_app(releases) -> tuple[subprocess.Popen, str]:
+    """``python -m flowar.app RELEASES`` on a free port of 127.0.0.1, once its page answers: (process, url)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "flowar.app", *map(str, releases), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(480):
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"python -m flowar.app {' '.join(map(str, releases))} did not start")
+
+
 def app_times(path, label: int, count: int, seed: int, repeats: int) -> tuple[float, str]:
     """Median seconds of a Generate request to the demo's server, and the server's last timing line."""
     from gradio_client import Client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "flowar.app", str(path), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    server, url = start_app([path])
     try:
-        for _ in range(480):
-            try:
-                urllib.request.urlopen(url, timeout=5).read()
-                break
-            except OSError:
-                time.sleep(0.5)
         client = Client(url, verbose=False)
         name = str(path).rstrip("/").split("/")[-1]
         walls, line = [], ""

@@ -122,6 +122,24 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
             gr.Slider(0, 1, step=0.01, label="top-p (0 = off)", elem_id=f"{prefix}-top-p", **_kwargs(top_p)),
         ]
 
+    def answer(run):
+        """A request's status line, grid and zip; a bad input or a Stop gives a message and keeps the outputs."""
+        try:
+            release, result, stem = run()
+        except RequestError as err:
+            return error(err), gr.skip(), gr.skip()
+        except Cancelled as stop:
+            return f"Stopped ({stop}).", gr.skip(), gr.skip()
+        grid, archive = outputs.write(result, stem)
+        return timing(result, release), grid, archive
+
+    def seed_and_buttons(prefix: str, action: str):
+        seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{prefix}-seed")
+        with gr.Row():
+            go = gr.Button(action, variant="primary", elem_id=f"{prefix}-go")
+            stop = gr.Button("Stop", elem_id=f"{prefix}-stop")
+        return seed, go, stop
+
     with gr.Blocks(title="flowar", analytics_enabled=False) as page:
         gr.Markdown("## flowar: scale-wise image generation\nSample, edit and compare the releases this server "
                     "holds. One request at a time runs on each model; the others wait in its queue.")
@@ -133,10 +151,7 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
                     g_model = model_dropdown("gen-model")
                     g_class, g_guidance, g_steps, g_solver, g_top_k, g_top_p = sampling_controls("gen", first)
                     g_count = gr.Slider(1, 64, value=8, step=1, label="number of images", elem_id="gen-count")
-                    g_seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="gen-seed")
-                    with gr.Row():
-                        g_go = gr.Button("Generate", variant="primary", elem_id="gen-go")
-                        g_stop = gr.Button("Stop", elem_id="gen-stop")
+                    g_seed, g_go, g_stop = seed_and_buttons("gen", "Generate")
                 with gr.Column(scale=2):
                     g_status = gr.Markdown(elem_id="gen-status")
                     g_grid = gr.Image(label="grid", type="filepath", interactive=False, elem_id="gen-grid")
@@ -153,10 +168,7 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
                     e_fit = gr.Checkbox(False, label="fit to the model's size (crop the centre and resize)",
                                         elem_id="edit-fit")
                     e_count = gr.Slider(1, 16, value=4, step=1, label="number of variants", elem_id="edit-count")
-                    e_seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="edit-seed")
-                    with gr.Row():
-                        e_go = gr.Button("Edit", variant="primary", elem_id="edit-go")
-                        e_stop = gr.Button("Stop", elem_id="edit-stop")
+                    e_seed, e_go, e_stop = seed_and_buttons("edit", "Edit")
                 with gr.Column(scale=2):
                     e_upload = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                         label="1. upload an image", elem_id="edit-upload")
@@ -212,18 +224,16 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
         def generate(name, class_, guidance, steps, solver, top_k, top_p, count, seed, request: gr.Request,
                      progress=gr.Progress()):
             cancel = sessions.start(request, "generate")
-            try:
+
+            def run():
                 release = releases[name]
                 options = release.sampling(guidance_scale=guidance, steps=steps, solver=solver, top_k=top_k,
                                            top_p=top_p)
                 result = release.generate(class_, count, seed, options, cancel=cancel,
                                           progress=lambda f, text: progress(f, desc=text))
-            except RequestError as err:
-                return error(err), gr.skip(), gr.skip()
-            except Cancelled as stop:
-                return f"Stopped ({stop}).", gr.skip(), gr.skip()
-            grid, archive = outputs.write(result, f"{release.name}-seed{seed}")
-            return timing(result, release), grid, archive
+                return release, result, f"{release.name}-seed{seed}"
+
+            return answer(run)
 
         g_event = g_go.click(generate, [g_model, *g_controls, g_count, g_seed], [g_status, g_grid, g_files],
                              api_name="generate")
@@ -258,7 +268,8 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
         def edit(name, class_, guidance, steps, solver, top_k, top_p, task, kept, canvas, image, count, seed,
                  request: gr.Request, progress=gr.Progress()):
             cancel = sessions.start(request, "edit")
-            try:
+
+            def run():
                 release = releases[name]
                 if image is None:
                     raise RequestError("upload an image to edit first")
@@ -273,12 +284,9 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
                                            top_p=top_p)
                 result = release.edit(Image.fromarray(image), region, class_, count, seed, options, task=mode,
                                       cancel=cancel, progress=lambda f, text: progress(f, desc=text))
-            except RequestError as err:
-                return error(err), gr.skip(), gr.skip()
-            except Cancelled as stop:
-                return f"Stopped ({stop}).", gr.skip(), gr.skip()
-            grid, archive = outputs.write(result, f"{release.name}-{mode}-seed{seed}")
-            return timing(result, release), grid, archive
+                return release, result, f"{release.name}-{mode}-seed{seed}"
+
+            return answer(run)
 
         e_event = e_go.click(edit, [e_model, *e_controls, e_task, e_kept, e_canvas, e_image, e_count, e_seed],
                              [e_status, e_grid, e_files], api_name="edit")
