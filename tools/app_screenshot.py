@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -41,15 +42,26 @@ def main(argv=None) -> int:
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         driver.get(url)
         wait = WebDriverWait(driver, 300, poll_frequency=0.2)
-        wait.until(lambda d: d.find_elements("id", "compare-go"))
-        next(b for b in driver.find_elements("css selector", "button[role=tab]") if b.text.strip() == "Compare").click()
-        time.sleep(1)
-        driver.find_element("css selector", "#compare-b input").click()
-        names = [li for li in driver.find_elements("css selector", "[role=option]")]
-        names[-1].click()  # model B: the second folder given
-        driver.find_element("css selector", "#compare-class input").click()
-        wait.until(lambda d: [li for li in d.find_elements("css selector", "[role=option]")
-                              if li.text.replace("✓", "").strip().startswith(args.label)])[0].click()
+        wait.until(lambda d: d.find_elements("id", "gen-go"))  # the first tab; the others render when opened
+
+        def click_tab(d):
+            tab = next(b for b in d.find_elements("css selector", "button[role=tab]") if b.text.strip() == "Compare")
+            tab.click()
+            return tab.get_attribute("aria-selected") == "true"
+
+        wait.until(click_tab)
+
+        def pick(elem_id, wanted):
+            def click_option(d):
+                d.find_element("css selector", f"#{elem_id} input").click()
+                options = [li for li in d.find_elements("css selector", "[role=option]") if wanted(li.text.replace("✓", "").strip())]
+                if options:
+                    options[0].click()
+                return bool(options)
+            wait.until(click_option)
+
+        pick("compare-b", lambda text: text == Path(args.model_b).name)
+        pick("compare-class", lambda text: text == args.label or text.startswith(f"{args.label}:"))
         for selector, value in (("#compare-count input[type=number]", args.count), ("#compare-seed input", args.seed)):
             field = driver.find_element("css selector", selector)
             field.send_keys(Keys.CONTROL, "a")

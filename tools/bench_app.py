@@ -64,6 +64,9 @@ def app_times(path, label: int, count: int, seed: int, repeats: int) -> tuple[fl
     """Median seconds of a Generate request to the demo's server, and the server's last timing line."""
     from gradio_client import Client
 
+    d = load_pipeline(path).model.sampling_options()  # the release's defaults, as the page starts with them
+    steps = "" if d.steps is None else ",".join(map(str, d.steps)) if isinstance(d.steps, tuple) else str(d.steps)
+    controls = (d.guidance_scale, steps, getattr(d, "solver", None), getattr(d, "top_k", 0), getattr(d, "top_p", 0.0))
     server, url = start_app([path])
     try:
         client = Client(url, verbose=False)
@@ -71,7 +74,7 @@ def app_times(path, label: int, count: int, seed: int, repeats: int) -> tuple[fl
         walls, line = [], ""
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            line, _, _ = client.predict(name, label, None, None, None, None, None, count, seed, api_name="/generate")
+            line, _, _ = client.predict(name, label, *controls, count, seed, api_name="/generate")
             walls.append(time.perf_counter() - start)
             if not re.search(r"ms/image", line):
                 raise RuntimeError(f"the demo refused the request: {line}")
