@@ -73,6 +73,10 @@ def collaborative_sample(draft_model, refine_model, class_labels=None, *, draft_
     labels = draft_model.check_labels(class_labels, batch_size)
     draft_choice = draft_model.sampling_options(sampling, **options)
     refine_choice = refine_model.sampling_options(refine_sampling or sampling, **{**options, **(refine_options or {})})
+    for model, choice in ((draft_model, draft_choice), (refine_model, refine_choice)):
+        if model.sampled_scales(choice) != draft_model.config.scales:
+            raise ValueError(f"scales {list(model.sampled_scales(choice))}: collaborative decoding samples the "
+                             f"models' own scales {list(draft_model.config.scales)}")
     if noise is not None:
         draft_model.check_noise(noise, labels.shape[0])
     start = time.perf_counter()

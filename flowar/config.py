@@ -15,7 +15,7 @@ from heads.networks import HEAD_KINDS
 from heads.path import FULL_SPAN, check_time_distribution
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions
 from vae.files import ConfigMixin
-from vae.pyramid import check_scales
+from vae.pyramid import check_scale_list, check_scales
 
 from .sampling import GuidanceOptions, guidance_excess
 
@@ -29,6 +29,13 @@ SCALE_WEIGHTS = ("area", "equal")
 # What the head learns: "flow-matching" (the velocity, FlowAR's loss) or "mean-flow" (a flow-map head's average
 # velocity from scratch, heads.meanflow).
 OBJECTIVES = ("flow-matching", "mean-flow")
+# Where a token's position embedding comes from: "sequence", the released one (a learned vector per token of the
+# fixed scale sequence), or "grid" (a learned 2-D table per embedding, area-resized to each scale's side, as
+# FlexVAR's), which any list of scales can use.
+POSITIONS = ("sequence", "grid")
+# The scales a training step uses: "fixed" (the config's) or "random" (a new increasing list from 1 to the
+# latent's side every step, heads of every side trained; needs positions="grid"), see FlowAR.draw_scale_list.
+SCALE_LISTS = ("fixed", "random")
 
 
 @dataclass
@@ -44,6 +51,9 @@ class FlowARSampling(GuidanceOptions):
     """
 
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # The sides sampled, any increasing list from 1 (None: the model's scales); other lists than the trained
+    # one need a model with positions="grid". A last side above the trained one samples larger images.
+    scales: tuple[int, ...] | None = None
     solver: str = "euler"
     steps: int | tuple[int, ...] | None = 25
     schedule: str = "flowar"
@@ -55,6 +65,8 @@ class FlowARSampling(GuidanceOptions):
         self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if isinstance(self.steps, list):
             self.steps = tuple(self.steps)
+        if self.scales is not None:
+            self.scales = check_scale_list(self.scales, name="scales")
         per_scale = self.steps if isinstance(self.steps, tuple) else (self.steps,)
         if not per_scale:
             raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")
@@ -83,9 +95,19 @@ class FlowARSampling(GuidanceOptions):
                              "model's head predicts the instantaneous velocity (flow_map=False); use an ODE solver "
                              f"({', '.join(s for s in SOLVERS if s not in JUMP_SOLVERS)}), or train or distill a "
                              "flow-map head")
-        if isinstance(self.steps, tuple) and len(self.steps) != len(config.scales):
-            raise ValueError(f"steps must hold one count per scale ({len(config.scales)} for scales "
-                             f"{config.scales}), got {len(self.steps)}: {list(self.steps)}")
+        sides = self.scales_for(config)
+        if sides != config.scales and (config.positions != "grid" or config.flow != "full"):
+            raise ValueError(f"scales {list(sides)}: this model samples only its own scales {list(config.scales)}; "
+                             "other lists need a model with positions='grid' and flow='full' (see "
+                             f"FlowARConfig.scale_lists), this one has positions={config.positions!r}, "
+                             f"flow={config.flow!r}")
+        if isinstance(self.steps, tuple) and len(self.steps) != len(sides):
+            raise ValueError(f"steps must hold one count per scale ({len(sides)} for scales "
+                             f"{sides}), got {len(self.steps)}: {list(self.steps)}")
+
+    def scales_for(self, config) -> tuple[int, ...]:
+        """The sides this sampling runs for a model of ``config``."""
+        return config.scales if self.scales is None else self.scales
 
     def _complete(self, given: dict) -> dict:
         # Switching to an adaptive solver drops the step count inherited from the defaults.
@@ -134,6 +156,8 @@ class FlowARConfig(ConfigMixin):
     # by distillation from an ordinary head. The (r, t) law is the paper's unless changed.
     flow_map: bool = False
     objective: str = "flow-matching"  # one of OBJECTIVES
+    positions: str = "sequence"  # one of POSITIONS
+    scale_lists: str = "fixed"  # one of SCALE_LISTS
     mean_flow_share_equal: float = MEANFLOW_SHARE_EQUAL
     mean_flow_logit_mean: float = MEANFLOW_LOGIT_MEAN
     mean_flow_logit_std: float = MEANFLOW_LOGIT_STD
@@ -192,6 +216,14 @@ class FlowARConfig(ConfigMixin):
             # are noisy already; neither lever is defined on that chain.
             raise ValueError("head_batch_mul and context_noise are for flow='full' only; got head_batch_mul="
                              f"{self.head_batch_mul}, context_noise={self.context_noise} with flow='multistage'")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.scale_lists not in SCALE_LISTS:
+            raise ValueError(f"scale_lists must be one of {SCALE_LISTS}, got {self.scale_lists!r}")
+        if self.scale_lists == "random" and (self.positions != "grid" or self.flow != "full"):
+            raise ValueError("scale_lists='random' trains on lists of scales that a per-token table cannot place: it "
+                             f"needs positions='grid' and flow='full', got positions={self.positions!r}, "
+                             f"flow={self.flow!r}")
         self.sampling.check_model(self)
 
     @property

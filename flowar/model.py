@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from heads.flow import FlowSample
@@ -14,9 +15,9 @@ from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
 from heads.meanflow import MEANFLOW_ADAPTIVE_EPS, adaptive_weighted, draw_flow_map_times
-from heads.path import draw_times, interpolate, segment_loss
+from heads.path import FULL_SPAN, draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
-from vae.pyramid import area_pyramid, next_scale_input
+from vae.pyramid import area_pyramid, check_scale_list, next_scale_input
 
 from .attention import ScaleBlock, block_causal_mask, scale_segments
 from .config import FlowARConfig, FlowARSampling, get_preset
@@ -34,6 +35,19 @@ def to_tokens(latent: torch.Tensor) -> torch.Tensor:
 def from_tokens(tokens: torch.Tensor, side: int) -> torch.Tensor:
     """(B, side*side, C) -> (B, C, side, side)."""
     return tokens.transpose(1, 2).unflatten(2, (side, side))
+
+
+def sincos_grid(width: int, side: int) -> torch.Tensor:
+    """(1, width, side, side) 2-D sine-cosine positions: half the channels for the row, half for the column."""
+    if width % 4:
+        raise ValueError(f"positions='grid' needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angles = torch.arange(side, dtype=torch.float64)[:, None] * omega  # (side, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, width / 2)
+    rows = axis[:, None, :].expand(side, side, -1)
+    cols = axis[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).permute(2, 0, 1)[None].float()
 
 
 def check_finite_latents(latents: torch.Tensor, name: str = "latents") -> None:
@@ -104,7 +118,11 @@ class FlowAR(ScaleWiseModel):
         self.class_emb = nn.Embedding(c.num_classes + 1, width)  # last id is the null class
         self.z_proj = nn.Linear(c.token_dim, width)
         self.z_proj_ln = RMSNorm(width, weight=True)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        self.position_tables = ("encoder", "decoder", "diffusion")
+        if c.positions == "sequence":  # the released layout: one learned vector per token of the fixed scales
+            self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        else:  # one learned side x side table per embedding, resized to every scale (positions="grid")
+            self.encoder_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
 
         def blocks(depth):
             return nn.ModuleList(
@@ -116,19 +134,29 @@ class FlowAR(ScaleWiseModel):
         self.encoder_blocks = blocks(c.encoder_depth)
         self.encoder_norm = RMSNorm(width, weight=True)
         self.decoder_embed = nn.Linear(width, width)
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        if c.positions == "sequence":
+            self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        else:
+            self.decoder_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
         self.decoder_blocks = blocks(c.decoder_depth)
         self.decoder_norm = RMSNorm(width, weight=True)
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        if c.positions == "sequence":
+            self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
+        else:
+            self.diffusion_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
         # The MeanFlow target differentiates the head in t, which the released head's integer timesteps would zero.
         self.flownet = build_head(c.head, token_dim=c.token_dim, width=c.head_width, cond_dim=width, depth=c.head_depth,
                                   flow_map=c.flow_map, quantize_time=False if c.objective == "mean-flow" else None)
         self.initialize_weights()
 
     def initialize_weights(self):
-        for embedding in (self.class_emb.weight, self.encoder_pos_embed_learned,
-                          self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(embedding, std=0.02)
+        nn.init.normal_(self.class_emb.weight, std=0.02)
+        for name in self.position_tables:
+            if self.config.positions == "sequence":
+                nn.init.normal_(getattr(self, f"{name}_pos_embed_learned"), std=0.02)
+            else:  # smooth, so that a table resized to a side it was not trained at still varies smoothly
+                with torch.no_grad():
+                    getattr(self, f"{name}_pos_grid").copy_(0.02 * sincos_grid(self.config.width, self.config.scales[-1]))
         # As in the released code, xavier-uniform covers every Linear, the head's included: the head's
         # own zero-initialised output layer is overwritten too. Training from scratch matches theirs.
         xavier_init_linears(self)
@@ -163,16 +191,29 @@ class FlowAR(ScaleWiseModel):
         positions = slice(start, start + tokens.shape[1])
         segments = scale_segments(sides)
         rope_cos, rope_sin = self._rope(sides, tokens.device)
-        x = self.z_proj_ln(tokens + self.encoder_pos_embed_learned[:, positions])
+        x = self.z_proj_ln(tokens + self.position_embedding("encoder", sides, positions))
         x = self._run_blocks(self.encoder_blocks, x, class_embedding, rope_cos, rope_sin,
                              segments=segments, cache=cache, layer_offset=0)
         x = self.decoder_embed(self.encoder_norm(x))
-        x = x + self.decoder_pos_embed_learned[:, positions]
+        x = x + self.position_embedding("decoder", sides, positions)
         x = self._run_blocks(self.decoder_blocks, x, class_embedding, rope_cos, rope_sin,
                              segments=segments, cache=cache, layer_offset=len(self.encoder_blocks))
         if cache is not None:
             cache.length = positions.stop
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, positions]
+        return self.decoder_norm(x) + self.position_embedding("diffusion", sides, positions)
+
+    def position_embedding(self, name: str, sides, positions: slice) -> torch.Tensor:
+        """(1, n, D) position embeddings of table ``name`` for the tokens at ``positions`` of the run's sequence
+        (positions="sequence"), or for the scales ``sides`` (positions="grid": the table area-resized to each
+        side, bicubic above the trained one)."""
+        if self.config.positions == "sequence":
+            return getattr(self, f"{name}_pos_embed_learned")[:, positions]
+        table = getattr(self, f"{name}_pos_grid")
+        full = table.shape[-1]
+        resized = [table if side == full else
+                   F.interpolate(table, size=(side, side), mode="area" if side < full else "bicubic")
+                   for side in sides]
+        return torch.cat([to_tokens(r) for r in resized], dim=1)
 
     # ------------------------------------------------------------------ inputs and labels
     def _check_latents(self, latents: torch.Tensor):
@@ -186,25 +227,45 @@ class FlowAR(ScaleWiseModel):
     def input_tokens(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
         """Teacher-forced input tokens for scales 2..K from each scale's map (the targets; a multistage flow's
         stage ends), (B, L-1, C)."""
-        full_side = self.config.scales[-1]
+        full_side = pyramid[-1].shape[-1]
         inputs = [
-            to_tokens(next_scale_input(target, full_side=full_side, next_side=side))
-            for target, side in zip(pyramid[:-1], self.config.scales[1:])
+            to_tokens(next_scale_input(target, full_side=full_side, next_side=following.shape[-1]))
+            for target, following in zip(pyramid[:-1], pyramid[1:])
         ]
         return torch.cat(inputs, dim=1)
 
     # ------------------------------------------------------------------ training
-    def draw_randomness(self, batch_size: int, *, generator=None, device=None) -> dict:
+    def draw_scale_list(self, generator=None) -> tuple[int, ...]:
+        """A training step's scales under ``scale_lists="random"``: 1, then k sides drawn without replacement
+        from 2 .. S-1 (k uniform in 1 .. min(S - 2, K) for the config's K scales and latent side S), then S. Each
+        list is a way through the pyramid that sampling may take; the heads of every side in between train."""
+        c = self.config
+        full = c.scales[-1]
+        if full <= 2:
+            return c.scales
+        device = generator.device if generator is not None else "cpu"
+        count = int(torch.randint(1, min(full - 2, len(c.scales)) + 1, (), generator=generator, device=device))
+        interior = torch.randperm(full - 2, generator=generator, device=device)[:count] + 2
+        return (1, *sorted(int(v) for v in interior), full)
+
+    def draw_randomness(self, batch_size: int, *, generator=None, device=None, scales=None) -> dict:
         """Every random draw of one training forward, per image (leading dim ``batch_size``).
 
         A trainer draws these for the global batch and hands each process its rows, so a run gives the
         same result however it is split over processes and accumulation steps. With ``head_batch_mul`` m > 1
         each scale's times are (B, m) and its noise (B, m, s*s, C); with ``context_noise`` the draws add each
         coarser scale's context level (B,) and noise (B, s*s, C); with ``objective="mean-flow"``, each scale's
-        times are the (r, t) pairs of the average velocity, ``flow_ends`` and ``flow_times``.
+        times are the (r, t) pairs of the average velocity, ``flow_ends`` and ``flow_times``. With
+        ``scale_lists="random"`` the step's list of sides is drawn first (``scales``, shared by every row; or the
+        list given) and the other draws follow its sides.
         """
         c = self.config
         device = self.class_emb.weight.device if device is None else device
+        sides = c.scales
+        if scales is not None:
+            sides = tuple(scales)
+        elif c.scale_lists == "random":
+            sides = self.draw_scale_list(generator)
         m = c.head_batch_mul
 
         def rand(*shape):
@@ -224,16 +285,19 @@ class FlowAR(ScaleWiseModel):
             return drawn if m == 1 else tuple(d.reshape(batch_size, m) for d in drawn)
 
         if c.objective == "mean-flow":  # each scale's (r, t): the jump's end and start
-            ends, starts = zip(*(flow_map_times() for _ in c.scales))
+            ends, starts = zip(*(flow_map_times() for _ in sides))
             draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": list(starts),
                      "flow_ends": list(ends)}
         else:
-            draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": [times(span) for span in c.spans]}
+            spans = c.spans if sides == c.scales else (FULL_SPAN,) * len(sides)
+            draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": [times(span) for span in spans]}
         draws["flow_noise"] = [randn(batch_size, s * s, c.token_dim) if m == 1
-                               else randn(batch_size, m, s * s, c.token_dim) for s in c.scales]
+                               else randn(batch_size, m, s * s, c.token_dim) for s in sides]
         if c.context_noise:
-            draws["context_levels"] = [c.context_noise * rand(batch_size) for _ in c.scales[:-1]]
-            draws["context_noise"] = [randn(batch_size, s * s, c.token_dim) for s in c.scales[:-1]]
+            draws["context_levels"] = [c.context_noise * rand(batch_size) for _ in sides[:-1]]
+            draws["context_noise"] = [randn(batch_size, s * s, c.token_dim) for s in sides[:-1]]
+        if c.scale_lists == "random":
+            draws["scales"] = sides  # a tuple: one list for the whole batch, not a row each
         return draws
 
     def _time_law(self) -> dict:
@@ -241,7 +305,7 @@ class FlowAR(ScaleWiseModel):
         return {"distribution": c.time_distribution, "logit_mean": c.time_logit_mean, "logit_std": c.time_logit_std}
 
     def forward(self, latents, class_labels=None, *, generator=None, drop_mask=None, flow_times=None,
-                flow_noise=None, flow_ends=None, context_levels=None, context_noise=None):
+                flow_noise=None, flow_ends=None, context_levels=None, context_noise=None, scales=None):
         """Training loss of a batch of scaled VAE latents (B, C, S, S): flow matching, or with
         ``objective="mean-flow"`` the MeanFlow loss of a flow-map head (``heads.meanflow``).
 
@@ -250,7 +314,8 @@ class FlowAR(ScaleWiseModel):
         (per scale; with ``objective="mean-flow"`` also ``flow_ends``, each scale's r <= t of the average
         velocity), and with ``context_noise`` on, ``context_levels`` / ``context_noise`` (per coarser scale).
         A trainer passes what it drew for its rows of the global batch; whatever is not given is drawn here
-        with ``generator``, by that one method. A multistage flow trains each scale on its stage
+        with ``generator``, by that one method. ``scales``: the step's sides (``scale_lists="random"``; default:
+        the config's, or a list drawn with the rest). A multistage flow trains each scale on its stage
         (``heads.multistage``): its transformer sees the previous stage's noisy end, and ``flow_noise[k]`` is
         the noise of scale k's jump.
         """
@@ -263,12 +328,19 @@ class FlowAR(ScaleWiseModel):
             given.update(context_levels=context_levels, context_noise=context_noise)
         if c.objective == "mean-flow":
             given["flow_ends"] = flow_ends
+        if scales is not None and c.scale_lists != "random" and tuple(scales) != c.scales:
+            raise ValueError(f"scales {list(scales)}: this model trains on its own scales {list(c.scales)} "
+                             "(scale_lists='fixed')")
         if any(v is None for v in given.values()):
-            drawn = self.draw_randomness(latents.shape[0], generator=generator, device=latents.device)
+            drawn = self.draw_randomness(latents.shape[0], generator=generator, device=latents.device, scales=scales)
             given = {k: drawn[k] if v is None else v for k, v in given.items()}
+            scales = drawn.get("scales", scales)
+        sides = c.scales if scales is None else check_scale_list(scales)
+        if sides[-1] != c.scales[-1]:
+            raise ValueError(f"scales {list(sides)} must end at the latent's side {c.scales[-1]}")
         if self.training and c.label_drop > 0 and not c.unconditional:
             labels = torch.where(given["drop_mask"].to(labels.device), torch.full_like(labels, self.null_class), labels)
-        pyramid = area_pyramid(latents, c.scales)
+        pyramid = area_pyramid(latents, sides)
         class_embedding = self.class_emb(labels)  # (B, D)
         if c.flow == "multistage":
             return self._multistage_loss(pyramid, class_embedding, given["flow_times"], given["flow_noise"])
@@ -277,10 +349,10 @@ class FlowAR(ScaleWiseModel):
             context = [interpolate(x, from_tokens(eps.to(x), x.shape[-1]), level.to(x))
                        for x, level, eps in zip(context, given["context_levels"], given["context_noise"])]
         tokens = torch.cat([class_embedding[:, None], self.z_proj(self.input_tokens([*context, pyramid[-1]]))], dim=1)
-        z = self.transformer(tokens, class_embedding)  # (B, L, D)
+        z = self.transformer(tokens, class_embedding, sides=sides)  # (B, L, D)
 
         losses = []
-        for k, ((start, end), target) in enumerate(zip(scale_segments(c.scales), pyramid)):
+        for k, ((start, end), target) in enumerate(zip(scale_segments(sides), pyramid)):
             x, cond = to_tokens(target), z[:, start:end]
             t, noise = given["flow_times"][k], given["flow_noise"][k]
             r = given["flow_ends"][k] if c.objective == "mean-flow" else None
@@ -295,7 +367,7 @@ class FlowAR(ScaleWiseModel):
                 per_image = adaptive_weighted(self.flownet.flow_map_loss(x, cond, r=r, t=t, noise=noise),
                                               power=c.mean_flow_adaptive_power, eps=MEANFLOW_ADAPTIVE_EPS)
             losses.append(per_image.mean())
-        return self._weighted(losses)
+        return self._weighted(losses, sides)
 
     def _multistage_loss(self, pyramid, class_embedding, flow_times, flow_noise) -> FlowAROutput:
         c = self.config
@@ -309,17 +381,17 @@ class FlowAR(ScaleWiseModel):
                          span=c.stage_times[k]).mean()
             for k, ((first, last), (start, end)) in enumerate(zip(scale_segments(c.scales), stages))
         ]
-        return self._weighted(losses)
+        return self._weighted(losses, c.scales)
 
-    def _weighted(self, losses: list[torch.Tensor]) -> FlowAROutput:
+    def _weighted(self, losses: list[torch.Tensor], sides) -> FlowAROutput:
         """The scales' losses added up by ``scale_weights``: by default the released weighting, each scale's loss
         times its share of the last scale's tokens."""
         losses = torch.stack(losses)
         if self.config.scale_weights == "equal":
             weights = torch.ones_like(losses)
         else:
-            total = self.config.scales[-1] ** 2
-            weights = torch.tensor([s * s / total for s in self.config.scales], device=losses.device, dtype=losses.dtype)
+            total = sides[-1] ** 2
+            weights = torch.tensor([s * s / total for s in sides], device=losses.device, dtype=losses.dtype)
         return FlowAROutput(loss=(losses * weights).sum(), loss_per_scale=losses.detach())
 
     # ------------------------------------------------------------------ sampling
@@ -350,13 +422,17 @@ class FlowAR(ScaleWiseModel):
     def stepper(self, labels: torch.Tensor, options: FlowARSampling, *, timed: bool = False) -> "FlowARStepper":
         return FlowARStepper(self, labels, options, timed=timed)
 
-    def canvas(self, batch: int, autoencoder=None) -> "FlowARCanvas":
-        return FlowARCanvas(self.config)
+    def canvas(self, batch: int, autoencoder=None, options=None) -> "FlowARCanvas":
+        return FlowARCanvas(self.config.scales if options is None else self.sampled_scales(options))
 
-    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
+    def sampled_scales(self, options: FlowARSampling) -> tuple[int, ...]:
+        return options.scales_for(self.config)
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
         c = self.config
-        expected = [(batch, s * s, c.token_dim) for s in c.scales]
-        if (not isinstance(noise, (list, tuple)) or len(noise) != len(c.scales)
+        sides = c.scales if options is None else self.sampled_scales(options)
+        expected = [(batch, s * s, c.token_dim) for s in sides]
+        if (not isinstance(noise, (list, tuple)) or len(noise) != len(sides)
                 or any(not torch.is_tensor(n) or tuple(n.shape) != e for n, e in zip(noise, expected))):
             raise ValueError(f"noise must be a list of tensors of shapes {expected}, got "
                              f"{[tuple(getattr(n, 'shape', ())) for n in noise] if isinstance(noise, (list, tuple)) else type(noise).__name__}")
@@ -430,8 +506,7 @@ class FlowARStepper(CachedStepper):
         self._run(self.model.z_proj(torch.cat([tokens, tokens]) if self.guided else tokens), k)
 
     def _run(self, tokens: torch.Tensor, k: int) -> None:
-        side = self.model.config.scales[k]
-        self.z = self.model.transformer(tokens, self.class_embedding, sides=(side,), cache=self.cache)
+        self.z = self.model.transformer(tokens, self.class_embedding, sides=(self.sides[k],), cache=self.cache)
 
     @torch.no_grad()
     def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
@@ -441,18 +516,18 @@ class FlowARStepper(CachedStepper):
         A multistage stage after the first starts from the previous result re-noised with that noise
         (``heads.multistage.renoise``) and integrates only its span."""
         o, c, k = self.options, self.model.config, self.scales_seen - 1
-        side, span = c.scales[k], c.spans[k]
+        side, span = self.sides[k], (c.spans[k] if self.sides == c.scales else FULL_SPAN)
         with self.timer:
             if noise is not None:
                 x_init = noise.to(device=self.device, dtype=torch.float32)
             else:
                 x_init = torch.randn((self.batch, side * side, c.token_dim), generator=generator, device=self.device)
             if c.flow == "multistage" and k > 0:
-                previous = from_tokens(self.previous.float(), c.scales[k - 1])
+                previous = from_tokens(self.previous.float(), self.sides[k - 1])
                 x_init = to_tokens(renoise(previous, from_tokens(x_init, side), previous_end=c.spans[k - 1][1],
                                            start=span[0]))
             z = self.z
-            guidance = o.guidance_at(k, len(c.scales), z[self.batch:].float()) if self.guided else None
+            guidance = o.guidance_at(k, len(self.sides), z[self.batch:].float()) if self.guided else None
             flow = self.model.flownet.sample(x_init, z[:self.batch].float(), o.solve_at(k), guidance=guidance,
                                              known=known, span=span)
         self.counts.nfe += flow.nfe
@@ -464,24 +539,23 @@ class FlowARCanvas:
     """A FlowAR run's result (``flowar.sampling.Canvas``): each scale's tokens, and the next scale's input made
     from them (upsampled to the next side as in training)."""
 
-    def __init__(self, config: FlowARConfig):
-        self.config = config
+    def __init__(self, sides: tuple[int, ...]):
+        self.sides = sides  # the run's scales
         self.out = SampleOutput(latents=None)
         self.last = None
 
     def add(self, k: int, flow: FlowSample) -> ScaleInput | None:
-        c = self.config
+        sides = self.sides
         self.out.nfe_per_scale.append(flow.nfe)
         self.out.head_rows += flow.rows
         self.last = flow.x.float()  # (B, s*s, C)
-        if k + 1 == len(c.scales):
+        if k + 1 == len(sides):
             return None
-        upsampled = next_scale_input(from_tokens(self.last, c.scales[k]), full_side=c.scales[-1],
-                                     next_side=c.scales[k + 1])
+        upsampled = next_scale_input(from_tokens(self.last, sides[k]), full_side=sides[-1], next_side=sides[k + 1])
         return ScaleInput(to_tokens(upsampled), self.last)
 
     def output(self) -> SampleOutput:
-        self.out.latents = from_tokens(self.last, self.config.scales[-1])
+        self.out.latents = from_tokens(self.last, self.sides[-1])
         return self.out
 
 

@@ -144,6 +144,7 @@ class CachedStepper:
 
     def __init__(self, model, labels: torch.Tensor, options, *, timed: bool = False):
         self.model, self.options = model, options
+        self.sides = model.sampled_scales(options)  # the scales this run samples
         self.device = model.device
         self.batch = labels.shape[0]
         self.guided = options.guided
@@ -164,11 +165,12 @@ class CachedStepper:
         """One cached transformer pass over the next scale's input (None before the first scale, whose input is
         the class token). ``prefill``: a scale another model drew, fed only to fill the KV cache."""
         model, c, k = self.model, self.model.config, self.scales_seen
-        if k >= len(c.scales):
-            raise ValueError(f"all {len(c.scales)} scales were fed already")
+        if k >= len(self.sides):
+            raise ValueError(f"all {len(self.sides)} scales were fed already")
         with self.timer:
             if k == 0:
-                self.cache = KVCache(model.num_layers, self.labels.shape[0], c.num_heads, c.seq_len,
+                length = sum(side * side for side in self.sides)
+                self.cache = KVCache(model.num_layers, self.labels.shape[0], c.num_heads, length,
                                      c.width // c.num_heads, device=self.device, dtype=model.cache_dtype(self.device))
                 self._first_pass(prefill)
             else:
@@ -253,8 +255,11 @@ def generate(model, class_labels=None, *, autoencoder=None, batch_size: int | No
     labels = model.check_labels(class_labels, batch_size, allow_null=null_labels)
     if null_labels and class_labels is None and options.guided:
         options = options.replace(guidance_scale=1.0)  # null against null: guidance would change nothing
-    steppers = [model.stepper(labels, options)] * len(model.config.scales)
+    sides = model.sampled_scales(options)
+    if edit is not None and sides != model.config.scales:
+        raise ValueError(f"scales {list(sides)}: editing samples the model's own scales {list(model.config.scales)}")
+    steppers = [model.stepper(labels, options)] * len(sides)
     if noise is not None:
-        model.check_noise(noise, labels.shape[0])
-    return run_scales(steppers, model.canvas(labels.shape[0], autoencoder), generator=generator, noise=noise,
+        model.check_noise(noise, labels.shape[0], options)
+    return run_scales(steppers, model.canvas(labels.shape[0], autoencoder, options), generator=generator, noise=noise,
                       edit=edit, progress=progress, on_scale=on_scale)

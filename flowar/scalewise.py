@@ -105,12 +105,17 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         """A stepper (``flowar.sampling.Stepper``) sampling ``labels`` (B,) (null class allowed) with ``options``."""
         raise NotImplementedError
 
-    def canvas(self, batch: int, autoencoder=None):
-        """An empty canvas (``flowar.sampling.Canvas``) for ``batch`` images."""
+    def canvas(self, batch: int, autoencoder=None, options=None):
+        """An empty canvas (``flowar.sampling.Canvas``) for ``batch`` images sampled with ``options``."""
         raise NotImplementedError
 
-    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
-        """Raise ValueError unless ``noise`` is valid per-scale randomness for ``batch`` images."""
+    def sampled_scales(self, options) -> tuple[int, ...]:
+        """The sides a run with ``options`` samples: the config's, unless the family samples other lists."""
+        return self.config.scales
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
+        """Raise ValueError unless ``noise`` is valid per-scale randomness for ``batch`` images (sampled with
+        ``options``)."""
         raise NotImplementedError
 
     def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:

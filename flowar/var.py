@@ -399,11 +399,11 @@ class VAR(ScaleWiseModel):
     def stepper(self, labels: torch.Tensor, options: VARSampling, *, timed: bool = False) -> "VARStepper":
         return VARStepper(self, labels, options, timed=timed)
 
-    def canvas(self, batch: int, autoencoder=None) -> "VARCanvas":
+    def canvas(self, batch: int, autoencoder=None, options=None) -> "VARCanvas":
         self.check_tokenizer(autoencoder)
         return VARCanvas(self.config, autoencoder)
 
-    def check_noise(self, noise: list[torch.Tensor], batch: int) -> None:
+    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
         shapes = [(batch, side * side) for side in self.config.scales]
         if (not isinstance(noise, (list, tuple)) or len(noise) != len(shapes)
                 or any(not torch.is_tensor(u) or tuple(u.shape) != e for u, e in zip(noise, shapes))):

@@ -198,13 +198,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         randomness = model.draw_randomness(cfg.global_batch, generator=generator, device="cpu")
         torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)  # dropout masks, reproducible on resume
         loss_sum = torch.zeros((), device=device)
-        scale_sum = torch.zeros(len(model.config.scales), device=device)
+        sides = randomness.get("scales", model.config.scales)  # a flexible model's list of this step
+        scale_sum = torch.zeros(len(sides), device=device)
         for accum in range(cfg.grad_accum):
             lo = accum * micro + rank * local
             rows = slice(lo, lo + local)
             data, labels = source.get(indices[rows], {k: v[rows] for k, v in data_randomness.items()})
             data = [t.to(device) for t in data] if isinstance(data, list) else data.to(device)  # VAR: K maps
-            mine = {k: ([t[rows].to(device) for t in v] if isinstance(v, list) else v[rows].to(device))
+            mine = {k: (v if isinstance(v, tuple) else  # a tuple is the whole batch's (a list of scales)
+                        [t[rows].to(device) for t in v] if isinstance(v, list) else v[rows].to(device))
                     for k, v in randomness.items()}
             sync = contextlib.nullcontext() if (accum == cfg.grad_accum - 1 or world == 1) else ddp.no_sync()
             with sync, autocast:
@@ -238,7 +240,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if is_main and (done % cfg.log_every == 0 or done == cfg.total_steps):
             now = time.perf_counter()
             writer.add_scalar("train/loss", loss_value, done)
-            for k, side in enumerate(model.config.scales):
+            for k, side in enumerate(sides):
                 writer.add_scalar(f"train/loss_scale_{side}x{side}", scale_sum[k].item(), done)
             writer.add_scalar("train/grad_norm", float(grad_norm), done)
             writer.add_scalar("train/lr", lr, done)

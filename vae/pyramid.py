@@ -15,9 +15,24 @@ def check_scales(scales) -> tuple[int, ...]:
     return scales
 
 
+def check_scale_list(scales, *, name: str = "scales") -> tuple[int, ...]:
+    """Validate any increasing list of sides that starts at 1, e.g. (1, 2, 3, 5, 8): a flexible model's
+    scales (the first is the class token's scale, so its side is 1)."""
+    try:
+        values = tuple(scales)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of increasing integer sides starting at 1, got {scales!r}") from None
+    if (not values or any(isinstance(s, bool) or not isinstance(s, int) for s in values) or values[0] != 1
+            or any(b <= a for a, b in zip(values, values[1:]))):
+        raise ValueError(f"{name} must be a list of increasing integer sides starting at 1, e.g. (1, 2, 3, 5, 8); "
+                         f"got {scales!r}")
+    return values
+
+
 def area_pyramid(latent: torch.Tensor, scales) -> list[torch.Tensor]:
-    """Targets per scale: the (B, C, H, W) latent area-pooled to each (s, s); the last is the latent."""
-    scales = check_scales(scales)
+    """Targets per scale: the (B, C, H, W) latent area-pooled to each (s, s); the last is the latent. Any
+    increasing list of sides from 1 (``check_scale_list``); the released models' double."""
+    scales = check_scale_list(scales)
     if latent.ndim != 4 or latent.shape[-1] != scales[-1] or latent.shape[-2] != scales[-1]:
         raise ValueError(
             f"latent must be (B, C, {scales[-1]}, {scales[-1]}) for scales {scales}, got {tuple(latent.shape)}"
