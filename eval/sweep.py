@@ -9,6 +9,8 @@ and wall time.
         --precision fp32,bf16                           # the generator under bf16 autocast (never the decoder)
     python -m eval.sweep runs/demo-fs/distill/release --out runs/jumps --digits --solvers flow-map \
         --steps 1,2,4 --schedule uniform --guidance-scale 1   # a flow-map head: jumps per scale
+    python -m eval.sweep runs/flexible/flowar-release --out runs/lists --digits --solvers euler --steps 10 \
+        --scales 1/4/8,1/2/4/8,1/2/3/4/6/8,1/2/4/8/12      # a flexible model's scale lists (positions="grid")
 
 Every configuration samples the same labels (cycling over the classes) from the same seed, so rows differ
 only by the sampler. For each it records the head's NFE per image (summed over scales; dopri5 is adaptive,
@@ -16,7 +18,9 @@ its ``--tolerances`` take the place of ``--steps``; an entry a/b/c/d of ``--step
 coarse to fine, as ``FlowARSampling.steps`` takes them; for the "flow-map" solver of a flow-map head they are
 its jumps per scale, one evaluation each, and an ordinary head is refused before anything is sampled), the
 wall time per image of sampling and decoding, and FID against ``--reference`` (an image folder, an images npz
-or a mu/sigma npz; default with ``--digits``: the bundled training digits). ``--digits`` also scores samples with the MNIST digit classifier
+or a mu/sigma npz; default with ``--digits``: the bundled training digits). ``--scales`` sweeps the
+lists of sides a flexible FlowAR samples (``FlowARSampling.scales``; a model of fixed scales is refused before
+anything is sampled); a larger last side makes larger images, which FID and the digit classifier resize. ``--digits`` also scores samples with the MNIST digit classifier
 (``eval.quality``): class-consistency and the Frechet distance in its feature space.
 
 Outputs in ``--out``: ``sweep.csv`` (one row per configuration, appended as each finishes; a rerun
@@ -40,6 +44,7 @@ import torch
 from flowar import FlowARPipeline, FlowARSampling
 from flowar.outputs import PRECISIONS, autocast_context, to_uint8_images
 from heads.solvers import ADAPTIVE_SOLVERS as ADAPTIVE, SCHEDULES, SOLVERS, SolveOptions
+from vae.pyramid import check_scale_list
 
 from .fid import compute_metrics
 from .fid import reference_statistics
@@ -47,7 +52,7 @@ from .inception import FeatureNetwork, load_feature_network
 from .quality import DigitScorer, training_digits_reference
 from .reference import default_cache_dir
 
-CSV_FIELDS = ("solver", "schedule", "steps", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "precision",
+CSV_FIELDS = ("solver", "schedule", "steps", "scales", "tolerance", "guidance_scale", "guidance_low", "guidance_high", "precision",
               "nfe_per_image", "seconds_per_image", "fid", "class_consistency", "digit_frechet", "num_samples")
 
 
@@ -62,10 +67,15 @@ class SweepPoint:
     guidance_scale: float  # 1 = unguided
     guidance: tuple[float, float]
     precision: str = "fp32"  # a key of PRECISIONS: the generator's autocast
+    scales: tuple[int, ...] | None = None  # the sides sampled (None: the model's)
 
     def key(self) -> tuple:
-        return (self.solver, self.schedule, self.steps_label(), f"{self.tolerance:g}", f"{self.guidance_scale:g}", f"{self.guidance[0]:g}",
-                f"{self.guidance[1]:g}", self.precision)
+        return (self.solver, self.schedule, self.steps_label(), self.scales_label(), f"{self.tolerance:g}",
+                f"{self.guidance_scale:g}", f"{self.guidance[0]:g}", f"{self.guidance[1]:g}", self.precision)
+
+    def scales_label(self) -> str:
+        """The scales as the CSV and ``--scales`` write them: "1/2/3/5/8", or "model" for the model's own."""
+        return "model" if self.scales is None else "/".join(map(str, self.scales))
 
     def steps_label(self) -> str:
         """The steps as the CSV and ``--steps`` write them: "8", or "8/6/5/4" per scale."""
@@ -74,7 +84,7 @@ class SweepPoint:
     def sampling_options(self) -> dict:
         """This point as ``FlowARSampling`` fields."""
         options = dict(guidance_scale=self.guidance_scale, guidance_interval=self.guidance, solver=self.solver,
-                       schedule=self.schedule, steps=None if self.tolerance else self.steps)
+                       schedule=self.schedule, steps=None if self.tolerance else self.steps, scales=self.scales)
         if self.tolerance:
             options.update(atol=self.tolerance, rtol=self.tolerance)
         return options
@@ -82,15 +92,16 @@ class SweepPoint:
     def series(self) -> str:
         """The plot/TensorBoard line this point belongs to (everything but steps and tolerance)."""
         return series_name(self.solver, f"{self.guidance_scale:g}", f"{self.guidance[0]:g}", f"{self.guidance[1]:g}",
-                           self.precision)
+                           self.precision, self.scales_label())
 
 
-def series_name(solver: str, scale: str, low: str, high: str, precision: str) -> str:
-    return f"{solver} w={scale} gi={low}-{high}" + ("" if precision == "fp32" else f" {precision}")
+def series_name(solver: str, scale: str, low: str, high: str, precision: str, scales: str = "model") -> str:
+    return (f"{solver} w={scale} gi={low}-{high}" + ("" if precision == "fp32" else f" {precision}")
+            + ("" if scales == "model" else f" scales {scales}"))
 
 
 def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str,
-                 precisions=("fp32",)) -> list[SweepPoint]:
+                 precisions=("fp32",), scale_lists=(None,)) -> list[SweepPoint]:
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ValueError(f"precisions must be among {list(PRECISIONS)}, got {precision!r}")
@@ -111,12 +122,13 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str,
     for low, high in intervals:
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"guidance intervals must satisfy 0 <= low < high <= 1, got ({low}, {high})")
+    scale_lists = [None if sides is None else check_scale_list(sides, name="--scales") for sides in scale_lists]
     points = []
-    for solver, cfg, interval, precision in itertools.product(solvers, cfgs, intervals, precisions):
+    for solver, cfg, interval, precision, sides in itertools.product(solvers, cfgs, intervals, precisions, scale_lists):
         if solver in ADAPTIVE:
-            points += [SweepPoint(solver, schedule, 0, tol, cfg, interval, precision) for tol in tolerances]
+            points += [SweepPoint(solver, schedule, 0, tol, cfg, interval, precision, sides) for tol in tolerances]
         else:
-            points += [SweepPoint(solver, schedule, n, 0.0, cfg, interval, precision) for n in steps]
+            points += [SweepPoint(solver, schedule, n, 0.0, cfg, interval, precision, sides) for n in steps]
     return points
 
 
@@ -150,8 +162,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def row_key(row: dict) -> tuple:
     """What makes a row: its sampler configuration and sample count (a rerun with more samples redoes it)."""
-    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["tolerance"], row["guidance_scale"],
-            row["guidance_low"], row["guidance_high"], row["precision"])
+    return (str(row["num_samples"]), row["solver"], row["schedule"], row["steps"], row["scales"], row["tolerance"],
+            row["guidance_scale"], row["guidance_low"], row["guidance_high"], row["precision"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -164,7 +176,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict[str, list[dict]] = {}
     for row in rows:
         name = series_name(row["solver"], row["guidance_scale"], row["guidance_low"], row["guidance_high"],
-                           row["precision"])
+                           row["precision"], row["scales"])
         series.setdefault(name, []).append(row)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for name, members in sorted(series.items()):
@@ -243,6 +255,16 @@ def parse_steps(text: str) -> list[int | tuple[int, ...]]:
         raise ValueError(f"--steps takes integers and per-scale lists such as 8/6/5/4, comma-separated; got {text!r}") from None
 
 
+def parse_scale_lists(text: str | None) -> list[tuple[int, ...] | None]:
+    """``--scales``: "1/4/8,1/2/3/4/6/8" -> [(1, 4, 8), (1, 2, 3, 4, 6, 8)]; None -> [None], the model's own."""
+    if text is None:
+        return [None]
+    try:
+        return [tuple(int(side) for side in entry.split("/")) for entry in text.split(",") if entry]
+    except ValueError:
+        raise ValueError(f"--scales takes lists of sides such as 1/2/3/5/8, comma-separated; got {text!r}") from None
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
@@ -254,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--solvers", default="euler,midpoint,rk4,dopri5")
     p.add_argument("--steps", default="2,4,8",
                    help="comma list, fixed-step solvers; an entry a/b/c/d is one count per scale, coarse to fine")
+    p.add_argument("--scales", default=None,
+                   help="comma list of scale lists such as 1/2/3/5/8 (a flexible model's; default: the model's own)")
     p.add_argument("--schedule", default=FlowARSampling().schedule, choices=SCHEDULES,
                    help="step schedule of fixed-step solvers (default: FlowAR's)")
     p.add_argument("--tolerances", default="1e-2,1e-3", help="comma list of atol=rtol, adaptive solvers")
@@ -275,7 +299,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--guidance-interval takes LOW,HIGH, got {args.guidance_interval}")
         points = sweep_points(args.solvers.split(","), parse_steps(args.steps),
                               _floats(args.tolerances), _floats(args.guidance_scale), intervals, schedule=args.schedule,
-                              precisions=[v for v in args.precision.split(",") if v])
+                              precisions=[v for v in args.precision.split(",") if v],
+                              scale_lists=parse_scale_lists(args.scales))
         run_sweep(args.pipeline, args.out, points, num_samples=args.num_samples, reference=args.reference,
                   digits=args.digits, batch_size=args.batch_size, seed=args.seed, device=args.device)
     except (ValueError, FileNotFoundError) as err:

@@ -30,7 +30,7 @@ from .var_config import VAR_PRESETS
 from .var_pipeline import RELEASED_TOKENIZER, load_tokenizer
 
 # Sampling options of one family: argparse destination -> the options dataclass field (same name).
-FLOWAR_OPTIONS = ("guidance_interval", "solver", "steps", "schedule", "atol", "rtol")
+FLOWAR_OPTIONS = ("guidance_interval", "solver", "steps", "schedule", "atol", "rtol", "scales")
 VAR_OPTIONS = ("top_k", "top_p", "temperature", "more_smooth", "var_cfg")
 SHARED_OPTIONS = ("guidance_scale", "cfg_schedule")
 
@@ -48,6 +48,13 @@ def parse_interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--guidance-interval must be 'low,high', got {text!r}") from None
     return low, high
+
+
+def parse_scales(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales must be comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     flowar.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
     flowar.add_argument("--solver", choices=SOLVERS, default=None)
     flowar.add_argument("--schedule", choices=SCHEDULES, default=None)
+    flowar.add_argument("--scales", type=parse_scales, default=None,
+                        help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images (a model with "
+                             "positions='grid'; default: the model's scales)")
     flowar.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
     flowar.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
     var = p.add_argument_group("VAR sampling (default: the model's)")

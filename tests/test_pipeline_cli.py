@@ -117,7 +117,8 @@ def test_cli_reports_bad_input_naming_the_argument(folders, tmp_path, capsys):
 OTHER_FAMILY_OPTIONS = [(0, ["--top-k", "5"]), (0, ["--top-p", "0.9"]), (0, ["--temperature", "0.5"]),
                         (0, ["--more-smooth"]), (0, ["--var-cfg", "1.5"]),
                         (1, ["--steps", "3"]), (1, ["--solver", "midpoint"]), (1, ["--schedule", "uniform"]),
-                        (1, ["--guidance-interval", "0,0.5"]), (1, ["--atol", "1e-3"]), (1, ["--rtol", "1e-3"])]
+                        (1, ["--guidance-interval", "0,0.5"]), (1, ["--atol", "1e-3"]), (1, ["--rtol", "1e-3"]),
+                        (1, ["--scales", "1,2,4"])]
 
 
 @pytest.mark.parametrize("folder, option", OTHER_FAMILY_OPTIONS)
@@ -221,3 +222,14 @@ def test_cli_samples_a_flow_map_release_at_its_saved_jumps_and_refuses_jumps_for
     capsys.readouterr()
     assert cli_main([str(flowar_dir), "--solver", "flow-map", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
     assert "flow-map" in capsys.readouterr().err
+
+
+def test_cli_samples_a_flexible_model_at_a_larger_list_and_refuses_it_for_a_fixed_one(folders, tmp_path, capsys):
+    tiny_flowar_pipeline(positions="grid", scale_lists="random").save_pretrained(tmp_path / "flexible")
+    out = tmp_path / "large.png"
+    assert cli_main([str(tmp_path / "flexible"), "--labels", "1", "--scales", "1,2,4,8,12", "--steps", "2",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out).size == (24 + 4, 24 + 4)  # 12 latent pixels, 2x upsampling VAE, 2 px padding
+    assert cli_main([str(folders[0]), "--labels", "1", "--scales", "1,3,8", "--out", str(tmp_path / "no.png"),
+                     "--device", "cpu"]) == 2
+    assert "positions='grid'" in capsys.readouterr().err

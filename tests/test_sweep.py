@@ -164,3 +164,26 @@ def test_flow_map_jumps_are_an_axis_and_an_ordinary_head_is_refused_before_sampl
     assert main([str(tmp_path / "ordinary"), "--out", str(tmp_path / "refused"), *common]) == 2
     assert "flow-map" in capsys.readouterr().err
     assert not (tmp_path / "refused" / "sweep.csv").exists()
+
+
+def test_scale_lists_are_an_axis_and_a_fixed_model_is_refused_before_sampling(tmp_path, capsys, small_network):
+    """A flexible model sweeps lists of sides, a larger last side included; a model of fixed scales asked for
+    another list stops before the first sample, naming positions='grid'."""
+    reference = tmp_path / "reference.npz"
+    write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    common = ["--solvers", "euler", "--steps", "2", "--scales", "1/4/8,1/2/3/4/6/8,1/2/4/8/12", "--num-samples", "4",
+              "--reference", str(reference), "--batch-size", "4"]
+    tiny_flowar_pipeline(positions="grid", scale_lists="random").save_pretrained(tmp_path / "flexible")
+    assert main([str(tmp_path / "flexible"), "--out", str(tmp_path / "lists"), *common]) == 0
+    with (tmp_path / "lists" / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # Guided Euler, 2 steps per scale: one evaluation per step and scale.
+    assert [(r["scales"], float(r["nfe_per_image"])) for r in rows] == [
+        ("1/4/8", 6), ("1/2/3/4/6/8", 12), ("1/2/4/8/12", 10)]
+    tiny_flowar_pipeline().save_pretrained(tmp_path / "fixed")
+    capsys.readouterr()
+    assert main([str(tmp_path / "fixed"), "--out", str(tmp_path / "refused"), *common]) == 2
+    assert "positions='grid'" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "sweep.csv").exists()
+    with pytest.raises(ValueError, match="--scales"):
+        sweep_points(["euler"], [2], [1e-3], [1.0], [(0.0, 1.0)], schedule="uniform", scale_lists=[(1, 8, 4)])
