@@ -6,6 +6,7 @@
     python -m train.demo --out runs/demo-fs --model flowar-fewstep         # FlowAR, its head distilled: 2 jumps per scale
     python -m train.demo --out runs/demo-fs --model flowar-fewstep --teacher runs/demo   # distil a FlowAR run's head
     python -m train.demo --out runs/demo-mf --model flowar-meanflow        # a flow-map head trained from scratch
+    python -m train.demo --out runs/demo-fx --model flowar-flexible        # FlowAR on random scale lists
     python -m train.demo --out runs/demo-s1 --seed 1 --fid                 # another seed, and FID too
 
 FlowAR:
@@ -26,6 +27,10 @@ of training one; the distillation adds about 3.3 minutes to the FlowAR demo's ti
 
 flowar-meanflow: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
 (``heads.meanflow``), sampled with two jumps per scale.
+
+flowar-flexible: the FlowAR demo with ``positions="grid"`` and ``scale_lists="random"``: every training step
+draws its own list of scales from 1 to 8, so the release samples any list, e.g. ``--rescore RUN --sample
+'scales=[1,2,3,4,6,8]' --sample steps=20``, and larger images with a last side above 8 (``'scales=[1,2,4,8,12]'``).
 
 flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
 only its stage of time and fewer head steps are run at the late scales.
@@ -113,8 +118,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEMO_MEANFLOW = {**DEMO_FLOWAR, "flow_map": True, "objective": "mean-flow", "time_distribution": "uniform",
                  "sampling": {**DEMO_FLOWAR["sampling"], "solver": "flow-map", "steps": 2, "schedule": "uniform"}}
 # The few-step FlowAR trains the FlowAR demo's model and then distils its head (train.distill_head).
+# The flexible FlowAR: the same model with grid positions, trained on a random list of scales every step, so
+# that it samples any list (--rescore RUN --sample 'scales=[1,4,8]' --sample steps=20) and larger images.
+DEMO_FLEXIBLE = {**DEMO_FLOWAR, "positions": "grid", "scale_lists": "random"}
 MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow": DEMO_MEANFLOW,
-          "flowar-multistage": DEMO_MULTISTAGE, "var": DEMO_VAR}
+          "flowar-multistage": DEMO_MULTISTAGE, "flowar-flexible": DEMO_FLEXIBLE, "var": DEMO_VAR}
 # The distillation (docs/ablations.md#distilled-few-step): 150 steps of batch 32 at a constant lr 1e-3 onto the
 # teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
 # average, a midpoint or a finer target solve, or jumps on the "flowar" grid were each level or worse at seed 0.
