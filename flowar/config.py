@@ -158,6 +158,9 @@ class FlowARConfig(ConfigMixin):
     objective: str = "flow-matching"  # one of OBJECTIVES
     positions: str = "sequence"  # one of POSITIONS
     scale_lists: str = "fixed"  # one of SCALE_LISTS
+    # scale_lists="random": the share of steps that train the config's own list (FlexVAR's 5%), which a short
+    # training needs more of to sample that list as well as a fixed model does.
+    fixed_list_share: float = 0.05
     mean_flow_share_equal: float = MEANFLOW_SHARE_EQUAL
     mean_flow_logit_mean: float = MEANFLOW_LOGIT_MEAN
     mean_flow_logit_std: float = MEANFLOW_LOGIT_STD
@@ -224,6 +227,8 @@ class FlowARConfig(ConfigMixin):
             raise ValueError("scale_lists='random' trains on lists of scales that a per-token table cannot place: it "
                              f"needs positions='grid' and flow='full', got positions={self.positions!r}, "
                              f"flow={self.flow!r}")
+        if not 0.0 <= self.fixed_list_share <= 1.0:
+            raise ValueError(f"fixed_list_share must be in [0, 1], got {self.fixed_list_share}")
         self.sampling.check_model(self)
 
     @property

@@ -236,14 +236,17 @@ class FlowAR(ScaleWiseModel):
 
     # ------------------------------------------------------------------ training
     def draw_scale_list(self, generator=None) -> tuple[int, ...]:
-        """A training step's scales under ``scale_lists="random"``: 1, then k sides drawn without replacement
-        from 2 .. S-1 (k uniform in 1 .. min(S - 2, K) for the config's K scales and latent side S), then S. Each
-        list is a way through the pyramid that sampling may take; the heads of every side in between train."""
+        """A training step's scales under ``scale_lists="random"``: the config's own with probability
+        ``fixed_list_share``, else 1, then k sides drawn without replacement from 2 .. S-1 (k uniform in
+        1 .. min(S - 2, K) for the config's K scales and latent side S), then S. Each list is a way through the
+        pyramid that sampling may take; the heads of every side in between train."""
         c = self.config
         full = c.scales[-1]
         if full <= 2:
             return c.scales
         device = generator.device if generator is not None else "cpu"
+        if float(torch.rand((), generator=generator, device=device)) < c.fixed_list_share:
+            return c.scales
         count = int(torch.randint(1, min(full - 2, len(c.scales)) + 1, (), generator=generator, device=device))
         interior = torch.randperm(full - 2, generator=generator, device=device)[:count] + 2
         return (1, *sorted(int(v) for v in interior), full)

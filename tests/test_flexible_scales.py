@@ -138,3 +138,14 @@ def test_the_trainer_trains_on_random_lists_and_logs_each_side(tmp_path):
     assert 1 in sides and 8 in sides and sides - {1, 2, 4, 8}, sides  # sides the fixed list never has
     state = torch.load(tmp_path / "run" / "checkpoint-last.pt", weights_only=True)
     assert state["step"] == 6 and "encoder_pos_grid" in state["model"]
+
+
+def test_a_share_of_the_steps_trains_the_model_s_own_list():
+    always = flexible(fixed_list_share=1.0)
+    assert all(always.draw_scale_list(gen(i)) == (1, 2, 4, 8) for i in range(20))
+    half = flexible(fixed_list_share=0.5)
+    g = gen(0)
+    share = sum(half.draw_scale_list(g) == (1, 2, 4, 8) for _ in range(1000)) / 1000
+    assert 0.45 < share < 0.58  # 0.5, plus the random lists that happen to be (1, 2, 4, 8): about 0.008
+    with pytest.raises(ValueError, match="fixed_list_share must be in"):
+        flexible(fixed_list_share=1.5)
