@@ -46,7 +46,7 @@ def run_train(args, *, nproc=1, check=True, **popen):
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as hung:
         text = [o.decode() if isinstance(o, bytes) else (o or "") for o in (hung.stdout, hung.stderr)]
-        raise AssertionError("training did not finish in 300 s; its output so far:\n" + "\n".join(text)) from None
+        raise AssertionError("training did not finish in 300 s; its output until then:\n" + "\n".join(text)) from None
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
