@@ -234,7 +234,12 @@ class FlowARConfig(ConfigMixin):
     @property
     def spans(self) -> tuple[tuple[float, float], ...]:
         """The span of time each scale's head integrates: [1, 0] everywhere for the full flow."""
-        return self.stage_times if self.flow == "multistage" else (FULL_SPAN,) * len(self.scales)
+        return self.spans_for(self.scales)
+
+    def spans_for(self, sides) -> tuple[tuple[float, float], ...]:
+        """The spans of a run over ``sides``: the stages of a multistage flow (which samples only its own
+        scales), else [1, 0] for every side of any list."""
+        return self.stage_times if self.flow == "multistage" else (FULL_SPAN,) * len(sides)
 
     @property
     def seq_len(self) -> int:

@@ -15,7 +15,7 @@ from heads.layers import RMSNorm, xavier_init_linears
 from heads.multistage import renoise, training_stages
 from heads.networks import ROPE_GRID, build_head
 from heads.meanflow import MEANFLOW_ADAPTIVE_EPS, adaptive_weighted, draw_flow_map_times
-from heads.path import FULL_SPAN, draw_times, interpolate, segment_loss
+from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
 from vae.pyramid import area_pyramid, check_scale_list, next_scale_input
 
@@ -119,10 +119,7 @@ class FlowAR(ScaleWiseModel):
         self.z_proj = nn.Linear(c.token_dim, width)
         self.z_proj_ln = RMSNorm(width, weight=True)
         self.position_tables = ("encoder", "decoder", "diffusion")
-        if c.positions == "sequence":  # the released layout: one learned vector per token of the fixed scales
-            self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
-        else:  # one learned side x side table per embedding, resized to every scale (positions="grid")
-            self.encoder_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
+        self._add_position_table("encoder")
 
         def blocks(depth):
             return nn.ModuleList(
@@ -134,20 +131,23 @@ class FlowAR(ScaleWiseModel):
         self.encoder_blocks = blocks(c.encoder_depth)
         self.encoder_norm = RMSNorm(width, weight=True)
         self.decoder_embed = nn.Linear(width, width)
-        if c.positions == "sequence":
-            self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
-        else:
-            self.decoder_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
+        self._add_position_table("decoder")
         self.decoder_blocks = blocks(c.decoder_depth)
         self.decoder_norm = RMSNorm(width, weight=True)
-        if c.positions == "sequence":
-            self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, c.seq_len, width))
-        else:
-            self.diffusion_pos_grid = nn.Parameter(torch.zeros(1, width, c.scales[-1], c.scales[-1]))
+        self._add_position_table("diffusion")
         # The MeanFlow target differentiates the head in t, which the released head's integer timesteps would zero.
         self.flownet = build_head(c.head, token_dim=c.token_dim, width=c.head_width, cond_dim=width, depth=c.head_depth,
                                   flow_map=c.flow_map, quantize_time=False if c.objective == "mean-flow" else None)
         self.initialize_weights()
+
+    def _add_position_table(self, name: str) -> None:
+        """Register position table ``name`` where the released model has it (parameter order is what an
+        optimizer's saved state is indexed by)."""
+        c = self.config
+        if c.positions == "sequence":  # the released layout: one learned vector per token of the fixed scales
+            setattr(self, f"{name}_pos_embed_learned", nn.Parameter(torch.zeros(1, c.seq_len, c.width)))
+        else:  # one learned side x side table, resized to every scale (positions="grid")
+            setattr(self, f"{name}_pos_grid", nn.Parameter(torch.zeros(1, c.width, c.scales[-1], c.scales[-1])))
 
     def initialize_weights(self):
         nn.init.normal_(self.class_emb.weight, std=0.02)
@@ -292,8 +292,8 @@ class FlowAR(ScaleWiseModel):
             draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": list(starts),
                      "flow_ends": list(ends)}
         else:
-            spans = c.spans if sides == c.scales else (FULL_SPAN,) * len(sides)
-            draws = {"drop_mask": rand(batch_size) < c.label_drop, "flow_times": [times(span) for span in spans]}
+            draws = {"drop_mask": rand(batch_size) < c.label_drop,
+                     "flow_times": [times(span) for span in c.spans_for(sides)]}
         draws["flow_noise"] = [randn(batch_size, s * s, c.token_dim) if m == 1
                                else randn(batch_size, m, s * s, c.token_dim) for s in sides]
         if c.context_noise:
@@ -519,7 +519,7 @@ class FlowARStepper(CachedStepper):
         A multistage stage after the first starts from the previous result re-noised with that noise
         (``heads.multistage.renoise``) and integrates only its span."""
         o, c, k = self.options, self.model.config, self.scales_seen - 1
-        side, span = self.sides[k], (c.spans[k] if self.sides == c.scales else FULL_SPAN)
+        side, span = self.sides[k], c.spans_for(self.sides)[k]
         with self.timer:
             if noise is not None:
                 x_init = noise.to(device=self.device, dtype=torch.float32)

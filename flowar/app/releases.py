@@ -3,7 +3,6 @@ checks that turn a page's controls into sampling options or into a message the p
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import threading
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from heads.solvers import ADAPTIVE_SOLVERS
 from vae.pyramid import scale_masks
 
 from ..editing import box_mask
@@ -163,12 +163,11 @@ class Release:
         if guidance_scale is not None:
             overrides["guidance_scale"] = check_float(guidance_scale, "guidance scale", 1.0, 20.0)
         if self.family == "flowar":
-            if steps is not None and str(steps).strip():
-                overrides["steps"] = parse_steps(steps)
             if solver is not None:
                 overrides["solver"] = solver
-            if overrides.get("solver") == "dopri5":
-                overrides["steps"] = None  # adaptive: it picks its own steps
+            # An adaptive solver picks its own steps: the options drop the count when it is not given.
+            if steps is not None and str(steps).strip() and solver not in ADAPTIVE_SOLVERS:
+                overrides["steps"] = parse_steps(steps)
         else:
             if top_k is not None:
                 overrides["top_k"] = check_int(top_k, "top-k", 0, self.model.config.vocab_size)
@@ -177,10 +176,7 @@ class Release:
         if self.num_classes == 0 and overrides.get("guidance_scale", 1.0) != 1.0:
             raise RequestError(f"{self.name} is unconditional: guidance scale must be 1")
         try:
-            options = self.model.sampling_options(**{k: v for k, v in overrides.items() if k != "steps"})
-            if "steps" in overrides:  # None means "adaptive" here, not "keep the default"
-                options = dataclasses.replace(options, steps=overrides["steps"])
-                options.check_model(self.model.config)
+            options = self.model.sampling_options(**overrides)
         except ValueError as err:
             raise RequestError(f"{self.name}: {err}") from None
         return options
