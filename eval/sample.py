@@ -299,7 +299,7 @@ def run(pipeline, out, *, per_class: int | None = None, num_samples: int | None 
         new = 0
         if round_ < len(mine):
             chunk = mine[round_]
-            noise = [n.to(device) for n in pipe.model.noise_from_seeds(sample_seeds(seed, chunk))]
+            noise = [n.to(device) for n in pipe.model.noise_from_seeds(sample_seeds(seed, chunk), options)]
             batch_labels = None if labels is None else labels[chunk.start:chunk.stop].tolist()
             pixels = pipe(batch_labels, batch_size=len(chunk) if labels is None else None, output_type="np",
                           autocast_dtype=autocast_dtype, sampling=options, noise=noise)

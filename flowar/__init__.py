@@ -3,6 +3,9 @@
 from .collaborative import CollaborativePipeline, collaborative_sample
 from .config import PRESETS, FlowARConfig, FlowARSampling, get_preset
 from .editing import inpaint
+from .flexvar import FlexVAR, FlexVARSampleOutput
+from .flexvar_config import FLEXVAR_PRESETS, FlexVARConfig, FlexVARSampling, get_flexvar_preset
+from .flexvar_pipeline import FlexVARPipeline
 from .model import FlowAR, FlowAROutput, SampleOutput
 from .pipeline import FlowARPipeline
 from .registry import load_model, load_pipeline
@@ -12,5 +15,6 @@ from .var_pipeline import VARPipeline
 
 __all__ = ["PRESETS", "FlowAR", "FlowARConfig", "FlowAROutput", "FlowARPipeline", "FlowARSampling", "SampleOutput",
            "get_preset", "VAR", "VAROutput", "VARSampleOutput", "VAR_PRESETS", "VARConfig", "VARSampling",
-           "get_var_preset", "VARPipeline", "load_model", "load_pipeline", "CollaborativePipeline",
+           "get_var_preset", "VARPipeline", "FlexVAR", "FlexVARSampleOutput", "FLEXVAR_PRESETS", "FlexVARConfig",
+           "FlexVARSampling", "get_flexvar_preset", "FlexVARPipeline", "load_model", "load_pipeline", "CollaborativePipeline",
            "collaborative_sample", "inpaint"]

@@ -3,15 +3,17 @@
     flowar-sample my-pipeline/ --labels 1,2,3 --num-images 4 --guidance-scale 4 --steps 25 --out grid.png
     flowar-sample FlowAR-S.pth --preset flowar-s --vae kl16.ckpt --labels 207,360 --out grid.png
     flowar-sample var_d16.pth --preset var-d16 --tokenizer vae_ch160v4096z32.pth --labels 207,360 --var-cfg 1.5
+    flowar-sample FlexVARd16-epo179.pth --preset flexvar-d16 --tokenizer FlexVAE.pth --labels 207 --scales 1,2,4,8,12,16,24,32
 
-One command for both families: the folder's config.json (``model_type``) or the ``--preset`` picks the model
+One command for every family: the folder's config.json (``model_type``) or the ``--preset`` picks the model
 class and pipeline from ``flowar.registry``. Sampling options left out take the model's saved defaults; an
-option of the other family is refused by name.
+option the family's sampling does not have is refused by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,16 +25,19 @@ from vae.files import read_config
 from vae.msvq import MSVQ_PRESETS
 
 from .config import PRESETS
+from .flexvar_config import FLEXVAR_PRESETS
 from .outputs import image_grid
 from .registry import model_type, pipeline_class
 from .sampling import CFG_SCHEDULES
-from .var_config import VAR_PRESETS
+from .var_config import VAR_PRESETS, VARSampling
 from .var_pipeline import RELEASED_TOKENIZER, load_tokenizer
 
-# Sampling options of one family: argparse destination -> the options dataclass field (same name).
-FLOWAR_OPTIONS = ("guidance_interval", "solver", "steps", "schedule", "atol", "rtol", "scales")
-VAR_OPTIONS = ("top_k", "top_p", "temperature", "more_smooth", "var_cfg")
-SHARED_OPTIONS = ("guidance_scale", "cfg_schedule")
+# Sampling options: argparse destination -> the field (or replace() keyword) of a family's options dataclass.
+SAMPLING_OPTIONS = ("guidance_scale", "cfg_schedule", "scales", "guidance_interval", "solver", "steps", "schedule",
+                    "atol", "rtol", "top_k", "top_p", "temperature", "more_smooth", "var_cfg", "greedy_above")
+# The model type of each preset, for a released file.
+PRESET_KINDS = {**{name: "flowar" for name in PRESETS}, **{name: "var" for name in VAR_PRESETS},
+                **{name: "flexvar" for name in FLEXVAR_PRESETS}}
 
 
 def parse_labels(text: str) -> list[int]:
@@ -60,22 +65,21 @@ def parse_scales(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowar-sample",
-        description="Sample images from a FlowAR or VAR pipeline folder (config.json + model.safetensors with a "
-                    "vae/ or tokenizer/ folder) or from a released checkpoint (.pth) with --preset.",
+        description="Sample images from a FlowAR, VAR or FlexVAR pipeline folder (config.json + model.safetensors "
+                    "with a vae/ or tokenizer/ folder) or from a released checkpoint (.pth) with --preset.",
     )
     p.add_argument("path", help="pipeline folder, or a released .pth checkpoint (then --preset is required)")
-    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(VAR_PRESETS),
-                   help="architecture of a released .pth checkpoint")
+    p.add_argument("--preset", choices=sorted(PRESET_KINDS), help="architecture of a released .pth checkpoint")
     p.add_argument("--vae", help="FlowAR's VAE: a diffusers folder or hub id, or MAR's kl16.ckpt "
                                  "(default: the vae/ folder beside the model)")
-    p.add_argument("--tokenizer", help="VAR's tokenizer: our folder, or VAR's vae_ch160v4096z32.pth "
-                                       "(default: the tokenizer/ folder beside the model)")
+    p.add_argument("--tokenizer", help="VAR's or FlexVAR's tokenizer: our folder, or VAR's vae_ch160v4096z32.pth / "
+                                       "FlexVAR's FlexVAE.pth (default: the tokenizer/ folder beside the model)")
     p.add_argument("--tokenizer-preset", choices=sorted(MSVQ_PRESETS), default=RELEASED_TOKENIZER,
-                   help="architecture of a tokenizer .pth (default: the released one); its scales follow the model")
+                   help="architecture of a VAR tokenizer .pth (default: the released one); its scales follow the model")
     p.add_argument("--labels", type=parse_labels, help="class ids, e.g. 207,360 (omit for unconditional)")
     p.add_argument("--num-images", type=int, default=None,
                    help="images for an unconditional model, or per label for a conditional one (default 1)")
-    guidance = p.add_argument_group("guidance (both families; default: the model's)")
+    guidance = p.add_argument_group("guidance and scales (every family; default: the model's)")
     guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
     guidance.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
                           help="linear: ramp from 1 at the first scale to the scale at the last")
@@ -84,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     flowar.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
     flowar.add_argument("--solver", choices=SOLVERS, default=None)
     flowar.add_argument("--schedule", choices=SCHEDULES, default=None)
-    flowar.add_argument("--scales", type=parse_scales, default=None,
-                        help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images (a model with "
-                             "positions='grid'; default: the model's scales)")
+    guidance.add_argument("--scales", type=parse_scales, default=None,
+                          help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images (FlexVAR, or a "
+                               "FlowAR with positions='grid'; default: the model's scales)")
     flowar.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
     flowar.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
-    var = p.add_argument_group("VAR sampling (default: the model's)")
+    var = p.add_argument_group("VAR and FlexVAR sampling (default: the model's)")
     var.add_argument("--var-cfg", type=float, default=None,
                      help="guidance in VAR's own convention (0 = unguided; guidance scale = 1 + var-cfg)")
     var.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids (0 = off)")
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     var.add_argument("--more-smooth", action="store_const", const=True, default=None,
                      help="VAR's Gumbel-softmax mixing of code vectors (for pictures, not FID)")
+    var.add_argument("--greedy-above", type=int, default=None,
+                     help="FlexVAR: sides above this are drawn greedily at full guidance (the released 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="run the generator under bf16 autocast")
@@ -122,12 +128,12 @@ def load_cli_pipeline(args):
     if path.is_file():
         if args.preset is None:
             raise ValueError(f"{path} is a checkpoint file; --preset is required "
-                             f"(one of {', '.join(sorted(PRESETS) + sorted(VAR_PRESETS))})")
-        kind = "var" if args.preset in VAR_PRESETS else "flowar"
+                             f"(one of {', '.join(sorted(PRESET_KINDS))})")
+        kind = PRESET_KINDS[args.preset]
     else:
         kind = model_type(path)
     cls = pipeline_class(kind)
-    own, other = ("tokenizer", "vae") if kind == "var" else ("vae", "tokenizer")
+    own, other = ("tokenizer", "vae") if cls.autoencoder_folder == "tokenizer" else ("vae", "tokenizer")
     if getattr(args, other) is not None:
         raise ValueError(f"--{other} is for the other model family; {path} holds a {kind!r} model (use --{own})")
     source = getattr(args, own)
@@ -143,8 +149,9 @@ def load_cli_pipeline(args):
 
 
 def cli_autoencoder(cls, source, args, scales):
-    """--vae / --tokenizer; a tokenizer .pth is read in --tokenizer-preset's architecture with the model's scales."""
-    if cls.autoencoder_folder == "tokenizer":
+    """--vae / --tokenizer; a VAR tokenizer .pth is read in --tokenizer-preset's architecture with the model's
+    scales."""
+    if cls.model_class.model_type == "var":
         return load_tokenizer(source, scales=scales, preset=args.tokenizer_preset)
     return cls.load_autoencoder(source, model=None)
 
@@ -154,13 +161,14 @@ def run(args) -> int:
     if args.compile:
         pipe.compile()
     kind = pipe.model.model_type
-    foreign = VAR_OPTIONS if kind == "flowar" else FLOWAR_OPTIONS
-    given = [name for name in foreign if getattr(args, name) is not None]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags}: option(s) of the other model family; {args.path} holds a {kind!r} model")
-    options = {name: getattr(args, name) for name in SHARED_OPTIONS + FLOWAR_OPTIONS + VAR_OPTIONS
-               if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    own = {f.name for f in dataclasses.fields(pipe.model.sampling_class)}
+    if issubclass(pipe.model.sampling_class, VARSampling):
+        own.add("var_cfg")  # VAR's own guidance convention, a keyword of its replace()
+    foreign = [name for name in options if name not in own]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ValueError(f"{flags}: not sampling option(s) of a {kind!r} model ({args.path})")
     per_label = args.num_images or 1
     labels = None if args.labels is None else [label for label in args.labels for _ in range(per_label)]
     batch_size = per_label if labels is None else None

@@ -442,14 +442,15 @@ class FlowAR(ScaleWiseModel):
         if not all(torch.isfinite(n).all() for n in noise):
             raise ValueError("noise must be finite: it holds NaN or infinite values")
 
-    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
-        """FlowAR's initial noise, one (B, s*s, C) float32 CPU tensor per scale, row b drawn from seeds[b]."""
+    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
+        """FlowAR's initial noise, one (B, s*s, C) float32 CPU tensor per sampled side, row b drawn from seeds[b]."""
         c = self.config
+        sides = c.scales if options is None else self.sampled_scales(options)
         per_sample = []
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
-            per_sample.append([torch.randn((side * side, c.token_dim), generator=g) for side in c.scales])
-        return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(c.scales))]
+            per_sample.append([torch.randn((side * side, c.token_dim), generator=g) for side in sides])
+        return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(sides))]
 
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
         """Each scale's known tokens: the image's latent (the posterior mean where the VAE has one) area-pooled

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from vae.files import read_model_type
+from pathlib import Path
+
+from vae.files import read_model_type, read_torch_state_dict
+from vae.flexvq import FlexVQVAE
 from vae.msvq import MultiScaleVQVAE
 
+from .flexvar import FlexVAR
+from .flexvar_pipeline import FlexVARPipeline, load_flexvq_tokenizer
 from .model import FlowAR
 from .pipeline import FlowARPipeline
 from .var import VAR
 from .var_pipeline import VARPipeline
+from .var_pipeline import load_tokenizer as load_var_tokenizer
 
-MODEL_CLASSES = {cls.model_type: cls for cls in (FlowAR, VAR, MultiScaleVQVAE)}
-PIPELINE_CLASSES = {cls.model_class.model_type: cls for cls in (FlowARPipeline, VARPipeline)}
+MODEL_CLASSES = {cls.model_type: cls for cls in (FlowAR, VAR, FlexVAR, MultiScaleVQVAE, FlexVQVAE)}
+PIPELINE_CLASSES = {cls.model_class.model_type: cls for cls in (FlowARPipeline, VARPipeline, FlexVARPipeline)}
+TOKENIZER_CLASSES = {cls.model_type: cls for cls in (MultiScaleVQVAE, FlexVQVAE)}
 
 
 def model_type(path) -> str:
@@ -27,7 +34,7 @@ def pipeline_class(kind: str) -> type:
 
 
 def load_model(path, *, map_location="cpu"):
-    """The model (FlowAR, VAR or a VQ tokenizer) saved in folder ``path``."""
+    """The model (FlowAR, VAR, FlexVAR or a VQ tokenizer) saved in folder ``path``."""
     kind = model_type(path)
     if kind not in MODEL_CLASSES:
         raise ValueError(f"path {path} holds a {kind!r} model; known types are {sorted(MODEL_CLASSES)}")
@@ -35,7 +42,8 @@ def load_model(path, *, map_location="cpu"):
 
 
 def load_pipeline(path, *, autoencoder=None, map_location="cpu"):
-    """The FlowARPipeline or VARPipeline saved in folder ``path``, as its config.json's ``model_type`` says.
+    """The FlowARPipeline, VARPipeline or FlexVARPipeline saved in folder ``path``, as its config.json's
+    ``model_type`` says.
 
     autoencoder: a VAE (FlowAR) or tokenizer (VAR) object, folder or file that replaces the folder's own.
     """
@@ -44,3 +52,19 @@ def load_pipeline(path, *, autoencoder=None, map_location="cpu"):
     except ValueError as err:
         raise ValueError(f"path {path}: {err}") from None
     return cls.from_pretrained(path, autoencoder=autoencoder, map_location=map_location)
+
+
+def load_tokenizer(path, *, map_location="cpu"):
+    """A VQ tokenizer: our folder (VAR's multi-scale one or FlexVAR's, as its config.json says), or a released
+    file, told apart by its keys: FlexVAR's ``FlexVAE.pth`` (LlamaGen's ``encoder.conv_blocks``) or VAR's
+    ``vae_ch160v4096z32.pth``."""
+    source = Path(path)
+    if source.is_file():
+        keys = read_torch_state_dict(source, map_location=map_location, wrappers=("model",)).keys()
+        if any(key.startswith("encoder.conv_blocks.") for key in keys):
+            return load_flexvq_tokenizer(source, map_location=map_location)
+        return load_var_tokenizer(source, map_location=map_location)
+    kind = model_type(source)
+    if kind not in TOKENIZER_CLASSES:
+        raise ValueError(f"path {path} holds a {kind!r} model, not a tokenizer ({sorted(TOKENIZER_CLASSES)})")
+    return TOKENIZER_CLASSES[kind].from_pretrained(source, map_location=map_location)

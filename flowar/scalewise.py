@@ -118,9 +118,9 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         ``options``)."""
         raise NotImplementedError
 
-    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
-        """Per-scale randomness in which row b is drawn from ``seeds[b]`` alone (on the CPU, so that it is the
-        same on any device): an image then does not depend on its batch."""
+    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
+        """Per-scale randomness (of the sides sampled with ``options``) in which row b is drawn from ``seeds[b]``
+        alone (on the CPU, so that it is the same on any device): an image then does not depend on its batch."""
         raise NotImplementedError
 
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list:

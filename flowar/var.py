@@ -173,26 +173,20 @@ class AdaLNBeforeHead(nn.Module):
         return self.norm(x) * (scale + 1) + shift
 
 
-# ---------------------------------------------------------------------------------------- the model
-class VAR(ScaleWiseModel):
-    """Class-conditional next-scale prediction over the token maps of a multi-scale VQ tokenizer."""
+# ---------------------------------------------------------------------------------------- the models
+class TokenScaleModel(ScaleWiseModel):
+    """What VAR and FlexVAR share: code vectors and a class token in, VAR's AdaLN blocks attending
+    block-causally over scales, logits over the codebook out. A family adds its position embeddings
+    (:meth:`_add_positions`, :meth:`_initialize_positions`) and its inputs, loss and sampling."""
 
-    model_type = MODEL_TYPE
-    config_class = VARConfig
-    sampling_class = VARSampling
-    interchangeable_fields = ("scales", "vocab_size", "code_dim", "num_classes")
-    training_data = "tokens"
-
-    def __init__(self, config: VARConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         c = config
         width = c.width
         self.word_embed = nn.Linear(c.code_dim, width)
         self.class_emb = nn.Embedding(c.num_classes + 1, width)  # last id is the null class
-        self.pos_start = nn.Parameter(torch.empty(1, c.first_len, width))
-        self.pos_1LC = nn.Parameter(torch.empty(1, c.seq_len, width))  # absolute position of every token
-        self.lvl_embed = nn.Embedding(len(c.scales), width)  # which scale a token belongs to
+        self._add_positions()
         if c.shared_adaln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # stochastic depth rising from 0
@@ -201,8 +195,17 @@ class VAR(ScaleWiseModel):
         self.head = CategoricalHead(width, c.vocab_size)
         self.initialize_weights()
 
+    def _add_positions(self) -> None:
+        """Register the family's position parameters (called before the blocks, so that the random init
+        draws in the released module order)."""
+        raise NotImplementedError
+
+    def _initialize_positions(self, std: float) -> None:
+        raise NotImplementedError
+
     def initialize_weights(self):
-        """The authors' init for training from scratch (their VAR.init_weights with the builder's arguments)."""
+        """The authors' init for training from scratch (VAR's and FlexVAR's init_weights with the builder's
+        arguments)."""
         c = self.config
         std = math.sqrt(1 / c.width / 3)
         for module in self.modules():
@@ -212,8 +215,7 @@ class VAR(ScaleWiseModel):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.trunc_normal_(module.weight, std=std)
-        for param in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(param, std=std)
+        self._initialize_positions(std)
         with torch.no_grad():
             self.head.weight.mul_(0.02)  # near-uniform logits at the start
             self.head_nm.ada_lin[1].weight.mul_(0.5)
@@ -233,11 +235,6 @@ class VAR(ScaleWiseModel):
         return self.config.depth
 
     # ------------------------------------------------------------------ pieces
-    def level_positions(self) -> torch.Tensor:
-        """(1, L, D): level embedding of each token's scale plus its absolute position embedding."""
-        sizes = torch.tensor([s * s for s in self.config.scales], device=self.lvl_embed.weight.device)
-        return self.lvl_embed.weight.repeat_interleave(sizes, dim=0)[None] + self.pos_1LC
-
     def block_modulation(self, class_embedding: torch.Tensor) -> list[torch.Tensor]:
         """Each block's (B, 1, 6, D) AdaLN parameters for the class embeddings (B, D)."""
         cond = class_embedding
@@ -248,7 +245,7 @@ class VAR(ScaleWiseModel):
     def transformer(self, x, modulation, *, sides=None, cache=None, keep=None) -> torch.Tensor:
         """Hidden states (B, n, D) of input tokens (B, n, D) (embeddings and positions already added).
 
-        Without a cache, ``x`` holds the scales ``sides`` (default: all), from the first on, attended
+        Without a cache, ``x`` holds the scales ``sides`` (default: the config's), from the first on, attended
         block-causally. With a cache, ``x`` is the one next scale. keep: (depth, 2, B) drop-path multipliers.
         """
         sides = tuple(self.config.scales if sides is None else sides)
@@ -263,6 +260,64 @@ class VAR(ScaleWiseModel):
     def head_logits(self, hidden, class_embedding) -> torch.Tensor:
         """Logits (B, n, V) from hidden states (B, n, D)."""
         return self.head(self.head_nm(hidden, class_embedding))
+
+    def class_embedding(self, class_labels, batch: int, *, drop_mask=None) -> torch.Tensor:
+        """(B, D) embeddings of validated labels, those in ``drop_mask`` (B,) bool replaced by the null class."""
+        labels = self.check_labels(class_labels, batch)
+        if drop_mask is not None:
+            labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
+        return self.class_emb(labels)
+
+    def drop_path_multipliers(self, keep, dtype) -> torch.Tensor | None:
+        """(depth, 2, B) residual multipliers from the boolean (B, depth, 2) drop-path draws ``keep`` (kept /
+        (1 - rate), as stochastic depth scales them); None outside training or without drop path."""
+        if not self.training or keep is None or self.config.drop_path <= 0:
+            return None
+        rates = torch.tensor([b.drop_path for b in self.blocks], device=keep.device).view(-1, 1, 1)
+        return (keep.permute(1, 2, 0).float() / (1 - rates).float()).to(dtype)
+
+    def draw_randomness(self, batch_size: int, *, generator=None, device=None) -> dict:
+        """Every random draw of one training forward, per image (leading or last dim ``batch_size``):
+        ``drop_mask`` (B,) labels replaced by the null class, ``keep`` (B, depth, 2) residual branches
+        kept by drop path (attention, then MLP, of each block). Batch-first, so a trainer can hand each
+        process its rows of a global batch's draws."""
+        c = self.config
+        device = self.class_emb.weight.device if device is None else device
+        drop = torch.rand(batch_size, generator=generator, device=device) < c.cond_drop_rate
+        if c.unconditional:
+            drop = torch.zeros_like(drop)
+        rates = torch.tensor([b.drop_path for b in self.blocks], device=device).view(-1, 1, 1)
+        keep = torch.rand(c.depth, 2, batch_size, generator=generator, device=device) >= rates
+        return {"drop_mask": drop, "keep": keep.permute(2, 0, 1)}
+
+    def sampling_hot_modules(self) -> list[nn.Module]:
+        # Sampling is the transformer: each block's feed-forward is about two thirds of a block's FLOPs.
+        return [block.ffn for block in self.blocks]
+
+
+class VAR(TokenScaleModel):
+    """Class-conditional next-scale prediction over the token maps of a multi-scale VQ tokenizer."""
+
+    model_type = MODEL_TYPE
+    config_class = VARConfig
+    sampling_class = VARSampling
+    interchangeable_fields = ("scales", "vocab_size", "code_dim", "num_classes")
+    training_data = "tokens"
+
+    def _add_positions(self) -> None:
+        c = self.config
+        self.pos_start = nn.Parameter(torch.empty(1, c.first_len, c.width))
+        self.pos_1LC = nn.Parameter(torch.empty(1, c.seq_len, c.width))  # absolute position of every token
+        self.lvl_embed = nn.Embedding(len(c.scales), c.width)  # which scale a token belongs to
+
+    def _initialize_positions(self, std: float) -> None:
+        for param in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(param, std=std)
+
+    def level_positions(self) -> torch.Tensor:
+        """(1, L, D): level embedding of each token's scale plus its absolute position embedding."""
+        sizes = torch.tensor([s * s for s in self.config.scales], device=self.lvl_embed.weight.device)
+        return self.lvl_embed.weight.repeat_interleave(sizes, dim=0)[None] + self.pos_1LC
 
     # ------------------------------------------------------------------ inputs and labels
     def _check_indices(self, indices) -> int:
@@ -307,26 +362,6 @@ class VAR(ScaleWiseModel):
         return tokens + self.level_positions()[:, : tokens.shape[1]]
 
     # ------------------------------------------------------------------ training
-    def draw_randomness(self, batch_size: int, *, generator=None, device=None) -> dict:
-        """Every random draw of one training forward, per image (leading or last dim ``batch_size``):
-        ``drop_mask`` (B,) labels replaced by the null class, ``keep`` (B, depth, 2) residual branches
-        kept by drop path (attention, then MLP, of each block). Batch-first, so a trainer can hand each
-        process its rows of a global batch's draws."""
-        c = self.config
-        device = self.class_emb.weight.device if device is None else device
-        drop = torch.rand(batch_size, generator=generator, device=device) < c.cond_drop_rate
-        if c.unconditional:
-            drop = torch.zeros_like(drop)
-        rates = torch.tensor([b.drop_path for b in self.blocks], device=device).view(-1, 1, 1)
-        keep = torch.rand(c.depth, 2, batch_size, generator=generator, device=device) >= rates
-        return {"drop_mask": drop, "keep": keep.permute(2, 0, 1)}
-
-    def _keep_multipliers(self, keep: torch.Tensor) -> torch.Tensor:
-        """Boolean (B, depth, 2) keep draws -> (depth, 2, B) multipliers kept / (1 - rate), as stochastic
-        depth scales them."""
-        rates = torch.tensor([b.drop_path for b in self.blocks], device=keep.device).view(-1, 1, 1)
-        return keep.permute(1, 2, 0).float() / (1 - rates).float()
-
     def logits(self, inputs, class_labels=None, *, drop_mask=None, keep=None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V).
 
@@ -339,14 +374,9 @@ class VAR(ScaleWiseModel):
         if inputs.ndim != 3 or tuple(inputs.shape[1:]) != expected:
             raise ValueError(f"inputs must be (B, {expected[0]}, {expected[1]}) for scales {c.scales} and "
                              f"code_dim {c.code_dim}, got {tuple(inputs.shape)}")
-        labels = self.check_labels(class_labels, inputs.shape[0]).to(inputs.device)
-        if drop_mask is not None:
-            labels = torch.where(drop_mask.to(labels.device), torch.full_like(labels, self.null_class), labels)
-        class_embedding = self.class_emb(labels)  # (B, D)
+        class_embedding = self.class_embedding(class_labels, inputs.shape[0], drop_mask=drop_mask)  # (B, D)
         tokens = self.embed_inputs(class_embedding, inputs)  # (B, L, D)
-        multipliers = None
-        if self.training and keep is not None and c.drop_path > 0:
-            multipliers = self._keep_multipliers(keep.to(tokens.device)).to(tokens.dtype)
+        multipliers = self.drop_path_multipliers(None if keep is None else keep.to(tokens.device), tokens.dtype)
         hidden = self.transformer(tokens, self.block_modulation(class_embedding), keep=multipliers)
         return self.head_logits(hidden, class_embedding)
 
@@ -392,10 +422,6 @@ class VAR(ScaleWiseModel):
         return generate(self, class_labels, autoencoder=tokenizer, batch_size=batch_size, sampling=sampling,
                         generator=generator, noise=noise, progress=progress, **options)
 
-    def sampling_hot_modules(self) -> list[nn.Module]:
-        # VAR's sampling is its transformer: each block's feed-forward is about two thirds of a block's FLOPs.
-        return [block.ffn for block in self.blocks]
-
     def stepper(self, labels: torch.Tensor, options: VARSampling, *, timed: bool = False) -> "VARStepper":
         return VARStepper(self, labels, options, timed=timed)
 
@@ -411,7 +437,7 @@ class VAR(ScaleWiseModel):
         if not all(bool(((u >= 0) & (u < 1)).all()) for u in noise):
             raise ValueError("noise (VAR: one uniform per token) must lie in [0, 1): it holds NaN or values outside")
 
-    def noise_from_seeds(self, seeds: list[int]) -> list[torch.Tensor]:
+    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
         """VAR's token uniforms, one (B, s*s) float64 CPU tensor per scale, row b drawn from seeds[b]."""
         per_sample = []
         for seed in seeds:

@@ -297,6 +297,57 @@ def test_var_trains_with_the_same_loop_on_a_token_cache(tmp_path):
     assert images.shape == (2, 3, 32, 32)
 
 
+def test_flexvar_trains_on_random_scale_lists_with_the_same_loop(tmp_path):
+    """FlexVAR: its tokenizer's features cached (kind "latents", the tokenizer recorded), a new list of sides at
+    every step shared by the accumulation steps, online encoding, export, and a release that samples larger."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flowar.registry import load_pipeline
+    from train.cache_latents import cache_latents
+    from train.data import ImageFolderDataset
+    from train.latents import load_tokenizer
+    from vae.flexvq import FlexVQVAE, get_flexvq_preset
+
+    torch.manual_seed(0)
+    FlexVQVAE(get_flexvq_preset("mnist")).save_pretrained(tmp_path / "tokenizer")  # matches flexvar-tiny
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    tokenizer = load_tokenizer(str(tmp_path / "tokenizer"))
+    cache = cache_latents(ImageFolderDataset(tmp_path / "images", image_size=32, train=False), tokenizer,
+                          tmp_path / "features", vae_path=str(tmp_path / "tokenizer"), progress=False)
+    index = json.loads((cache / "cache.json").read_text())
+    assert index["kind"] == "latents" and index["tokenizer"] == str(tmp_path / "tokenizer") and not index["vae"]
+    common = [f"latent_cache={cache}", *COMMON[:-2], "log_every=1", "preset=flexvar-tiny", "model.num_classes=2",
+              "model.fixed_list_share=0.0", "total_steps=4", "checkpoint_every=4"]
+    run_train([*common, f"out_dir={tmp_path / 'one'}", "sample_every=4"])
+    run_train([*common, f"out_dir={tmp_path / 'accum'}", "grad_accum=2"])
+    one, accum = final_state(tmp_path / "one"), final_state(tmp_path / "accum")
+    assert_same_weights(one, accum, rtol=1e-4, atol=1e-5)
+    events = EventAccumulator(str(tmp_path / "one" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    per_side = {tag for tag in events.Tags()["scalars"] if tag.startswith("train/loss_scale_")}
+    assert "train/loss" in events.Tags()["scalars"] and len(per_side) > 4  # sides of several lists
+    assert [e.step for e in events.Images("samples/ema_grid")] == [4]
+
+    run_train([f"data={tmp_path / 'images'}", f"tokenizer={tmp_path / 'tokenizer'}", *COMMON, "preset=flexvar-tiny",
+               "model.num_classes=2", "total_steps=1", f"out_dir={tmp_path / 'online'}"])
+    assert final_state(tmp_path / "online")["step"] == 1
+
+    from train.export import export
+
+    export(tmp_path / "one", tmp_path / "release")
+    pipe = load_pipeline(tmp_path / "release")
+    loaded = dict(pipe.model.named_parameters())
+    assert all(torch.equal(loaded[k], v) for k, v in one["ema"].items())
+    assert pipe([0, 1], output_type="pt", scales=(1, 2, 4, 8, 12)).shape == (2, 3, 48, 48)
+
+
 def test_var_refuses_a_vae_latent_cache(tmp_path):
     cache = make_cache(tmp_path / "cache")
     result = run_train([f"latent_cache={cache}", *COMMON, "preset=var-tiny", "total_steps=1",

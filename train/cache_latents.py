@@ -6,7 +6,8 @@
 With a VAE (FlowAR), each item stores the posterior mean and std of the image and of its mirror image
 (scaled latent space), so training can still draw fresh posterior samples and random flips without the
 encoder. With VAR's tokenizer, each item stores its token maps (all scales, concatenated row-major) and
-those of its mirror image.
+those of its mirror image. With FlexVAR's, its continuous features (as a posterior of std 0), which training
+quantizes at each step's own list of sides.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from vae.files import atomic_write
 
-from .latents import CACHE_INDEX, load_any_vae, load_tokenizer
+from .latents import CACHE_INDEX, encodes_token_maps, load_any_vae, load_tokenizer
 
 
 def write_cache(out_dir, shards: list[dict], *, classes: list, vae: str = "", extra: dict | None = None) -> Path:
@@ -47,12 +48,12 @@ def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", data_source: str
                   shard_size: int = 50_000, progress: bool = True) -> Path:
     """Encode every item of ``dataset`` (image in [-1, 1], label), and its mirror image unless the dataset
     says flips are wrong for it (``hflip`` False, e.g. digits); returns ``out_dir``. ``vae`` is a VAE
-    (posteriors are cached) or VAR's tokenizer (token maps are cached). ``vae_path`` (the VAE's or the
+    (posteriors are cached), VAR's tokenizer (token maps are cached) or FlexVAR's (features are cached). ``vae_path`` (the VAE's or the
     tokenizer's) and ``data_source`` ("mnist" or the image folder) are recorded for training to find."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     flips = bool(getattr(dataset, "hflip", True))
-    tokens = hasattr(vae, "encode_indices")  # VAR's tokenizer: token maps instead of posteriors
+    tokens = encodes_token_maps(vae)  # VAR's tokenizer: token maps instead of posteriors
     names = ("tokens",) if tokens else ("mean", "std")
     keys = (*names, *(f"{n}_flip" for n in names if flips), "labels")
     shards, current = [], {k: [] for k in keys}
@@ -92,6 +93,9 @@ def cache_latents(dataset, vae, out_dir, *, vae_path: str = "", data_source: str
         return write_cache(out_dir, shards, classes=classes, extra=extra)
     extra.update(kind="latents", scaling_factor=vae.scaling_factor, shift_factor=vae.shift_factor,
                  latents_mean=getattr(vae, "latents_mean", None), latents_std=getattr(vae, "latents_std", None))
+    if hasattr(vae, "quantize_features"):  # FlexVAR's tokenizer: its features, which training quantizes
+        extra["tokenizer"] = vae_path
+        vae_path = ""
     return write_cache(out_dir, shards, classes=classes, vae=vae_path, extra=extra)
 
 
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="mnist", help='"mnist" or an image folder')
     encoder = p.add_mutually_exclusive_group(required=True)
     encoder.add_argument("--vae", help="FlowAR: diffusers VAE folder / hub id, or MAR kl16.ckpt")
-    encoder.add_argument("--tokenizer", help="VAR: multi-scale VQ tokenizer folder, or vae_ch160v4096z32.pth")
+    encoder.add_argument("--tokenizer", help="VAR or FlexVAR: a tokenizer folder, or vae_ch160v4096z32.pth / "
+                                             "FlexVAE.pth")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=64)

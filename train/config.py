@@ -19,9 +19,9 @@ class TrainConfig:
     image_size: int = 32
     latent_cache: str = ""  # when set, train on cached VAE posteriors instead of encoding online
     vae: str = ""  # FlowAR: diffusers folder / hub id / MAR kl16.ckpt; needed unless latent_cache is set
-    tokenizer: str = ""  # VAR: multi-scale VQ folder / vae_ch160v4096z32.pth; recorded in a token cache
+    tokenizer: str = ""  # VAR / FlexVAR: a tokenizer folder, vae_ch160v4096z32.pth / FlexVAE.pth; recorded in a cache
     num_workers: int = 0
-    # model: a FlowAR preset (flowar-*) or a VAR preset (var-*), plus field overrides,
+    # model: a FlowAR (flowar-*), VAR (var-*) or FlexVAR (flexvar-*) preset, plus field overrides,
     # e.g. {"num_classes": 10, "scales": [1, 2, 4, 8]}
     preset: str = "flowar-tiny"
     model: dict = field(default_factory=dict)

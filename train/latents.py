@@ -3,7 +3,8 @@
 FlowAR trains on continuous latents: per image, the VAE posterior (mean, std) of the image and of its
 mirror image, in scaled latent space; each step draws fresh posterior noise and a flip per image, as
 FlowAR trains on ``posterior.sample()`` of randomly flipped images. VAR trains on the token maps of the
-multi-scale VQ tokenizer (of the image or its mirror image), which are deterministic.
+multi-scale VQ tokenizer (of the image or its mirror image), which are deterministic. FlexVAR trains on its
+tokenizer's continuous features (a posterior of std 0), quantized at each step's own list of sides.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from vae.msvq import MultiScaleVQVAE
 
 CACHE_INDEX = "cache.json"
 
@@ -222,18 +225,25 @@ def load_any_vae(path: str):
 
 
 def load_tokenizer(path: str):
-    """VAR's multi-scale VQ tokenizer: a folder from ``save_pretrained``, or the released ``.pth``."""
-    from flowar.var_pipeline import load_tokenizer as load  # the library's loader
+    """A VQ tokenizer (VAR's multi-scale one or FlexVAR's): a folder from ``save_pretrained``, or a released
+    ``.pth``."""
+    from flowar.registry import load_tokenizer as load  # the library's loader
 
     return load(path).eval()
 
 
+def encodes_token_maps(tokenizer) -> bool:
+    """VAR's tokenizer feeds token maps; FlexVAR's feeds its continuous features (quantized at every step's
+    own sides), through the latent sources."""
+    return isinstance(tokenizer, MultiScaleVQVAE)
+
+
 def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:
-    """The cache when ``cfg.latent_cache`` is set (latents or VAR tokens, as its index says), else the
-    dataset ``cfg.data`` encoded online by ``cfg.tokenizer`` (VAR) or ``cfg.vae`` (FlowAR).
+    """The cache when ``cfg.latent_cache`` is set (latents, FlexVAR features or VAR tokens, as its index says),
+    else the dataset ``cfg.data`` encoded online by ``cfg.tokenizer`` (VAR, FlexVAR) or ``cfg.vae`` (FlowAR).
 
     The VAE is only needed to decode sample grids, so ``load_vae=False`` skips it; a tokenizer is always
-    loaded for VAR, whose teacher-forcing inputs come from it."""
+    loaded, since VAR's and FlexVAR's inputs come from it."""
     if cfg.latent_cache:
         index_file = Path(cfg.latent_cache) / CACHE_INDEX
         if not index_file.is_file():
@@ -245,11 +255,14 @@ def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:
             if not tokenizer_path:
                 raise ValueError("tokenizer must be set: the token cache does not record one")
             return CachedTokens(cfg.latent_cache, seed=cfg.seed, tokenizer=load_tokenizer(tokenizer_path).to(device))
+        tokenizer_path = cfg.tokenizer or index.get("tokenizer", "")
+        if tokenizer_path:  # FlexVAR's features
+            return CachedLatents(cfg.latent_cache, seed=cfg.seed, vae=load_tokenizer(tokenizer_path).to(device))
         vae_path = cfg.vae or index.get("vae", "")
         vae = load_any_vae(vae_path).to(device) if (load_vae and vae_path) else None
         return CachedLatents(cfg.latent_cache, seed=cfg.seed, vae=vae)
     if not (cfg.vae or cfg.tokenizer):
-        raise ValueError("vae (FlowAR) or tokenizer (VAR) must be set unless latent_cache is set")
+        raise ValueError("vae (FlowAR) or tokenizer (VAR, FlexVAR) must be set unless latent_cache is set")
     from .data import build_dataset
 
     dataset = build_dataset(cfg.data, image_size=cfg.image_size, split="train")
@@ -258,5 +271,8 @@ def build_latent_source(cfg, *, device, load_vae: bool = True) -> LatentSource:
         if load_vae:  # the main process speaks
             print(report)
     if cfg.tokenizer:
-        return OnlineTokens(dataset, load_tokenizer(cfg.tokenizer).to(device), seed=cfg.seed)
+        tokenizer = load_tokenizer(cfg.tokenizer).to(device)
+        if encodes_token_maps(tokenizer):
+            return OnlineTokens(dataset, tokenizer, seed=cfg.seed)
+        return OnlineLatents(dataset, tokenizer, seed=cfg.seed)
     return OnlineLatents(dataset, load_any_vae(cfg.vae).to(device), seed=cfg.seed)

@@ -33,7 +33,7 @@ from eval.fid import compute_metrics
 from eval.inception import load_feature_network
 from eval.metrics import feature_statistics
 from eval.reference import default_cache_dir, write_stats_npz
-from flowar import VAR, VAR_PRESETS, FlowAR, get_preset, get_var_preset
+from flowar import FLEXVAR_PRESETS, VAR, VAR_PRESETS, FlexVAR, FlowAR, get_flexvar_preset, get_preset, get_var_preset
 from flowar.outputs import autocast_context, image_grid, to_uint8_images
 from flowar.sampling import generate
 
@@ -117,9 +117,11 @@ def step_generator(seed: int, step: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-def build_model(cfg: TrainConfig) -> FlowAR | VAR:
+def build_model(cfg: TrainConfig) -> FlowAR | VAR | FlexVAR:
     if cfg.preset in VAR_PRESETS:
         return VAR(get_var_preset(cfg.preset, **cfg.model))
+    if cfg.preset in FLEXVAR_PRESETS:
+        return FlexVAR(get_flexvar_preset(cfg.preset, **cfg.model))
     return FlowAR(get_preset(cfg.preset, **cfg.model))
 
 

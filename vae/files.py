@@ -148,8 +148,9 @@ def read_safetensors(path, *, device="cpu") -> dict[str, torch.Tensor]:
 def read_torch_state_dict(path, *, map_location="cpu", wrappers=("model_ema", "model", "state_dict")) -> dict:
     """A state dict of tensors from a ``.pth`` file, read with ``weights_only=True``: no pickled code runs.
 
-    Accepts a bare state dict or one wrapped under one of ``wrappers`` (the first present wins). A truncated
-    or corrupt file, or one holding Python objects, is a ValueError naming the file.
+    Accepts a bare state dict or one wrapped under one of ``wrappers`` (the first present wins; a tuple of keys
+    is a nested path, e.g. ``("trainer", "var_wo_ddp")``). A truncated or corrupt file, or one holding Python
+    objects, is a ValueError naming the file.
     """
     file = Path(path)
     if not file.is_file():
@@ -165,8 +166,11 @@ def read_torch_state_dict(path, *, map_location="cpu", wrappers=("model_ema", "m
             UnicodeDecodeError) as err:
         raise ValueError(f"path {file} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
     for wrapper in wrappers:
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
+        inner = obj
+        for key in (wrapper if isinstance(wrapper, tuple) else (wrapper,)):
+            inner = inner.get(key) if isinstance(inner, dict) else None
+        if isinstance(inner, dict):
+            obj = inner
             break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"path {file} does not hold a state dict of tensors")

@@ -318,6 +318,12 @@ class FlexVQVAE(PretrainedMixin, nn.Module):
         self._check_images(images)
         return self.quant_conv(self.encoder(images))
 
+    def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, zeros): the encoder is deterministic, and as a posterior of std 0 its features go through
+        the latent cache and online sources that serve a VAE's latents."""
+        features = self.encode_features(images)
+        return features, torch.zeros_like(features)
+
     def encode(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """:meth:`encode_features` (``generator`` is unused: encoding is deterministic)."""
         return self.encode_features(images)
@@ -348,14 +354,20 @@ class FlexVQVAE(PretrainedMixin, nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, h, w) ids -> (B, code_dim, h, w) normalised code vectors."""
         _check_ids("ids", ids, self.codebook_size)
-        return F.embedding(ids, self.codebook).permute(0, 3, 1, 2)
+        # Contiguous, as the authors' lookup returns it: the decoder's convolutions pick another algorithm for
+        # a permuted view, which moves the decoded images by 1e-5.
+        return F.embedding(ids, self.codebook).permute(0, 3, 1, 2).contiguous()
 
     def next_input(self, ids: torch.Tensor, next_side: int) -> torch.Tensor:
         """Scale k's ids (B, s, s) -> the transformer's input for the next scale (B, next_side^2, code_dim):
         the code vectors bicubic-resized to ``next_side``, row-major tokens."""
+        return self.resize_codes(self.embed(ids), next_side)
+
+    def resize_codes(self, codes: torch.Tensor, next_side: int) -> torch.Tensor:
+        """Code vectors (B, code_dim, s, s) (looked up, or mixed by a smooth sampler) -> the next scale's input
+        (B, next_side^2, code_dim): bicubic-resized to ``next_side``, row-major tokens."""
         if not _is_int(next_side) or next_side < 1:
             raise ValueError(f"next_side must be a positive int, got {next_side!r}")
-        codes = self.embed(ids)
         return F.interpolate(codes, size=(next_side, next_side), mode="bicubic").flatten(2).transpose(1, 2)
 
     def teacher_forcing_inputs(self, indices: list[torch.Tensor], scales) -> torch.Tensor:
