@@ -22,10 +22,12 @@ import torch
 
 from heads.solvers import SCHEDULES, SOLVERS
 from vae.files import read_config
+from vae.flexvq import FLEXVQ_PRESETS
 from vae.msvq import MSVQ_PRESETS
 
 from .config import PRESETS
 from .flexvar_config import FLEXVAR_PRESETS
+from .flexvar_pipeline import load_flexvq_tokenizer
 from .outputs import image_grid
 from .registry import model_type, pipeline_class
 from .sampling import CFG_SCHEDULES
@@ -74,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: the vae/ folder beside the model)")
     p.add_argument("--tokenizer", help="VAR's or FlexVAR's tokenizer: our folder, or VAR's vae_ch160v4096z32.pth / "
                                        "FlexVAR's FlexVAE.pth (default: the tokenizer/ folder beside the model)")
-    p.add_argument("--tokenizer-preset", choices=sorted(MSVQ_PRESETS), default=RELEASED_TOKENIZER,
-                   help="architecture of a VAR tokenizer .pth (default: the released one); its scales follow the model")
+    p.add_argument("--tokenizer-preset", choices=sorted(MSVQ_PRESETS) + sorted(FLEXVQ_PRESETS), default=None,
+                   help="architecture of a tokenizer .pth (default: the family's released one, VAR's "
+                        f"{RELEASED_TOKENIZER} or FlexVAR's flexvae); a VAR tokenizer's scales follow the model")
     p.add_argument("--labels", type=parse_labels, help="class ids, e.g. 207,360 (omit for unconditional)")
     p.add_argument("--num-images", type=int, default=None,
                    help="images for an unconditional model, or per label for a conditional one (default 1)")
@@ -133,6 +136,10 @@ def load_cli_pipeline(args):
     else:
         kind = model_type(path)
     cls = pipeline_class(kind)
+    family_presets = {"var": MSVQ_PRESETS, "flexvar": FLEXVQ_PRESETS}.get(kind, {})
+    if args.tokenizer_preset is not None and args.tokenizer_preset not in family_presets:
+        raise ValueError(f"--tokenizer-preset {args.tokenizer_preset!r} is not a {kind} tokenizer architecture"
+                         + (f" (one of {', '.join(sorted(family_presets))})" if family_presets else ""))
     own, other = ("tokenizer", "vae") if cls.autoencoder_folder == "tokenizer" else ("vae", "tokenizer")
     if getattr(args, other) is not None:
         raise ValueError(f"--{other} is for the other model family; {path} holds a {kind!r} model (use --{own})")
@@ -149,10 +156,13 @@ def load_cli_pipeline(args):
 
 
 def cli_autoencoder(cls, source, args, scales):
-    """--vae / --tokenizer; a VAR tokenizer .pth is read in --tokenizer-preset's architecture with the model's
-    scales."""
-    if cls.model_class.model_type == "var":
-        return load_tokenizer(source, scales=scales, preset=args.tokenizer_preset)
+    """--vae / --tokenizer; a tokenizer .pth is read in --tokenizer-preset's architecture (a VAR tokenizer with
+    the model's scales)."""
+    kind, preset = cls.model_class.model_type, args.tokenizer_preset
+    if kind == "var":
+        return load_tokenizer(source, scales=scales, preset=preset or RELEASED_TOKENIZER)
+    if kind == "flexvar":
+        return load_flexvq_tokenizer(source, preset=preset or "flexvae")
     return cls.load_autoencoder(source, model=None)
 
 

@@ -274,3 +274,24 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_load_tokenizer_tells_the_families_apart_by_folder_or_released_keys(saved, tmp_path):
+    from flowar.registry import load_tokenizer
+
+    for name in ("tokenizer", "flexvq"):
+        model, folder = saved[name]
+        loaded = load_tokenizer(folder)
+        assert type(loaded) is type(model) and same_weights(loaded, model)
+    with pytest.raises(ValueError, match="not a tokenizer"):
+        load_tokenizer(saved["flexvar"][1])
+    # FlexVAR's FlexVAE.pth layout: LlamaGen's key names under "model", with a usage buffer we do not keep
+    flexvq, _ = saved["flexvq"]
+    torch.save({"model": {**flexvq.state_dict(), "quantize.codebook_used": torch.zeros(65536)}}, tmp_path / "flex.pth")
+    # each file is told apart by its keys, then read strictly in its family's released architecture (which
+    # these small ones are not)
+    with pytest.raises(ValueError, match="does not match the FlexVQVAE"):
+        load_tokenizer(tmp_path / "flex.pth")
+    torch.save(saved["tokenizer"][0].state_dict(), tmp_path / "var.pth")
+    with pytest.raises(ValueError, match="does not match the MultiScaleVQVAE"):
+        load_tokenizer(tmp_path / "var.pth")

@@ -7,9 +7,11 @@ import torch
 from conftest import gen, tiny_flowar_pipeline, tiny_var_pipeline
 from PIL import Image
 
-from flowar import FlowARPipeline, FlowARSampling, VAR, VARPipeline, get_var_preset
+from flowar import (FlexVAR, FlexVARPipeline, FlowARPipeline, FlowARSampling, VAR, VARPipeline, get_flexvar_preset,
+                    get_var_preset)
 from flowar.cli import main as cli_main
 from flowar.outputs import image_grid
+from vae.flexvq import FlexVQVAE, get_flexvq_preset
 from vae.msvq import MultiScaleVQVAE, get_msvq_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -233,3 +235,33 @@ def test_cli_samples_a_flexible_model_at_a_larger_list_and_refuses_it_for_a_fixe
     assert cli_main([str(folders[0]), "--labels", "1", "--scales", "1,3,8", "--out", str(tmp_path / "no.png"),
                      "--device", "cpu"]) == 2
     assert "positions='grid'" in capsys.readouterr().err
+
+
+def test_cli_samples_flexvar_at_other_scale_lists_from_a_folder_and_released_files(tmp_path, capsys):
+    """A saved FlexVAR folder at its own list and at a larger last side; the released file pair (model .pth with
+    --preset, FlexVAE.pth-style tokenizer with the authors' keys); options it does not have are refused."""
+    torch.manual_seed(0)
+    model = FlexVAR(get_flexvar_preset("flexvar-tiny")).eval()
+    tokenizer = FlexVQVAE(get_flexvq_preset("mnist")).eval()
+    FlexVARPipeline(model, tokenizer).save_pretrained(tmp_path / "flexvar")
+    out = tmp_path / "grid.png"
+    common = ["--labels", "3,4", "--device", "cpu", "--out", str(out)]
+    assert cli_main([str(tmp_path / "flexvar"), *common, "--scales", "1,2,4,8,12", "--top-k", "5"]) == 0
+    expected = FlexVARPipeline(model, tokenizer)([3, 4], output_type="np", generator=gen(0), scales=(1, 2, 4, 8, 12),
+                                                 top_k=5)
+    assert expected.shape == (2, 48, 48, 3)
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 2)))
+    state = {**model.state_dict(), "attn_bias_for_masking": torch.zeros(1, 1, 85, 85),
+             **{f"blocks.{i}.attn.zero_k_bias": torch.zeros(128) for i in range(4)}}
+    torch.save(state, tmp_path / "flexvar_tiny.pth")
+    torch.save({"model": {**tokenizer.state_dict(), "quantize.codebook_used": torch.zeros(65536)}},
+               tmp_path / "flexvae_mnist.pth")
+    released = [str(tmp_path / "flexvar_tiny.pth"), "--preset", "flexvar-tiny", "--tokenizer",
+                str(tmp_path / "flexvae_mnist.pth"), "--tokenizer-preset", "mnist", *common]
+    assert cli_main(released) == 0
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(
+        FlexVARPipeline(model, tokenizer)([3, 4], output_type="np", generator=gen(0)), 2)))
+    for bad, name in ((["--steps", "3"], "--steps"), (["--scales", "1,2,40"], "max_side"),
+                      (["--tokenizer-preset", "vae_ch160v4096z32"], "--tokenizer-preset")):
+        assert cli_main([str(tmp_path / "flexvar"), *common, *bad]) == 2
+        assert name in capsys.readouterr().err
