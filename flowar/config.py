@@ -96,7 +96,7 @@ class FlowARSampling(GuidanceOptions):
                              f"({', '.join(s for s in SOLVERS if s not in JUMP_SOLVERS)}), or train or distill a "
                              "flow-map head")
         sides = self.scales_for(config)
-        if sides != config.scales and (config.positions != "grid" or config.flow != "full"):
+        if sides != config.scales and not config.samples_any_scales:
             raise ValueError(f"scales {list(sides)}: this model samples only its own scales {list(config.scales)}; "
                              "other lists need a model with positions='grid' and flow='full' (see "
                              f"FlowARConfig.scale_lists), this one has positions={config.positions!r}, "
@@ -235,6 +235,12 @@ class FlowARConfig(ConfigMixin):
     def spans(self) -> tuple[tuple[float, float], ...]:
         """The span of time each scale's head integrates: [1, 0] everywhere for the full flow."""
         return self.spans_for(self.scales)
+
+    @property
+    def samples_any_scales(self) -> bool:
+        """Whether sampling may take other lists of sides than ``scales``: grid positions place any side, and
+        the full flow starts every scale from noise."""
+        return self.positions == "grid" and self.flow == "full"
 
     def spans_for(self, sides) -> tuple[tuple[float, float], ...]:
         """The spans of a run over ``sides``: the stages of a multistage flow (which samples only its own

@@ -165,6 +165,11 @@ class FlexVARConfig(ConfigMixin):
         return sum(s * s for s in self.scales)
 
     @property
+    def samples_any_scales(self) -> bool:
+        """FlexVAR samples any list of sides up to ``max_side``."""
+        return True
+
+    @property
     def unconditional(self) -> bool:
         return self.num_classes == 0
 

@@ -41,7 +41,7 @@ def test_a_folder_that_is_not_a_release_is_refused_by_name(tmp_path):
         Release(tmp_path / "missing")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hello")
-    with pytest.raises(RequestError, match=r"notes is not a FlowAR or VAR release folder: .*config.json"):
+    with pytest.raises(RequestError, match=r"notes is not a FlowAR, VAR or FlexVAR release folder: .*config.json"):
         Release(tmp_path / "notes")
 
 
@@ -253,3 +253,28 @@ def test_releases_load_each_folder_once_and_name_them_apart(folders, tmp_path):
     assert releases.names == ["flowar", "flowar (2)"] and releases["flowar (2)"] is b
     with pytest.raises(RequestError, match="choose a model"):
         releases["other"]
+
+
+def test_a_release_that_samples_any_list_takes_the_page_s_scales(tmp_path, flowar):
+    """FlexVAR (and a flexible FlowAR) sample the page's list of sides, larger ones giving larger images; a
+    fixed-list release refuses a list, and bad text names the control."""
+    from flowar import FlexVAR, FlexVARPipeline, get_flexvar_preset
+    from vae.flexvq import FlexVQVAE, get_flexvq_preset
+
+    torch.manual_seed(0)
+    FlexVARPipeline(FlexVAR(get_flexvar_preset("flexvar-tiny", depth=2, width=64, num_heads=2)),
+                    FlexVQVAE(get_flexvq_preset("mnist"))).save_pretrained(tmp_path / "flexvar")
+    release = Release(tmp_path / "flexvar")
+    assert release.samples_any_scales and not flowar.samples_any_scales
+    options = release.sampling(scales="1, 2, 4, 8, 12", top_k=5)
+    assert options.scales == (1, 2, 4, 8, 12)
+    result = release.generate(3, 2, 1, options)
+    assert result.images.shape == (2, 48, 48, 3)
+    own = release.pipeline([3, 3], sampling=options, generator=torch.Generator().manual_seed(1), output_type="np")
+    assert np.array_equal(result.images, own)
+    assert release.sampling(scales="").scales is None  # empty: the release's own list
+    for text, message in (("1,2,x", "comma-separated"), ("2,4,8", "scales"), ("1,2,4,64", "max_side")):
+        with pytest.raises(RequestError, match=message):
+            release.sampling(scales=text)
+    with pytest.raises(RequestError, match="only its own scales"):
+        flowar.sampling(scales="1,2,4")

@@ -66,7 +66,8 @@ def app_times(path, label: int, count: int, seed: int, repeats: int) -> tuple[fl
 
     d = load_pipeline(path).model.sampling_options()  # the release's defaults, as the page starts with them
     steps = "" if d.steps is None else ",".join(map(str, d.steps)) if isinstance(d.steps, tuple) else str(d.steps)
-    controls = (d.guidance_scale, steps, getattr(d, "solver", None), getattr(d, "top_k", 0), getattr(d, "top_p", 0.0))
+    controls = (d.guidance_scale, steps, getattr(d, "solver", None), getattr(d, "top_k", 0), getattr(d, "top_p", 0.0),
+                "")  # the scale list: the release's own
     server, url = start_app([path])
     try:
         client = Client(url, verbose=False)

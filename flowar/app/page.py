@@ -101,6 +101,11 @@ def control_updates(release: Release, *, with_null: bool = False) -> list:
     ]
 
 
+def scales_update(release: Release):
+    """The Generate tab's scale list: empty (the release's own), shown where the release samples any list."""
+    return gr.update(value="", visible=release.samples_any_scales)
+
+
 def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
     """The page over ``releases`` (at least one loaded). loader: a box to load more release folders."""
     sessions, outputs = Sessions(), Outputs()
@@ -150,6 +155,9 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
                 with gr.Column(scale=1):
                     g_model = model_dropdown("gen-model")
                     g_class, g_guidance, g_steps, g_solver, g_top_k, g_top_p = sampling_controls("gen", first)
+                    g_scales = gr.Textbox(label="scales: the sides to sample, e.g. 1,2,4,8,12 for larger images "
+                                                "(empty: the model's own)", elem_id="gen-scales",
+                                          **_kwargs(scales_update(first)))
                     g_count = gr.Slider(1, 64, value=8, step=1, label="number of images", elem_id="gen-count")
                     g_seed, g_go, g_stop = seed_and_buttons("gen", "Generate")
                 with gr.Column(scale=2):
@@ -218,17 +226,18 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
             l_go.click(load, [l_path], [l_status, described, *model_dropdowns], api_name="load")
 
         # ---------------------------------------------------------------------------------- Generate
-        g_controls = [g_class, g_guidance, g_steps, g_solver, g_top_k, g_top_p]
-        g_model.change(lambda name: control_updates(releases[name]), [g_model], g_controls, api_name=False)
+        g_controls = [g_class, g_guidance, g_steps, g_solver, g_top_k, g_top_p, g_scales]
+        g_model.change(lambda name: [*control_updates(releases[name]), scales_update(releases[name])], [g_model],
+                       g_controls, api_name=False)
 
-        def generate(name, class_, guidance, steps, solver, top_k, top_p, count, seed, request: gr.Request,
+        def generate(name, class_, guidance, steps, solver, top_k, top_p, scales, count, seed, request: gr.Request,
                      progress=gr.Progress()):
             cancel = sessions.start(request, "generate")
 
             def run():
                 release = releases[name]
                 options = release.sampling(guidance_scale=guidance, steps=steps, solver=solver, top_k=top_k,
-                                           top_p=top_p)
+                                           top_p=top_p, scales=scales)
                 result = release.generate(class_, count, seed, options, cancel=cancel,
                                           progress=lambda f, text: progress(f, desc=text))
                 return release, result, f"{release.name}-seed{seed}"

@@ -109,7 +109,7 @@ class Release:
         try:
             self.pipeline = load_pipeline(path).to(device)
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise RequestError(f"{path} is not a FlowAR or VAR release folder: {err}") from None
+            raise RequestError(f"{path} is not a FlowAR, VAR or FlexVAR release folder: {err}") from None
         if compile:
             self.pipeline.compile()
         self.path, self.name = path, path.name
@@ -123,7 +123,7 @@ class Release:
 
     @property
     def family(self) -> str:
-        return self.model.model_type  # "flowar" or "var"
+        return self.model.model_type  # "flowar", "var" or "flexvar"
 
     @property
     def num_classes(self) -> int:
@@ -156,10 +156,23 @@ class Release:
                 f"scales {list(c.scales)}")
 
     # -------------------------------------------------------------------------------------- checks
-    def sampling(self, *, guidance_scale=None, steps=None, solver=None, top_k=None, top_p=None):
+    @property
+    def samples_any_scales(self) -> bool:
+        """Whether the release samples other lists of sides than its own (FlexVAR, a flexible FlowAR)."""
+        return bool(getattr(self.model.config, "samples_any_scales", False))
+
+    def sampling(self, *, guidance_scale=None, steps=None, solver=None, top_k=None, top_p=None, scales=None):
         """The validated sampling options from the page's controls (None: the release's default). A control of
-        the other family is ignored: the page hides it."""
+        the other family is ignored: the page hides it. scales: the sides to sample, "1,2,4,8,12" (empty: the
+        release's own), for a release that samples any list."""
         overrides = {}
+        if scales is not None and str(scales).strip():
+            if not self.samples_any_scales:
+                raise RequestError(f"{self.name} samples only its own scales {list(self.model.config.scales)}")
+            try:
+                overrides["scales"] = tuple(int(v) for v in str(scales).replace(" ", "").split(","))
+            except ValueError:
+                raise RequestError(f"scales must be comma-separated sides, e.g. 1,2,4,8,12; got {scales!r}") from None
         if guidance_scale is not None:
             overrides["guidance_scale"] = check_float(guidance_scale, "guidance scale", 1.0, 20.0)
         if self.family == "flowar":
