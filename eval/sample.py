@@ -346,16 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample an evaluation set from a pipeline folder, resumably, on any number of processes "
                     "(start with torchrun for several). Rerun the same command to resume.",
     )
-    p.add_argument("pipeline", help="pipeline folder (FlowAR: model files + vae/; VAR: + tokenizer/), as "
+    p.add_argument("pipeline", help="pipeline folder (FlowAR: model files + vae/; VAR, FlexVAR: + tokenizer/), as "
                                     "written by save_pretrained")
     p.add_argument("--out", required=True, help="output folder (run.json, labels.npy, images/, samples.npz)")
     p.add_argument("--per-class", type=int, default=None, help=f"images per class (default {DEFAULT_PER_CLASS})")
     p.add_argument("--num-classes", type=int, default=None, help="sample classes 0..N-1 (default: all the model's)")
     p.add_argument("--num-samples", type=int, default=None, help="total images, for an unconditional model")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
-    guidance = p.add_argument_group("guidance, both families (default: the model's)")
+    guidance = p.add_argument_group("guidance and scales, every family (default: the model's)")
     guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
     guidance.add_argument("--cfg-schedule", default=None, help=f"one of {CFG_SCHEDULES}")
+    guidance.add_argument("--scales", type=parse_sides, default=None,
+                          help="sides to sample, e.g. 1,2,4,8,12 (FlexVAR, or a FlowAR with positions='grid')")
     flowar_args = p.add_argument_group("FlowAR sampling (default: the model's)")
     flowar_args.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                              help="times in which guidance applies, t=1 noise")
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     flowar_args.add_argument("--schedule", default=None, help=f"ODE step schedule, one of {SCHEDULES}")
     flowar_args.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
     flowar_args.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
-    var_args = p.add_argument_group("VAR sampling (default: the model's)")
+    var_args = p.add_argument_group("VAR and FlexVAR sampling (default: the model's)")
     var_args.add_argument("--var-cfg", type=float, default=None, help="guidance in VAR's convention, 0 = unguided")
     var_args.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens, 0 = all")
     var_args.add_argument("--top-p", type=float, default=None, help="nucleus mass, 0 = off")
@@ -379,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     return p
+
+
+def parse_sides(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales must be comma-separated integers, got {text!r}") from None
 
 
 def main(argv=None) -> int:

@@ -296,3 +296,25 @@ def test_var_refuses_options_it_does_not_have(tmp_path, var_dir, kwargs, match):
 def test_flowar_refuses_var_options(tmp_path, pipe_dir):
     with pytest.raises(ValueError, match="top_k is not a sampling option of FlowARSampling"):
         run(pipe_dir, tmp_path / "run", top_k=5, **SMALL)
+
+
+def test_flexvar_samples_other_scale_lists_each_from_its_own_uniforms(tmp_path):
+    """eval.sample over a FlexVAR release at a list of sides given on the command line: larger images for a larger
+    last side, each image the pipeline's own for the uniforms of its seed, the list recorded in run.json."""
+    from flowar import FlexVAR, FlexVARPipeline, get_flexvar_preset
+    from vae.flexvq import FlexVQVAE, get_flexvq_preset
+
+    torch.manual_seed(0)
+    FlexVARPipeline(FlexVAR(get_flexvar_preset("flexvar-tiny", depth=2, width=64, num_heads=2)),
+                    FlexVQVAE(get_flexvq_preset("mnist"))).save_pretrained(tmp_path / "flexvar")
+    out = tmp_path / "run"
+    assert main([str(tmp_path / "flexvar"), "--out", str(out), "--per-class", "1", "--num-classes", "3",
+                 "--batch-size", "2", "--scales", "1,2,4,8,12", "--top-k", "8", "--format", "npz", "--no-progress"]) == 0
+    npz = load_npz(out)
+    assert npz["arr_0"].shape == (3, 48, 48, 3)
+    assert json.loads((out / "run.json").read_text())["sampling"]["scales"] == [1, 2, 4, 8, 12]
+    pipe = load_pipeline(tmp_path / "flexvar")
+    options = pipe.model.sampling_options(scales=(1, 2, 4, 8, 12), top_k=8)
+    alone = pipe([2], output_type="np", sampling=options, noise=pipe.model.noise_from_seeds(sample_seeds(0, [2]), options))
+    assert np.abs(alone[0].astype(int) - npz["arr_0"][2]).max() <= 2  # batch of 1 vs 2: float rounding
+    assert main([str(tmp_path / "flexvar"), "--out", str(tmp_path / "bad"), "--scales", "1,2,64"]) == 2
