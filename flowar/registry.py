@@ -15,9 +15,12 @@ from .pipeline import FlowARPipeline
 from .var import VAR
 from .var_pipeline import VARPipeline
 from .var_pipeline import load_tokenizer as load_var_tokenizer
+from .xar import XAR
+from .xar_pipeline import XARPipeline
 
-MODEL_CLASSES = {cls.model_type: cls for cls in (FlowAR, VAR, FlexVAR, MultiScaleVQVAE, FlexVQVAE)}
-PIPELINE_CLASSES = {cls.model_class.model_type: cls for cls in (FlowARPipeline, VARPipeline, FlexVARPipeline)}
+MODEL_CLASSES = {cls.model_type: cls for cls in (FlowAR, VAR, FlexVAR, XAR, MultiScaleVQVAE, FlexVQVAE)}
+PIPELINE_CLASSES = {cls.model_class.model_type: cls for cls in (FlowARPipeline, VARPipeline, FlexVARPipeline,
+                                                                XARPipeline)}
 TOKENIZER_CLASSES = {cls.model_type: cls for cls in (MultiScaleVQVAE, FlexVQVAE)}
 
 
@@ -34,7 +37,7 @@ def pipeline_class(kind: str) -> type:
 
 
 def load_model(path, *, map_location="cpu"):
-    """The model (FlowAR, VAR, FlexVAR or a VQ tokenizer) saved in folder ``path``."""
+    """The model (FlowAR, VAR, FlexVAR, xAR or a VQ tokenizer) saved in folder ``path``."""
     kind = model_type(path)
     if kind not in MODEL_CLASSES:
         raise ValueError(f"path {path} holds a {kind!r} model; known types are {sorted(MODEL_CLASSES)}")
@@ -42,7 +45,7 @@ def load_model(path, *, map_location="cpu"):
 
 
 def load_pipeline(path, *, autoencoder=None, map_location="cpu"):
-    """The FlowARPipeline, VARPipeline or FlexVARPipeline saved in folder ``path``, as its config.json's
+    """The FlowARPipeline, VARPipeline, FlexVARPipeline or XARPipeline saved in folder ``path``, as its config.json's
     ``model_type`` says.
 
     autoencoder: a VAE (FlowAR) or tokenizer (VAR) object, folder or file that replaces the folder's own.
