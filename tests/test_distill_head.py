@@ -48,7 +48,7 @@ def run(teacher, cache, out, *extra):
 def jump_error(teacher: FlowAR, student: FlowAR, latents, labels, *, guided_student: bool) -> float:
     """Mean squared distance, over scales and held-out noise, of the student's one jump per scale from the
     teacher's full guided solve, both conditioned by teacher forcing on ``latents``."""
-    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=True)
     o, c = teacher.config.sampling, teacher.config
     jump = SolveOptions(solver="flow-map", steps=1, schedule="uniform", atol=1e-5, rtol=1e-5)
     errors = []
@@ -152,8 +152,8 @@ def test_sample_grids_show_the_teacher_once_and_the_student_as_it_trains(teacher
     (("--ema", "1"), r"--ema must be a decay in \[0, 1\)"),
     (("--batch", "17"), r"--batch \(17\) exceeds the latent cache's 16 items"),
     (("--resume",), "--resume: no checkpoint"),
-    (("--teacher-steps", "0"), "--teacher-solver / --teacher-steps: .*steps"),
-    (("--teacher-steps", "4/4"), "--teacher-solver / --teacher-steps: .*steps"),
+    (("--teacher-steps", "0"), "--teacher-solver / --teacher-steps / --teacher-guidance: .*steps"),
+    (("--teacher-steps", "4/4"), "--teacher-solver / --teacher-steps / --teacher-guidance: .*steps"),
 ])
 def test_bad_numbers_are_refused_by_name(teacher_and_cache, tmp_path, capsys, extra, message):
     teacher_dir, cache = teacher_and_cache
@@ -183,7 +183,7 @@ def test_the_targets_are_the_chosen_solve_of_the_teacher(teacher_and_cache):
     sampling = target_sampling(teacher, solver="midpoint", steps=4)
     assert (sampling.solver, sampling.steps, sampling.guidance_scale) == ("midpoint", 4, teacher.config.sampling.guidance_scale)
     latents, labels = torch.randn(3, 4, 8, 8, generator=gen(2)), torch.tensor([1, 5, 9])
-    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
     k = 2
     noise = torch.randn(3, 16, 4, generator=gen(3))
     grid = torch.linspace(1, 0, 5, dtype=torch.float64)
@@ -195,6 +195,31 @@ def test_the_targets_are_the_chosen_solve_of_the_teacher(teacher_and_cache):
                                                                 atol=1e-5, rtol=1e-5), guidance=guidance).x
     torch.testing.assert_close(states[-1].float(), whole.float(), rtol=1e-4, atol=1e-5)
     assert (states[-1] - states[0]).abs().max() > 0.1  # the solve moved
+
+
+def test_teacher_guidance_sets_the_guidance_of_the_target_solve(teacher_and_cache):
+    """--teacher-guidance G: the targets are the teacher's solve guided at G on its ramp (1: unguided, no null
+    pass at all), not at its saved guidance."""
+    teacher, _ = load_teacher(teacher_and_cache[0])
+    latents, labels = torch.randn(2, 4, 8, 8, generator=gen(4)), torch.tensor([2, 7])
+    noise = torch.randn(2, 16, 4, generator=gen(5))
+    grid = torch.linspace(1, 0, 5, dtype=torch.float64)
+    k, c = 2, teacher.config
+    ends = {}
+    for scale in (1.0, 1.5, c.sampling.guidance_scale):
+        sampling = target_sampling(teacher, solver="euler", steps=4, guidance_scale=scale)
+        cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
+        assert (cond_null is None) == (scale == 1.0)
+        ends[scale] = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
+                                         grid)[-1]
+        weight = 1.0 + guidance_excess(scale, k, len(c.scales), sampling.cfg_schedule)
+        guidance = None if cond_null is None else Guidance(cond_null[k], weight, sampling.guidance_interval)
+        own = teacher.flownet.sample(noise, cond[k], SolveOptions(solver="euler", steps=4, schedule="uniform",
+                                                                  atol=1e-5, rtol=1e-5), guidance=guidance).x
+        torch.testing.assert_close(ends[scale].float(), own.float(), rtol=1e-4, atol=1e-5)
+    assert (ends[1.5] - ends[c.sampling.guidance_scale]).abs().max() > 1e-3  # the guidance changes the targets
+    with pytest.raises(ValueError, match="--teacher-guidance"):
+        target_sampling(teacher, guidance_scale=float("nan"))
 
 
 def test_the_release_holds_the_average_head_with_ema_and_the_trained_one_without(teacher_and_cache, tmp_path):

@@ -110,16 +110,19 @@ def build_student(teacher: FlowAR, jumps: int, *, seed: int = 0) -> FlowAR:
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def target_sampling(teacher: FlowAR, *, solver: str | None = None, steps=None) -> FlowARSampling:
-    """The teacher's saved sampling with its solver and step counts replaced where given (``--teacher-solver``,
-    ``--teacher-steps``): the solve whose states are the targets. Its guidance is always the teacher's own."""
-    given = {key: value for key, value in (("solver", solver), ("steps", steps)) if value is not None}
+def target_sampling(teacher: FlowAR, *, solver: str | None = None, steps=None,
+                    guidance_scale: float | None = None) -> FlowARSampling:
+    """The teacher's saved sampling with its solver, step counts and guidance scale replaced where given
+    (``--teacher-solver``, ``--teacher-steps``, ``--teacher-guidance``): the solve whose states are the targets.
+    The student learns that guided solution, so its guidance is the student's too (it samples unguided)."""
+    given = {key: value for key, value in (("solver", solver), ("steps", steps), ("guidance_scale", guidance_scale))
+             if value is not None}
     if given.get("solver") in ADAPTIVE_SOLVERS:
         given["steps"] = None
     try:
         return teacher.sampling_options(None, **given)  # checked against the teacher (one count per scale)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--teacher-solver / --teacher-steps: {err}") from None
+        raise ValueError(f"--teacher-solver / --teacher-steps / --teacher-guidance: {err}") from None
 
 
 def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
@@ -129,17 +132,18 @@ def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
 
 
 @torch.no_grad()
-def teacher_conditions(teacher: FlowAR, latents: torch.Tensor, labels: torch.Tensor | None
+def teacher_conditions(teacher: FlowAR, latents: torch.Tensor, labels: torch.Tensor | None, *, guided: bool
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Per-scale head conditions (B, s*s, D) of the class and of the null class (None when unguided), from the
-    teacher-forced pyramid of ``latents`` (B, C, S, S), as in training but without label drop or context noise."""
+    """Per-scale head conditions (B, s*s, D) of the class and, when ``guided``, of the null class (else None),
+    from the teacher-forced pyramid of ``latents`` (B, C, S, S), as in training but without label drop or context
+    noise."""
     c = teacher.config
     teacher._check_latents(latents)
     if c.unconditional:
         labels = torch.full((latents.shape[0],), teacher.null_class, device=latents.device)
     pyramid = area_pyramid(latents, c.scales)
     inputs = teacher.z_proj(teacher.input_tokens(pyramid))
-    guided = c.sampling.guided and not c.unconditional
+    guided = guided and not c.unconditional
 
     def run(class_ids):
         class_embedding = teacher.class_emb(class_ids)
@@ -198,7 +202,7 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
     sampling = sampling or c.sampling
     global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
-    cond, cond_null = teacher_conditions(teacher, latents, labels)
+    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
     losses = []
     for k, side in enumerate(c.scales):
         noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
@@ -258,7 +262,8 @@ def distill(args) -> Path:
                          f"knows {c.num_classes}")
     if args.batch > source.num_items:
         raise ValueError(f"--batch ({args.batch}) exceeds the latent cache's {source.num_items} items")
-    sampling = target_sampling(teacher, solver=args.teacher_solver, steps=args.teacher_steps)
+    sampling = target_sampling(teacher, solver=args.teacher_solver, steps=args.teacher_steps,
+                               guidance_scale=args.teacher_guidance)
     teacher.to(device)
     student = build_student(teacher, args.jumps_per_scale, seed=args.seed).to(device)
     head = student.flownet
@@ -267,6 +272,7 @@ def distill(args) -> Path:
     checkpoints = CheckpointManager(out)
     settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
                 "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "teacher_solver": sampling.solver,
+                "teacher_guidance": sampling.guidance_scale,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
     if args.resume:
@@ -378,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=steps_argument, default=None, metavar="N or N1/N2/...",
                    help="steps per scale of the target solve, one count or one per scale (default: the teacher's "
                         "saved ones); each is rounded up to a multiple of the jumps")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="guidance scale of the target solve, which the unguided student inherits (default: the "
+                        "teacher's saved one)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
