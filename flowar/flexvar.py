@@ -27,8 +27,8 @@ from vae.pyramid import check_scale_list
 
 from .attention import scale_segments
 from .flexvar_config import FlexVARConfig, FlexVARSampling, get_flexvar_preset
-from .sampling import CachedStepper, Known, generate
-from .var import TokenScaleModel, VARDraw, VAROutput
+from .sampling import Known, generate
+from .var import TokenScaleModel, VARDraw, VAROutput, VARStepper
 
 MODEL_TYPE = "flexvar"
 # Constant buffers of the released state dicts that we do not keep: the additive block-causal mask (of
@@ -90,6 +90,9 @@ class FlexVAR(TokenScaleModel):
         return torch.cat([F.interpolate(self.pos_1LC, size=(s, s), mode="area").flatten(2).transpose(1, 2)
                           for s in sides], dim=1)
 
+    def input_positions(self, sides) -> torch.Tensor:
+        return self.positions(sides)
+
     # ------------------------------------------------------------------ inputs
     def check_tokenizer(self, tokenizer) -> None:
         """Raise unless ``tokenizer``'s codebook size and code dimension are this model's."""
@@ -101,9 +104,10 @@ class FlexVAR(TokenScaleModel):
             raise ValueError(f"tokenizer does not match the model: a FlexVQ tokenizer with codebook_size/code_dim "
                              f"{(c.vocab_size, c.code_dim)} is needed, got {type(tokenizer).__name__} with {theirs}")
 
-    def embed_inputs(self, class_embedding, inputs=None, *, sides) -> torch.Tensor:
+    def embed_inputs(self, class_embedding, inputs=None, *, sides=None) -> torch.Tensor:
         """Input tokens (B, n, D): the class token, then the embedded inputs (B, n - 1, Cvae) of the following
-        scales of ``sides``, with positions added."""
+        scales of ``sides`` (default: the config's), with positions added."""
+        sides = self.config.scales if sides is None else sides
         batch = class_embedding.shape[0]
         start = class_embedding[:, None] + self.pos_start
         tokens = start if inputs is None else torch.cat([start, self.word_embed(inputs.to(start.dtype))], dim=1)
@@ -238,24 +242,6 @@ class FlexVAR(TokenScaleModel):
         sides = self.config.scales if options is None else self.sampled_scales(options)
         return FlexVARCanvas(sides, autoencoder)
 
-    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
-        sides = self.config.scales if options is None else self.sampled_scales(options)
-        shapes = [(batch, side * side) for side in sides]
-        if (not isinstance(noise, (list, tuple)) or len(noise) != len(shapes)
-                or any(not torch.is_tensor(u) or tuple(u.shape) != e for u, e in zip(noise, shapes))):
-            raise ValueError(f"noise (FlexVAR: one uniform per token) must be a list of tensors of shapes {shapes}")
-        if not all(bool(((u >= 0) & (u < 1)).all()) for u in noise):
-            raise ValueError("noise (FlexVAR: one uniform per token) must lie in [0, 1): it holds NaN or values outside")
-
-    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
-        """One (B, s*s) float64 CPU tensor of uniforms per sampled side, row b drawn from seeds[b]."""
-        sides = self.config.scales if options is None else self.sampled_scales(options)
-        per_sample = []
-        for seed in seeds:
-            g = torch.Generator().manual_seed(seed)
-            per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in sides])
-        return [torch.stack([u[k] for u in per_sample]) for k in range(len(sides))]
-
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
         """Each scale's known ids: the image's features quantized at the config's sides."""
         self.check_tokenizer(autoencoder)
@@ -289,61 +275,16 @@ class FlexVAR(TokenScaleModel):
         return model.eval()
 
 
-class FlexVARStepper(CachedStepper):
-    """FlexVAR's per-scale step (``flowar.sampling.Stepper``): a cached transformer pass over the sampled
-    sides, then VAR's guided categorical draw with the released sampler's ramp and greedy sides."""
+class FlexVARStepper(VARStepper):
+    """VAR's per-scale step over the sampled sides, with the released sampler's guidance ramp and greedy sides."""
 
-    logits = None  # (rows, s*s, V) float32 of the last scale fed
+    def guidance_at(self, k: int) -> float:
+        return self.options.guidance_excess(k, self.sides)
 
-    def release(self) -> None:
-        self.cache = self.logits = None
-
-    def _first_pass(self, prefill: bool) -> None:
-        model = self.model
-        self.class_embedding = model.class_emb(self.labels)
-        self.modulation = model.block_modulation(self.class_embedding)  # per class, once for all scales
-        self.positions = model.positions(self.sides)
-        self.segments = scale_segments(self.sides)
-        self._run(model.embed_inputs(self.class_embedding, sides=self.sides), 0, prefill)
-
-    def _pass(self, scale_input: torch.Tensor, k: int, prefill: bool) -> None:
-        """scale_input: the previous scale's codes resized to this side, (B, s*s, Cvae)."""
-        model = self.model
-        begin, end = self.segments[k]
-        tokens = model.word_embed(scale_input.to(self.device, model.word_embed.weight.dtype)) + self.positions[:, begin:end]
-        self._run(torch.cat([tokens, tokens]) if self.guided else tokens, k, prefill)
-
-    def _run(self, tokens: torch.Tensor, k: int, prefill: bool) -> None:
-        model = self.model
-        hidden = model.transformer(tokens, self.modulation, sides=(self.sides[k],), cache=self.cache)
-        self.logits = None if prefill else model.head_logits(hidden, self.class_embedding).float()
-
-    @torch.no_grad()
-    def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-             known: Known | None = None) -> VARDraw:
-        """Ids (B, s, s) of the scale fed last (see ``VARStepper.draw``); sides the options mark greedy take
-        top-k 1 (a draw from one candidate, which consumes the generator as the released sampler does)."""
-        o, k = self.options, self.scales_seen - 1
-        side = self.sides[k]
-        if noise is not None and o.more_smooth:
-            raise ValueError("noise (uniforms) replaces the token draws; more_smooth draws Gumbel noise from "
-                             "generator, so they cannot be combined")
-        with self.timer:
-            logits = self.logits
-            drawn = self.model.head.sample(
-                logits[:self.batch], logits[self.batch:] if self.guided else None,
-                guidance=o.guidance_excess(k, self.sides), top_k=1 if o.greedy_at(side) else o.top_k,
-                top_p=o.top_p, temperature=o.temperature, generator=generator,
-                uniforms=None if noise is None else noise.to(self.device),
-                smooth_ratio=k / max(len(self.sides) - 1, 1) if o.more_smooth else None)
-            ids, weights = drawn.ids.view(self.batch, side, side), drawn.weights
-            if known is not None:
-                keep, target = known[0].to(ids.device), known[1].to(ids.device)
-                ids = torch.where(keep, target, ids)
-                if weights is not None:
-                    one_hot = F.one_hot(target.flatten(1), weights.shape[-1]).to(weights)
-                    weights = torch.where(keep.flatten(1)[..., None], one_hot, weights)
-        return VARDraw(ids=ids, weights=weights)
+    def top_k_at(self, k: int) -> int:
+        # A greedy side keeps one candidate and still draws from it, consuming the generator as the released
+        # sampler does, so that later scales draw what it draws.
+        return 1 if self.options.greedy_at(self.sides[k]) else self.options.top_k
 
 
 class FlexVARCanvas:

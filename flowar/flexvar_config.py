@@ -8,7 +8,7 @@ from vae.files import ConfigMixin
 from vae.pyramid import check_scale_list
 
 from .config import copy_preset
-from .var_config import SCALES_256, VARSampling
+from .var_config import SCALES_256, VARSampling, check_token_transformer
 
 # The sides the released sampler draws with top-k / top-p (VAR's 256 px and 512 px pyramids); any other side,
 # and every side above ``greedy_above``, takes the most likely token (autoregressive_infer_cfg's fallback).
@@ -118,23 +118,7 @@ class FlexVARConfig(ConfigMixin):
 
     def __post_init__(self):
         self.scales = check_scale_list(self.scales, name="scales")
-        for name in ("vocab_size", "code_dim", "depth", "width", "num_heads", "position_side", "max_side",
-                     "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        for name in ("dropout", "attn_dropout", "drop_path", "cond_drop_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        check_token_transformer(self, more_sizes=("position_side", "max_side", "max_tokens"))
         if self.scales[-1] > self.max_side:
             raise ValueError(f"scales {list(self.scales)} end above max_side {self.max_side}")
         if self.scale_lists not in SCALE_LISTS:

@@ -294,6 +294,29 @@ class TokenScaleModel(ScaleWiseModel):
         # Sampling is the transformer: each block's feed-forward is about two thirds of a block's FLOPs.
         return [block.ffn for block in self.blocks]
 
+    # ------------------------------------------------------------------ sampling hooks
+    def input_positions(self, sides) -> torch.Tensor:
+        """(1, L, D): what is added to the input tokens of the scales ``sides``."""
+        raise NotImplementedError
+
+    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
+        sides = self.config.scales if options is None else self.sampled_scales(options)
+        shapes = [(batch, side * side) for side in sides]
+        if (not isinstance(noise, (list, tuple)) or len(noise) != len(shapes)
+                or any(not torch.is_tensor(u) or tuple(u.shape) != e for u, e in zip(noise, shapes))):
+            raise ValueError(f"noise (one uniform per token) must be a list of tensors of shapes {shapes}")
+        if not all(bool(((u >= 0) & (u < 1)).all()) for u in noise):
+            raise ValueError("noise (one uniform per token) must lie in [0, 1): it holds NaN or values outside")
+
+    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
+        """The token uniforms, one (B, s*s) float64 CPU tensor per sampled side, row b drawn from seeds[b]."""
+        sides = self.config.scales if options is None else self.sampled_scales(options)
+        per_sample = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in sides])
+        return [torch.stack([u[k] for u in per_sample]) for k in range(len(sides))]
+
 
 class VAR(TokenScaleModel):
     """Class-conditional next-scale prediction over the token maps of a multi-scale VQ tokenizer."""
@@ -318,6 +341,9 @@ class VAR(TokenScaleModel):
         """(1, L, D): level embedding of each token's scale plus its absolute position embedding."""
         sizes = torch.tensor([s * s for s in self.config.scales], device=self.lvl_embed.weight.device)
         return self.lvl_embed.weight.repeat_interleave(sizes, dim=0)[None] + self.pos_1LC
+
+    def input_positions(self, sides) -> torch.Tensor:
+        return self.level_positions()  # VAR samples its own scales only
 
     # ------------------------------------------------------------------ inputs and labels
     def _check_indices(self, indices) -> int:
@@ -352,9 +378,10 @@ class VAR(TokenScaleModel):
                 f"the model needs {(c.scales, c.vocab_size, c.code_dim)}"
             )
 
-    def embed_inputs(self, class_embedding, inputs=None) -> torch.Tensor:
+    def embed_inputs(self, class_embedding, inputs=None, *, sides=None) -> torch.Tensor:
         """Input tokens (B, n, D): the class token at each first-scale position, then the embedded inputs
-        (B, n - first_len, Cvae) of the following scales, with level and position embeddings added."""
+        (B, n - first_len, Cvae) of the following scales, with level and position embeddings added (``sides``:
+        VAR's are always its own scales)."""
         c = self.config
         batch = class_embedding.shape[0]
         start = class_embedding[:, None].expand(batch, c.first_len, -1) + self.pos_start
@@ -429,22 +456,6 @@ class VAR(TokenScaleModel):
         self.check_tokenizer(autoencoder)
         return VARCanvas(self.config, autoencoder)
 
-    def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
-        shapes = [(batch, side * side) for side in self.config.scales]
-        if (not isinstance(noise, (list, tuple)) or len(noise) != len(shapes)
-                or any(not torch.is_tensor(u) or tuple(u.shape) != e for u, e in zip(noise, shapes))):
-            raise ValueError(f"noise (VAR: one uniform per token) must be a list of tensors of shapes {shapes}")
-        if not all(bool(((u >= 0) & (u < 1)).all()) for u in noise):
-            raise ValueError("noise (VAR: one uniform per token) must lie in [0, 1): it holds NaN or values outside")
-
-    def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
-        """VAR's token uniforms, one (B, s*s) float64 CPU tensor per scale, row b drawn from seeds[b]."""
-        per_sample = []
-        for seed in seeds:
-            g = torch.Generator().manual_seed(seed)
-            per_sample.append([torch.rand(side * side, generator=g, dtype=torch.float64) for side in self.config.scales])
-        return [torch.stack([u[k] for u in per_sample]) for k in range(len(self.config.scales))]
-
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
         """Each scale's known ids: the image's ground-truth token maps from the tokenizer."""
         self.check_tokenizer(autoencoder)
@@ -481,7 +492,8 @@ class VARDraw:
 
 
 class VARStepper(CachedStepper):
-    """VAR's per-scale step (``flowar.sampling.Stepper``): a cached transformer pass, then the categorical draw.
+    """VAR's per-scale step (``flowar.sampling.Stepper``): a cached transformer pass, then the categorical draw;
+    FlexVAR's too, with its own guidance and filter per scale (:meth:`guidance_at`, :meth:`top_k_at`).
     Unguided, the mix is exactly the conditional logits, so the null rows are not run."""
 
     logits = None  # (rows, s*s, V) float32 of the last scale fed
@@ -493,12 +505,13 @@ class VARStepper(CachedStepper):
         model = self.model
         self.class_embedding = model.class_emb(self.labels)
         self.modulation = model.block_modulation(self.class_embedding)  # per class, once for all scales
-        self.positions = model.level_positions()
-        self.segments = scale_segments(model.config.scales)
-        self._run(model.embed_inputs(self.class_embedding), 0, prefill)
+        self.positions = model.input_positions(self.sides)
+        self.segments = scale_segments(self.sides)
+        self._run(model.embed_inputs(self.class_embedding, sides=self.sides), 0, prefill)
 
     def _pass(self, scale_input: torch.Tensor, k: int, prefill: bool) -> None:
-        """scale_input: the tokenizer's accumulated f_hat pooled to this scale, (B, s*s, Cvae)."""
+        """scale_input: the canvas's input of this scale, (B, s*s, Cvae) (VAR: the tokenizer's accumulated f_hat
+        pooled to this scale; FlexVAR: the previous scale's codes resized)."""
         model = self.model
         begin, end = self.segments[k]
         tokens = model.word_embed(scale_input.to(self.device, model.word_embed.weight.dtype)) + self.positions[:, begin:end]
@@ -506,17 +519,18 @@ class VARStepper(CachedStepper):
 
     def _run(self, tokens: torch.Tensor, k: int, prefill: bool) -> None:
         model = self.model
-        hidden = model.transformer(tokens, self.modulation, sides=(model.config.scales[k],), cache=self.cache)
+        hidden = model.transformer(tokens, self.modulation, sides=(self.sides[k],), cache=self.cache)
         # Over another model's scales only the KV cache matters: no logits.
         self.logits = None if prefill else model.head_logits(hidden, self.class_embedding).float()
 
     @torch.no_grad()
     def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
              known: Known | None = None) -> VARDraw:
-        """Ids (B, s, s) of the scale fed last, guided on VAR's ramp, filtered and drawn from ``generator`` or
-        by inverse CDF from ``noise`` (B, s*s) uniforms; ``known`` (keep (B, s, s), ids) overwrites the kept ids."""
+        """Ids (B, s, s) of the scale fed last, guided (:meth:`guidance_at`), filtered and drawn from ``generator``
+        or by inverse CDF from ``noise`` (B, s*s) uniforms; ``known`` (keep (B, s, s), ids) overwrites the kept
+        ids."""
         o, c, k = self.options, self.model.config, self.scales_seen - 1
-        num_scales, side = len(c.scales), c.scales[k]
+        num_scales, side = len(self.sides), self.sides[k]
         if noise is not None and o.more_smooth:
             raise ValueError("noise (uniforms) replaces the token draws; more_smooth draws Gumbel noise from "
                              "generator, so they cannot be combined")
@@ -524,8 +538,8 @@ class VARStepper(CachedStepper):
             logits = self.logits
             drawn: CategoricalSample = self.model.head.sample(
                 logits[:self.batch], logits[self.batch:] if self.guided else None,
-                guidance=guidance_excess(o.guidance_scale, k, num_scales, o.cfg_schedule),
-                top_k=o.top_k, top_p=o.top_p, temperature=o.temperature, generator=generator,
+                guidance=self.guidance_at(k), top_k=self.top_k_at(k), top_p=o.top_p, temperature=o.temperature,
+                generator=generator,
                 uniforms=None if noise is None else noise.to(self.device),
                 smooth_ratio=k / max(num_scales - 1, 1) if o.more_smooth else None)
             ids, weights = drawn.ids.view(self.batch, side, side), drawn.weights
@@ -536,6 +550,14 @@ class VARStepper(CachedStepper):
                     one_hot = F.one_hot(target.flatten(1), c.vocab_size).to(weights)
                     weights = torch.where(keep.flatten(1)[..., None], one_hot, weights)
         return VARDraw(ids=ids, weights=weights)
+
+    def guidance_at(self, k: int) -> float:
+        """Scale k's guidance weight minus one (VAR's t): VAR's linear ramp."""
+        o = self.options
+        return guidance_excess(o.guidance_scale, k, len(self.sides), o.cfg_schedule)
+
+    def top_k_at(self, k: int) -> int:
+        return self.options.top_k
 
 
 class VARCanvas:

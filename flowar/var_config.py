@@ -26,6 +26,28 @@ def check_var_scales(scales) -> tuple[int, ...]:
     return scales
 
 
+def check_token_transformer(config, *, more_sizes: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the field unless VAR's transformer fields of ``config`` (VARConfig, FlexVARConfig)
+    are valid: sizes (and ``more_sizes``) positive integers, a vocabulary of two codes or more, heads dividing
+    the width, rates in [0, 1)."""
+    for name in ("vocab_size", "code_dim", "depth", "width", "num_heads", *more_sizes):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if config.vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {config.vocab_size}")
+    if config.num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {config.num_classes}")
+    if config.width % config.num_heads:
+        raise ValueError(f"width ({config.width}) must be divisible by num_heads ({config.num_heads})")
+    if not config.mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {config.mlp_ratio}")
+    for name in ("dropout", "attn_dropout", "drop_path", "cond_drop_rate"):
+        value = getattr(config, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value}")
+
+
 @dataclass
 class VARSampling(GuidanceOptions):
     """VAR's sampling options, validated once; a release saves its defaults in config.json.
@@ -92,22 +114,7 @@ class VARConfig(ConfigMixin):
 
     def __post_init__(self):
         self.scales = check_var_scales(self.scales)
-        for name in ("vocab_size", "code_dim", "depth", "width", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        for name in ("dropout", "attn_dropout", "drop_path", "cond_drop_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        check_token_transformer(self)
         if isinstance(self.sampling, dict):
             self.sampling = VARSampling.from_dict(self.sampling)
         if not isinstance(self.sampling, VARSampling):
