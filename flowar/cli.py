@@ -32,6 +32,7 @@ from .outputs import image_grid
 from .registry import model_type, pipeline_class
 from .sampling import CFG_SCHEDULES
 from .var_config import VAR_PRESETS, VARSampling
+from .xar_config import XAR_PRESETS
 from .var_pipeline import RELEASED_TOKENIZER, load_tokenizer
 
 # Sampling options: argparse destination -> the field (or replace() keyword) of a family's options dataclass.
@@ -39,7 +40,7 @@ SAMPLING_OPTIONS = ("guidance_scale", "cfg_schedule", "scales", "guidance_interv
                     "atol", "rtol", "top_k", "top_p", "temperature", "more_smooth", "var_cfg", "greedy_above")
 # The model type of each preset, for a released file.
 PRESET_KINDS = {**{name: "flowar" for name in PRESETS}, **{name: "var" for name in VAR_PRESETS},
-                **{name: "flexvar" for name in FLEXVAR_PRESETS}}
+                **{name: "flexvar" for name in FLEXVAR_PRESETS}, **{name: "xar" for name in XAR_PRESETS}}
 
 
 def parse_labels(text: str) -> list[int]:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from flowar import VAR, FlexVAR, FlowAR, get_flexvar_preset, get_preset, get_var_preset
+from flowar import VAR, XAR, FlexVAR, FlowAR, get_flexvar_preset, get_preset, get_var_preset, get_xar_preset
 from flowar.config import FlowARConfig, FlowARSampling
 from flowar.registry import MODEL_CLASSES, load_model, model_type, pipeline_class
 from flowar.var_config import VARConfig, VARSampling
@@ -17,12 +17,13 @@ from vae.msvq import MultiScaleVQConfig, MultiScaleVQVAE, get_msvq_preset
 
 
 def tiny_models():
-    """One random model of each saved type (FlowAR, VAR, FlexVAR and the two VQ tokenizers)."""
+    """One random model of each saved type (FlowAR, VAR, FlexVAR, xAR and the two VQ tokenizers)."""
     torch.manual_seed(0)
     return {
         "flowar": FlowAR(get_preset("flowar-tiny", scales=(1, 2, 4))),
         "var": VAR(get_var_preset("var-tiny", depth=1, width=64, num_heads=4)),
         "flexvar": FlexVAR(get_flexvar_preset("flexvar-tiny", depth=1, width=64, num_heads=4)),
+        "xar": XAR(get_xar_preset("xar-tiny")),
         "tokenizer": MultiScaleVQVAE(get_msvq_preset("tiny")),
         "flexvq": FlexVQVAE(get_flexvq_preset("mnist")),
     }
@@ -218,7 +219,8 @@ def test_config_keys_of_no_field_are_refused_by_name():
 
 # ---------------------------------------------------------------------------------------------- model_type
 def test_model_type_picks_the_class(saved):
-    expected = {"flowar": FlowAR, "var": VAR, "flexvar": FlexVAR, "tokenizer": MultiScaleVQVAE, "flexvq": FlexVQVAE}
+    expected = {"flowar": FlowAR, "var": VAR, "flexvar": FlexVAR, "xar": XAR, "tokenizer": MultiScaleVQVAE,
+                "flexvq": FlexVQVAE}
     assert set(MODEL_CLASSES.values()) == set(expected.values())
     for name, (model, folder) in saved.items():
         kind = model_type(folder)
@@ -226,7 +228,7 @@ def test_model_type_picks_the_class(saved):
         assert MODEL_CLASSES[kind] is expected[name]
         loaded = load_model(folder)
         assert type(loaded) is expected[name] and same_weights(loaded, model) and not loaded.training
-    assert len({model_type(folder) for _, folder in saved.values()}) == 5
+    assert len({model_type(folder) for _, folder in saved.values()}) == 6
 
 
 def test_a_folder_without_model_type_is_refused(saved, tmp_path):
@@ -251,7 +253,7 @@ def test_the_wrong_class_or_an_unknown_type_is_refused(saved, tmp_path):
     odd = copy_folder(flowar_folder, tmp_path / "odd")
     data = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**data, "model_type": "unet"}))
-    with pytest.raises(ValueError, match=r"holds a 'unet' model; known types are \['flexvar', 'flexvq', 'flowar', 'multiscale_vq', 'var'\]"):
+    with pytest.raises(ValueError, match=r"holds a 'unet' model; known types are \['flexvar', 'flexvq', 'flowar', 'multiscale_vq', 'var', 'xar'\]"):
         load_model(odd)
     with pytest.raises(ValueError, match="has no pipeline"):
         pipeline_class(model_type(saved["tokenizer"][1]))

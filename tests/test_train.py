@@ -348,6 +348,25 @@ def test_flexvar_trains_on_random_scale_lists_with_the_same_loop(tmp_path):
     assert pipe([0, 1], output_type="pt", scales=(1, 2, 4, 8, 12)).shape == (2, 3, 48, 48)
 
 
+def test_xar_trains_with_noisy_context_in_the_same_loop(tmp_path):
+    """xAR: every cell at its own noise level in one block-causal pass, from the same latent cache and loop; the
+    draws are per image, so two accumulation steps equal one step of the whole batch; export gives a release."""
+    from flowar.registry import load_pipeline
+    from train.export import export
+
+    tiny_autoencoder_kl().save_pretrained(tmp_path / "vae")
+    cache = make_cache(tmp_path / "cache", vae=str(tmp_path / "vae"))
+    common = [f"latent_cache={cache}", *COMMON, "preset=xar-tiny", "total_steps=3", "checkpoint_every=3"]
+    run_train([*common, f"out_dir={tmp_path / 'one'}"])
+    run_train([*common, f"out_dir={tmp_path / 'accum'}", "grad_accum=2"])
+    one, accum = final_state(tmp_path / "one"), final_state(tmp_path / "accum")
+    assert_same_weights(one, accum, rtol=1e-4, atol=1e-5)
+    export(tmp_path / "one", tmp_path / "release")
+    pipe = load_pipeline(tmp_path / "release")
+    assert type(pipe.model).__name__ == "XAR"
+    assert pipe([1, 2], output_type="latent", steps=3).shape == (2, 4, 8, 8)
+
+
 def test_var_refuses_a_vae_latent_cache(tmp_path):
     cache = make_cache(tmp_path / "cache")
     result = run_train([f"latent_cache={cache}", *COMMON, "preset=var-tiny", "total_steps=1",

@@ -21,7 +21,7 @@ class TrainConfig:
     vae: str = ""  # FlowAR: diffusers folder / hub id / MAR kl16.ckpt; needed unless latent_cache is set
     tokenizer: str = ""  # VAR / FlexVAR: a tokenizer folder, vae_ch160v4096z32.pth / FlexVAE.pth; recorded in a cache
     num_workers: int = 0
-    # model: a FlowAR (flowar-*), VAR (var-*) or FlexVAR (flexvar-*) preset, plus field overrides,
+    # model: a FlowAR (flowar-*), VAR (var-*), FlexVAR (flexvar-*) or xAR (xar-*) preset, plus field overrides,
     # e.g. {"num_classes": 10, "scales": [1, 2, 4, 8]}
     preset: str = "flowar-tiny"
     model: dict = field(default_factory=dict)

@@ -33,7 +33,8 @@ from eval.fid import compute_metrics
 from eval.inception import load_feature_network
 from eval.metrics import feature_statistics
 from eval.reference import default_cache_dir, write_stats_npz
-from flowar import FLEXVAR_PRESETS, VAR, VAR_PRESETS, FlexVAR, FlowAR, get_flexvar_preset, get_preset, get_var_preset
+from flowar import (FLEXVAR_PRESETS, VAR, VAR_PRESETS, XAR, XAR_PRESETS, FlexVAR, FlowAR, get_flexvar_preset,
+                    get_preset, get_var_preset, get_xar_preset)
 from flowar.outputs import autocast_context, image_grid, to_uint8_images
 from flowar.sampling import generate
 
@@ -117,7 +118,9 @@ def step_generator(seed: int, step: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-def build_model(cfg: TrainConfig) -> FlowAR | VAR | FlexVAR:
+def build_model(cfg: TrainConfig) -> FlowAR | VAR | FlexVAR | XAR:
+    if cfg.preset in XAR_PRESETS:
+        return XAR(get_xar_preset(cfg.preset, **cfg.model))
     if cfg.preset in VAR_PRESETS:
         return VAR(get_var_preset(cfg.preset, **cfg.model))
     if cfg.preset in FLEXVAR_PRESETS:
