@@ -120,3 +120,16 @@ def test_the_fewstep_demo_without_a_teacher_trains_the_flowar_first(tmp_path):
     assert results["teacher"] == str(out / "flowar-release") and results["steps"] == 2
     assert (out / "flowar-release" / "model.safetensors").is_file()  # the teacher, as the FlowAR demo leaves it
     assert results["release"] == str(out / "distill" / "release") and results["head_evaluations"] == 8
+
+
+def test_the_xar_demo_trains_on_the_reused_vae_and_scores(first_run, tmp_path):
+    """--model xar: the same VAE latents, cells of 4x4 tokens, the release sampled and scored with the digit
+    classifier; results.json records its transformer passes (one per cell)."""
+    out = tmp_path / "xar"
+    assert demo.main(["--out", str(out), "--model", "xar", "--autoencoder", str(first_run / "vae"), "--steps", "2",
+                      "--per-class", "1", "--precision", "fp32", "--set", "sample_every=1000",
+                      "--set", 'model.sampling={"steps": 3}', "--set", "model.width=32"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "xar" and results["transformer_passes"] == 4 and results["steps"] == 2
+    assert (out / "xar-release" / "model.safetensors").is_file() and (out / "grid.png").is_file()
+    assert 0.0 <= results["class_consistency"] <= 1.0 and results["frechet_distance"] > 0

@@ -33,6 +33,9 @@ draws its own list of scales from 1 to 8, so the release samples any list, e.g. 
 'scales=[1,2,3,4,6,8]' --sample steps=20``, and larger images with a last side above 8 (``'scales=[1,2,4,8,12]'``).
 It trains for 800 steps by default, twice the others, and samples with guidance scale 1.5.
 
+xar: xAR (``flowar.xar``) on the demo's VAE latents: four 4x4 cells, each a flow integrated by the transformer
+itself with noisy context in training; the released SDE sampler with 10 evaluations per cell.
+
 flowar-multistage: the FlowAR demo with ``flow="multistage"`` (``heads.multistage``): each scale denoises
 only its stage of time and fewer head steps are run at the late scales.
 
@@ -129,8 +132,15 @@ DEMO_FLEXIBLE = {**DEMO_FLOWAR, "positions": "grid", "scale_lists": "random", "f
                  "sampling": {**DEMO_FLOWAR["sampling"], "guidance_scale": 1.5}}
 DEMO_STEPS = 400
 FLEXIBLE_STEPS = 800
+# xAR on the demo's 8x8x4 latents: four 4x4 cells; no head, so three blocks each side of width 128 stand in for
+# the FlowAR's 2 + 2 blocks and 4-block head (about its parameter count). The released sampler: the SDE, 10
+# transformer evaluations per cell, guidance ramped per cell.
+DEMO_XAR = {"num_classes": 10, "token_dim": 4, "latent_side": 8, "cell_side": 4, "width": 128, "num_heads": 4,
+            "encoder_depth": 3, "decoder_depth": 3, "attn_dropout": 0.0, "proj_dropout": 0.0,
+            "sampling": {"guidance_scale": 2.0, "steps": 10}}
 MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow": DEMO_MEANFLOW,
-          "flowar-multistage": DEMO_MULTISTAGE, "flowar-flexible": DEMO_FLEXIBLE, "var": DEMO_VAR}
+          "flowar-multistage": DEMO_MULTISTAGE, "flowar-flexible": DEMO_FLEXIBLE, "var": DEMO_VAR,
+          "xar": DEMO_XAR}
 # The distillation (docs/ablations.md#distilled-few-step): 150 steps of batch 32 at a constant lr 1e-3 onto the
 # teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
 # average, a midpoint or a finer target solve, or jumps on the "flowar" grid were each level or worse at seed 0.
@@ -339,14 +349,14 @@ def train_generator(args, out: Path, results: dict, stages: Stages) -> tuple[Pat
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
                               vae_path=str(encoder_dir), data_source="mnist")
 
-    name = "VAR" if var else "FlowAR"
+    name, family = {"var": ("VAR", "var"), "xar": ("xAR", "xar")}.get(args.model, ("FlowAR", "flowar"))
     stages.next(f"training {name} ({args.steps} steps, {precision})")
     model = dict(MODELS[args.model])
     if var:  # the transformer's vocabulary and inputs are the tokenizer's
         model = {**model, "scales": list(encoder.scales), "vocab_size": encoder.codebook_size,
                  "code_dim": encoder.code_dim}
     cfg = load_config(None, [
-        f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={'var' if var else 'flowar'}-tiny",
+        f"latent_cache={cache_dir}", f"out_dir={out / args.model}", f"preset={family}-tiny",
         *TRAINING, f"bf16={str(precision == 'bf16').lower()}", f"total_steps={args.steps}", "checkpoint_every=100",
         f"sample_every={max(args.steps // 4, 1)}", "log_every=10", f"seed={args.seed}",
         *(f"model.{k}={json.dumps(v)}" for k, v in model.items()), *args.overrides,
