@@ -136,10 +136,9 @@ class ScaleWisePipeline:
         return cls(model, autoencoder.to(map_location))
 
 
-class FlowARPipeline(ScaleWisePipeline):
-    """Class labels in, images out: FlowAR samples latents and the VAE decodes them."""
+class VAEPipeline(ScaleWisePipeline):
+    """The pipeline of a family that samples continuous latents, which a VAE (saved in ``vae/``) decodes."""
 
-    model_class = FlowAR
     autoencoder_folder = VAE_FOLDER
 
     @property
@@ -149,3 +148,9 @@ class FlowARPipeline(ScaleWisePipeline):
     @classmethod
     def load_autoencoder(cls, source, *, model=None, map_location="cpu"):
         return load_vae(source, map_location=map_location)
+
+
+class FlowARPipeline(VAEPipeline):
+    """Class labels in, images out: FlowAR samples latents and the VAE decodes them."""
+
+    model_class = FlowAR

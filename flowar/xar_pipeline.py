@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from .pipeline import VAE_FOLDER, ScaleWisePipeline, load_vae
+from .pipeline import VAEPipeline
 from .xar import XAR
 
 
-class XARPipeline(ScaleWisePipeline):
+class XARPipeline(VAEPipeline):
     """Class labels in, images out: xAR samples latents cell by cell and the VAE decodes them."""
 
     model_class = XAR
-    autoencoder_folder = VAE_FOLDER
-
-    @property
-    def vae(self):
-        return self.autoencoder
-
-    @classmethod
-    def load_autoencoder(cls, source, *, model=None, map_location="cpu"):
-        return load_vae(source, map_location=map_location)
