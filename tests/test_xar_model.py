@@ -207,7 +207,7 @@ def test_a_few_optimizer_steps_lower_the_loss():
 
 # ---------------------------------------------------------------------------------------------- sampling
 def recomputed_sample(model, labels, noise, *, solver, steps, guidance_scale, cfg_schedule):
-    """Cell by cell with no KV cache: every velocity is one block-causal pass over the clean cells so far (at
+    """Cell by cell with no KV cache: every velocity is one block-causal pass over the clean cells before it (at
     t = 0) and the noisy cell, for the labels and for the null class; the SDE and Euler written out here."""
     batch, cells = labels.shape[0], model.config.num_cells
     null = torch.full_like(labels, model.null_class)
