@@ -85,13 +85,10 @@ class FlexVAR(TokenScaleModel):
         with torch.no_grad():
             self.pos_1LC.copy_(sinusoid_position_table(self.config.position_side, self.config.width))
 
-    def positions(self, sides) -> torch.Tensor:
+    def input_positions(self, sides) -> torch.Tensor:
         """(1, L, D): the position table area-resized to every side of ``sides``, concatenated row-major."""
         return torch.cat([F.interpolate(self.pos_1LC, size=(s, s), mode="area").flatten(2).transpose(1, 2)
                           for s in sides], dim=1)
-
-    def input_positions(self, sides) -> torch.Tensor:
-        return self.positions(sides)
 
     # ------------------------------------------------------------------ inputs
     def check_tokenizer(self, tokenizer) -> None:
@@ -111,7 +108,7 @@ class FlexVAR(TokenScaleModel):
         batch = class_embedding.shape[0]
         start = class_embedding[:, None] + self.pos_start
         tokens = start if inputs is None else torch.cat([start, self.word_embed(inputs.to(start.dtype))], dim=1)
-        return tokens + self.positions(sides)[:, : tokens.shape[1]].expand(batch, -1, -1)
+        return tokens + self.input_positions(sides)[:, : tokens.shape[1]].expand(batch, -1, -1)
 
     # ------------------------------------------------------------------ training
     def draw_scale_list(self, generator=None) -> tuple[int, ...]:

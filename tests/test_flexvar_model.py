@@ -60,7 +60,7 @@ def test_position_table_holds_row_sines_and_column_cosines():
 def test_positions_are_the_table_averaged_over_each_cell():
     model = small_model()
     table = model.pos_1LC[0]  # (D, 8, 8)
-    positions = model.positions((1, 4, 8))[0]  # (1 + 16 + 64, D)
+    positions = model.input_positions((1, 4, 8))[0]  # (1 + 16 + 64, D)
     torch.testing.assert_close(positions[0], table.mean(dim=(1, 2)))
     # side 4: position (r, c) is the mean of the 2x2 cell (2r..2r+1, 2c..2c+1)
     torch.testing.assert_close(positions[1 + 4 * 1 + 2], table[:, 2:4, 4:6].mean(dim=(1, 2)))
