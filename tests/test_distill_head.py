@@ -19,7 +19,8 @@ from flowar import FlowAR, FlowARPipeline, get_preset
 from flowar.sampling import guidance_excess
 from heads.flow import Guidance
 from heads.solvers import SolveOptions
-from train.distill_head import build_student, load_teacher, main, target_sampling, teacher_conditions, \
+from vae.pyramid import area_pyramid
+from train.distill_head import build_student, load_teacher, main, scale_solves, target_sampling, teacher_conditions, \
     teacher_trajectory
 
 LR = "3e-3"
@@ -48,7 +49,7 @@ def run(teacher, cache, out, *extra):
 def jump_error(teacher: FlowAR, student: FlowAR, latents, labels, *, guided_student: bool) -> float:
     """Mean squared distance, over scales and held-out noise, of the student's one jump per scale from the
     teacher's full guided solve, both conditioned by teacher forcing on ``latents``."""
-    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=True)
+    cond, cond_null = teacher_conditions(teacher, area_pyramid(latents, teacher.config.scales), labels, guided=True)
     o, c = teacher.config.sampling, teacher.config
     jump = SolveOptions(solver="flow-map", steps=1, schedule="uniform", atol=1e-5, rtol=1e-5)
     errors = []
@@ -183,7 +184,7 @@ def test_the_targets_are_the_chosen_solve_of_the_teacher(teacher_and_cache):
     sampling = target_sampling(teacher, solver="midpoint", steps=4)
     assert (sampling.solver, sampling.steps, sampling.guidance_scale) == ("midpoint", 4, teacher.config.sampling.guidance_scale)
     latents, labels = torch.randn(3, 4, 8, 8, generator=gen(2)), torch.tensor([1, 5, 9])
-    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
+    cond, cond_null = teacher_conditions(teacher, area_pyramid(latents, teacher.config.scales), labels, guided=sampling.guided)
     k = 2
     noise = torch.randn(3, 16, 4, generator=gen(3))
     grid = torch.linspace(1, 0, 5, dtype=torch.float64)
@@ -208,7 +209,7 @@ def test_teacher_guidance_sets_the_guidance_of_the_target_solve(teacher_and_cach
     ends = {}
     for scale in (1.0, 1.5, c.sampling.guidance_scale):
         sampling = target_sampling(teacher, solver="euler", steps=4, guidance_scale=scale)
-        cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
+        cond, cond_null = teacher_conditions(teacher, area_pyramid(latents, teacher.config.scales), labels, guided=sampling.guided)
         assert (cond_null is None) == (scale == 1.0)
         ends[scale] = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
                                          grid)[-1]
@@ -231,3 +232,38 @@ def test_the_release_holds_the_average_head_with_ema_and_the_trained_one_without
         assert all(torch.equal(released[k], state["ema"][k]) for k in state["ema"])
         same_as_trained = all(torch.equal(released[k], state["head"][k]) for k in state["head"])
         assert same_as_trained == (decay == "0")
+
+
+@pytest.mark.parametrize("prefix", ["teacher", "student"])
+def test_rollout_prefixes_condition_each_scale_as_that_models_sampling_does(teacher_and_cache, prefix):
+    """--prefix teacher: the last scale's target solve ends where the teacher's own sampling (the target solve's
+    settings) ends from the same per-scale noise, so every scale was conditioned on the teacher's draws.
+    --prefix student: the last scale's conditions, jumped by the student, give the student's own sample. With
+    the data's pyramid (--prefix data) neither holds."""
+    teacher, _ = load_teacher(teacher_and_cache[0])
+    student = build_student(teacher, 2, seed=3)
+    with torch.no_grad():  # a student whose jumps differ from the teacher's Euler steps
+        student.flownet.final_layer.linear.weight.add_(torch.randn(student.flownet.final_layer.linear.weight.shape,
+                                                                   generator=gen(4)), alpha=0.1)
+    sampling = target_sampling(teacher, solver="euler", steps=4)
+    c = teacher.config
+    latents, labels = torch.randn(3, 4, 8, 8, generator=gen(5)), torch.tensor([1, 4, 8])
+    draws = gen(6)  # scale_solves draws each scale's noise in turn, nothing else
+    noise = [torch.randn((3, side * side, c.token_dim), generator=draws) for side in c.scales]
+
+    def last_scale(prefix):
+        *_, (k, cond, grid, states) = scale_solves(teacher, student, latents, labels, 2, gen(6), sampling=sampling,
+                                                    prefix=prefix)
+        return cond, states
+
+    if prefix == "teacher":
+        own = teacher.sample(labels, sampling=sampling, noise=noise)
+        expected = own.flatten(2).transpose(1, 2)
+        ends = {p: last_scale(p)[1][-1].float() for p in ("teacher", "data")}
+    else:
+        own = student.sample(labels, noise=noise)
+        expected = own.flatten(2).transpose(1, 2)
+        jump = student.config.sampling.solve_at(len(c.scales) - 1)
+        ends = {p: student.flownet.sample(noise[-1], last_scale(p)[0].float(), jump).x for p in ("student", "data")}
+    torch.testing.assert_close(ends[prefix], expected, rtol=1e-4, atol=1e-5)
+    assert (ends["data"] - expected).abs().max() > 1e-2

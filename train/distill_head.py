@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
+from flowar.model import from_tokens
 from heads.flow import HeadVelocity
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
 from vae.files import read_class_names, read_model_type, write_class_names
@@ -64,6 +65,10 @@ from .train import SampleGrid, ema_decay, setup_distributed, step_generator, upd
 
 ADAPTIVE_TEACHER_STEPS = 25  # the teacher grid of an adaptive (dopri5) teacher, which saves no step count
 ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can solve an ordinary head's ODE
+# What conditions each scale of a training step: the cached latents' pyramid (teacher forcing, as in training),
+# or the maps the teacher's target solves (as its sampling sees them) or the student's own jumps (as the
+# student's sampling sees them) drew at the scales before it.
+PREFIXES = ("data", "teacher", "student")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -132,16 +137,14 @@ def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
 
 
 @torch.no_grad()
-def teacher_conditions(teacher: FlowAR, latents: torch.Tensor, labels: torch.Tensor | None, *, guided: bool
+def teacher_conditions(teacher: FlowAR, pyramid: list[torch.Tensor], labels: torch.Tensor | None, *, guided: bool
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-scale head conditions (B, s*s, D) of the class and, when ``guided``, of the null class (else None),
-    from the teacher-forced pyramid of ``latents`` (B, C, S, S), as in training but without label drop or context
-    noise."""
+    from ``pyramid``, each scale's map (B, C, s, s), fed as in training but without label drop or context noise.
+    Scale k's conditions depend on the maps of the scales before it only (the attention is block-causal)."""
     c = teacher.config
-    teacher._check_latents(latents)
     if c.unconditional:
-        labels = torch.full((latents.shape[0],), teacher.null_class, device=latents.device)
-    pyramid = area_pyramid(latents, c.scales)
+        labels = torch.full((pyramid[0].shape[0],), teacher.null_class, device=pyramid[0].device)
     inputs = teacher.z_proj(teacher.input_tokens(pyramid))
     guided = guided and not c.unconditional
 
@@ -189,33 +192,60 @@ def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generato
     return start, end
 
 
+def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor, jumps: int,
+                 generator: torch.Generator, *, sampling: FlowARSampling, prefix: str = "data",
+                 global_batch: int | None = None, rows: slice = slice(None)):
+    """Yield, scale by scale, (k, cond (B, s*s, D), grid, states): scale k's class conditions and the teacher's
+    solve of ``sampling`` from fresh noise on its uniform grid (``teacher_trajectory``).
+
+    ``prefix`` says what conditions each scale (see PREFIXES). Scale k's noise is drawn from ``generator`` for
+    the whole global batch when the generator reaches scale k, and this process keeps its ``rows``: a consumer
+    that draws from the same generator between scales draws after that scale's noise."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"prefix must be one of {', '.join(PREFIXES)}, got {prefix!r}")
+    c = teacher.config
+    global_batch = global_batch or latents.shape[0]
+    teacher._check_latents(latents)
+    pyramid = area_pyramid(latents, c.scales)
+    cond, cond_null = teacher_conditions(teacher, pyramid, labels, guided=sampling.guided)
+    for k, side in enumerate(c.scales):
+        if prefix != "data" and k > 0:  # scale k's conditions from the maps drawn at the scales before it
+            cond, cond_null = teacher_conditions(teacher, pyramid, labels, guided=sampling.guided)
+        noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
+        grid = torch.linspace(1, 0, teacher_steps(sampling, k, jumps) + 1, dtype=torch.float64)
+        states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
+                                    grid)
+        yield k, cond[k], grid, states
+        if prefix == "teacher":
+            pyramid[k] = from_tokens(states[-1].float(), side)
+        elif prefix == "student":
+            with torch.no_grad():
+                jumped = student.flownet.sample(noise, cond[k].float(), student.config.sampling.solve_at(k)).x
+            pyramid[k] = from_tokens(jumped.float(), side)
+
+
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
                       jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
-                      global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+                      prefix: str = "data", global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
 
     ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
-    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one). The generator
-    draws, in order, each scale's noise and then its random pairs, for the whole global batch, and this process
-    keeps its rows."""
-    c = teacher.config
-    sampling = sampling or c.sampling
+    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one) under ``prefix``'s
+    conditions (``scale_solves``). The generator draws, in order, each scale's noise and then its random pairs,
+    for the whole global batch, and this process keeps its rows."""
+    sampling = sampling or teacher.config.sampling
     global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
-    cond, cond_null = teacher_conditions(teacher, latents, labels, guided=sampling.guided)
     losses = []
-    for k, side in enumerate(c.scales):
-        noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
-        steps = teacher_steps(sampling, k, jumps)
-        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-        states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
-                                    grid)
+    for k, cond, grid, states in scale_solves(teacher, student, latents, labels, jumps, generator, sampling=sampling,
+                                              prefix=prefix, global_batch=global_batch, rows=rows):
+        steps = len(grid) - 1
         start, end = (index[:, rows].reshape(-1) for index in training_pairs(steps, jumps, global_batch, generator))
         rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
         x_t, x_r = states[start, rows_of], states[end, rows_of]
         target = ((x_t - x_r) / (t - r)[:, None, None]).float()
-        u = student.flownet.conditioned(cond[k][rows_of].float())(x_t.float(), t.float(), r.float())
+        u = student.flownet.conditioned(cond[rows_of].float())(x_t.float(), t.float(), r.float())
         losses.append((u.float() - target).pow(2).mean())
     return torch.stack(losses)
 
@@ -271,7 +301,8 @@ def distill(args) -> Path:
     ema = {name: p.detach().float().clone() for name, p in head.named_parameters()}
     checkpoints = CheckpointManager(out)
     settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "teacher_solver": sampling.solver,
+                "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
+                "teacher_solver": sampling.solver,
                 "teacher_guidance": sampling.guidance_scale,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
@@ -279,7 +310,8 @@ def distill(args) -> Path:
         state = checkpoints.load_last(map_location=device)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
-        differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        saved = {"prefix": "data", **state["settings"]}  # a checkpoint without the key was conditioned on the data
+        differ = sorted(k for k in settings if saved.get(k) != settings[k])
         if differ:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
         head.load_state_dict(state["head"])
@@ -308,7 +340,7 @@ def distill(args) -> Path:
         latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
         per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
-                                      sampling=sampling, global_batch=args.batch, rows=rows)
+                                      sampling=sampling, prefix=args.prefix, global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -387,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-guidance", type=float, default=None,
                    help="guidance scale of the target solve, which the unguided student inherits (default: the "
                         "teacher's saved one)")
+    p.add_argument("--prefix", choices=PREFIXES, default="data",
+                   help="what conditions each scale: the cached latents (teacher forcing), or the maps drawn at the "
+                        "scales before it by the teacher's target solves or by the student's own jumps")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
