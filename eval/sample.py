@@ -45,6 +45,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from flowar.cli import parse_scales
 from flowar.outputs import PRECISIONS
 from flowar.registry import load_pipeline as load_any_pipeline
 from flowar.sampling import CFG_SCHEDULES
@@ -356,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     guidance = p.add_argument_group("guidance and scales, every family (default: the model's)")
     guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
     guidance.add_argument("--cfg-schedule", default=None, help=f"one of {CFG_SCHEDULES}")
-    guidance.add_argument("--scales", type=parse_sides, default=None,
-                          help="sides to sample, e.g. 1,2,4,8,12 (FlexVAR, or a FlowAR with positions='grid')")
+    guidance.add_argument("--scales", type=parse_scales, default=None,
+                          help="sides to sample, e.g. 1,2,4,8,12, or 1,2,4,8x12 for a grid that is not square "
+                               "(FlexVAR, or a FlowAR with positions='grid')")
     flowar_args = p.add_argument_group("FlowAR sampling (default: the model's)")
     flowar_args.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                              help="times in which guidance applies, t=1 noise")
@@ -381,13 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     return p
-
-
-def parse_sides(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scales must be comma-separated integers, got {text!r}") from None
 
 
 def main(argv=None) -> int:

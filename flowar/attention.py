@@ -6,14 +6,17 @@ import torch
 import torch.nn as nn
 
 from heads.layers import GatedMLP, RMSNorm, Rope2D, apply_rope, attention, gated_mlp_hidden
+from vae.pyramid import token_count
 
 
 def scale_segments(scales) -> list[tuple[int, int]]:
-    """(start, end) token offsets of each scale in the flattened pyramid sequence."""
+    """(start, end) token offsets of each scale (a side, or a (height, width) grid) in the flattened pyramid
+    sequence."""
     segments, start = [], 0
-    for side in scales:
-        segments.append((start, start + side * side))
-        start += side * side
+    for size in scales:
+        count = token_count(size)
+        segments.append((start, start + count))
+        start += count
     return segments
 
 

@@ -24,6 +24,7 @@ from heads.solvers import SCHEDULES, SOLVERS
 from vae.files import read_config
 from vae.flexvq import FLEXVQ_PRESETS
 from vae.msvq import MSVQ_PRESETS
+from vae.pyramid import parse_scale_list
 
 from .config import PRESETS
 from .flexvar_config import FLEXVAR_PRESETS
@@ -58,11 +59,12 @@ def parse_interval(text: str) -> tuple[float, float]:
     return low, high
 
 
-def parse_scales(text: str) -> tuple[int, ...]:
+def parse_scales(text: str) -> tuple:
+    """``--scales``: "1,2,4,8,12", or "1,2,4,8x12" for a grid that is not square (``vae.pyramid.parse_scale_list``)."""
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scales must be comma-separated integers, got {text!r}") from None
+        return parse_scale_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--{err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     flowar.add_argument("--solver", choices=SOLVERS, default=None)
     flowar.add_argument("--schedule", choices=SCHEDULES, default=None)
     guidance.add_argument("--scales", type=parse_scales, default=None,
-                          help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images (FlexVAR, or a "
-                               "FlowAR with positions='grid'; default: the model's scales)")
+                          help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images, HEIGHTxWIDTH for a "
+                               "grid that is not square, e.g. 1,2,4,8x12 (FlexVAR, or a FlowAR with positions='grid'; "
+                               "default: the model's scales)")
     flowar.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
     flowar.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")
     var = p.add_argument_group("VAR and FlexVAR sampling (default: the model's)")

@@ -66,7 +66,7 @@ class FlowARSampling(GuidanceOptions):
         if isinstance(self.steps, list):
             self.steps = tuple(self.steps)
         if self.scales is not None:
-            self.scales = check_scale_list(self.scales, name="scales")
+            self.scales = check_scale_list(self.scales, name="scales", grids=True)
         per_scale = self.steps if isinstance(self.steps, tuple) else (self.steps,)
         if not per_scale:
             raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")

@@ -17,7 +17,7 @@ from heads.networks import ROPE_GRID, build_head
 from heads.meanflow import MEANFLOW_ADAPTIVE_EPS, adaptive_weighted, draw_flow_map_times
 from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
-from vae.pyramid import area_pyramid, check_scale_list, next_scale_input
+from vae.pyramid import area_pyramid, check_scale_list, grid_shape, next_scale_input, token_count
 
 from .attention import ScaleBlock, block_causal_mask, scale_segments
 from .config import FlowARConfig, FlowARSampling, get_preset
@@ -32,9 +32,9 @@ def to_tokens(latent: torch.Tensor) -> torch.Tensor:
     return latent.flatten(2).transpose(1, 2)
 
 
-def from_tokens(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, side*side, C) -> (B, C, side, side)."""
-    return tokens.transpose(1, 2).unflatten(2, (side, side))
+def from_tokens(tokens: torch.Tensor, side) -> torch.Tensor:
+    """(B, h*w, C) -> (B, C, h, w) for a grid given as its side (h = w) or as (h, w)."""
+    return tokens.transpose(1, 2).unflatten(2, grid_shape(side))
 
 
 def sincos_grid(width: int, side: int) -> torch.Tensor:
@@ -205,14 +205,15 @@ class FlowAR(ScaleWiseModel):
     def position_embedding(self, name: str, sides, positions: slice) -> torch.Tensor:
         """(1, n, D) position embeddings of table ``name`` for the tokens at ``positions`` of the run's sequence
         (positions="sequence"), or for the scales ``sides`` (positions="grid": the table area-resized to each
-        side, bicubic above the trained one)."""
+        side or (height, width) grid, bicubic where the grid is higher or wider than the trained one)."""
         if self.config.positions == "sequence":
             return getattr(self, f"{name}_pos_embed_learned")[:, positions]
         table = getattr(self, f"{name}_pos_grid")
         full = table.shape[-1]
-        resized = [table if side == full else
-                   F.interpolate(table, size=(side, side), mode="area" if side < full else "bicubic")
-                   for side in sides]
+        shapes = [grid_shape(side) for side in sides]
+        resized = [table if shape == (full, full) else
+                   F.interpolate(table, size=shape, mode="area" if max(shape) <= full else "bicubic")
+                   for shape in shapes]
         return torch.cat([to_tokens(r) for r in resized], dim=1)
 
     # ------------------------------------------------------------------ inputs and labels
@@ -434,7 +435,7 @@ class FlowAR(ScaleWiseModel):
     def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
         c = self.config
         sides = c.scales if options is None else self.sampled_scales(options)
-        expected = [(batch, s * s, c.token_dim) for s in sides]
+        expected = [(batch, token_count(s), c.token_dim) for s in sides]
         if (not isinstance(noise, (list, tuple)) or len(noise) != len(sides)
                 or any(not torch.is_tensor(n) or tuple(n.shape) != e for n, e in zip(noise, expected))):
             raise ValueError(f"noise must be a list of tensors of shapes {expected}, got "
@@ -443,13 +444,13 @@ class FlowAR(ScaleWiseModel):
             raise ValueError("noise must be finite: it holds NaN or infinite values")
 
     def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
-        """FlowAR's initial noise, one (B, s*s, C) float32 CPU tensor per sampled side, row b drawn from seeds[b]."""
+        """FlowAR's initial noise, one (B, h*w, C) float32 CPU tensor per sampled scale, row b drawn from seeds[b]."""
         c = self.config
         sides = c.scales if options is None else self.sampled_scales(options)
         per_sample = []
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
-            per_sample.append([torch.randn((side * side, c.token_dim), generator=g) for side in sides])
+            per_sample.append([torch.randn((token_count(side), c.token_dim), generator=g) for side in sides])
         return [torch.stack([noise[k] for noise in per_sample]) for k in range(len(sides))]
 
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
@@ -525,7 +526,8 @@ class FlowARStepper(CachedStepper):
             if noise is not None:
                 x_init = noise.to(device=self.device, dtype=torch.float32)
             else:
-                x_init = torch.randn((self.batch, side * side, c.token_dim), generator=generator, device=self.device)
+                x_init = torch.randn((self.batch, token_count(side), c.token_dim), generator=generator,
+                                     device=self.device)
             if c.flow == "multistage" and k > 0:
                 previous = from_tokens(self.previous.float(), self.sides[k - 1])
                 x_init = to_tokens(renoise(previous, from_tokens(x_init, side), previous_end=c.spans[k - 1][1],
@@ -533,7 +535,7 @@ class FlowARStepper(CachedStepper):
             z = self.z
             guidance = o.guidance_at(k, len(self.sides), z[self.batch:].float()) if self.guided else None
             flow = self.model.flownet.sample(x_init, z[:self.batch].float(), o.solve_at(k), guidance=guidance,
-                                             known=known, span=span)
+                                             known=known, span=span, grid=grid_shape(side))
         self.counts.nfe += flow.nfe
         self.counts.head_rows += flow.rows
         return flow

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vae.files import ConfigMixin
+from vae.pyramid import token_count
 
 from .attention import KVCache
 
@@ -169,7 +170,7 @@ class CachedStepper:
             raise ValueError(f"all {len(self.sides)} scales were fed already")
         with self.timer:
             if k == 0:
-                length = sum(side * side for side in self.sides)
+                length = sum(token_count(side) for side in self.sides)
                 self.cache = KVCache(model.num_layers, self.labels.shape[0], c.num_heads, length,
                                      c.width // c.num_heads, device=self.device, dtype=model.cache_dtype(self.device))
                 self._first_pass(prefill)

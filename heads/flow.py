@@ -53,13 +53,14 @@ def time_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def condition_net(net: VelocityNet, cond: torch.Tensor):
+def condition_net(net: VelocityNet, cond: torch.Tensor, grid: tuple[int, int] | None = None):
     """``net`` with its per-token conditions fixed: ``velocity(x_t, t, r=None) -> v`` (with r, a flow-map head's
-    average velocity over [r, t]). A head network's own ``conditioned(cond)`` where it has one (it computes what
-    depends on cond alone once, not at every ODE step), otherwise a plain closure over ``net(x_t, t, cond)``."""
+    average velocity over [r, t]). A head network's own ``conditioned(cond, grid)`` where it has one (it computes
+    what depends on cond alone once, not at every ODE step), otherwise a plain closure over ``net(x_t, t, cond)``.
+    ``grid``: the (height, width) of a token grid that is not square (None: square)."""
     bind = getattr(net, "conditioned", None)
     if bind is not None:
-        return bind(cond)
+        return bind(cond) if grid is None else bind(cond, grid)
     return lambda x_t, t, r=None: net(x_t, t, cond) if r is None else net(x_t, t, cond, r=r)
 
 
@@ -79,7 +80,7 @@ class HeadVelocity:
     """
 
     def __init__(self, net: VelocityNet, cond: torch.Tensor, *, guidance: Optional[Guidance] = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, grid: Optional[tuple[int, int]] = None):
         if cond.ndim != 3:
             raise ValueError(f"cond must be (B, N, D), got {tuple(cond.shape)}")
         self.guided = guidance is not None and guidance.scale != 1.0
@@ -92,8 +93,8 @@ class HeadVelocity:
         # The head sees one dtype, as in the released sampler; the doubled condition is built once, and the head
         # does its condition-only work once per scale (condition_net).
         cond = cond.to(dtype)
-        self.velocity = condition_net(net, cond)
-        self.velocity_pair = (condition_net(net, torch.cat([cond, guidance.cond_null.to(dtype)])) if self.guided
+        self.velocity = condition_net(net, cond, grid)
+        self.velocity_pair = (condition_net(net, torch.cat([cond, guidance.cond_null.to(dtype)]), grid) if self.guided
                               else None)
         self.rows = 0
 
@@ -143,9 +144,9 @@ class KnownRegionNet:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.conditioned(cond)(x_t, t)
 
-    def conditioned(self, cond: torch.Tensor):
+    def conditioned(self, cond: torch.Tensor, grid: Optional[tuple[int, int]] = None):
         """``velocity(x_t, t)`` with the conditions fixed, the inner network's condition-only work done once."""
-        velocity = condition_net(self.net, cond)
+        velocity = condition_net(self.net, cond, grid)
 
         def known_velocity(x_t: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
             repeat = x_t.shape[0] // self.keep.shape[0]  # 2 for the doubled guidance batch
@@ -178,13 +179,15 @@ def sample_flow(
     guidance: Optional[Guidance] = None,
     known: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     span: tuple[float, float] = FULL_SPAN,
+    grid: Optional[tuple[int, int]] = None,
 ) -> FlowSample:
     """Sample tokens for one scale: integrate the head from ``noise`` (B, N, C) at t = 1 to t = 0, or, for a
     stage of the multistage flow, from the stage's start state ``noise`` at t = span[0] to span[1].
 
     cond (B, N, D); guidance (None: unguided): see :class:`HeadVelocity`; solve: ``heads.solvers.SolveOptions``.
     known: (keep (B, N, 1) bool, target (B, N, C)): those tokens follow the target's path during the solve
-    and equal the target afterwards (see :class:`KnownRegionNet`); full span only.
+    and equal the target afterwards (see :class:`KnownRegionNet`); full span only. grid: the (height, width) of
+    the N tokens where they are not a square grid (a head with attention among them places them by it).
     """
     if noise.ndim != 3:
         raise ValueError(f"noise must be (B, N, C), got {tuple(noise.shape)}")
@@ -198,7 +201,7 @@ def sample_flow(
         if span != FULL_SPAN:
             raise ValueError(f"known regions need the full span (1, 0): the known path is the full one; got span {span}")
         net = KnownRegionNet(net, known[0], known[1], noise)
-    velocity = HeadVelocity(net, cond, guidance=guidance, dtype=noise.dtype)
+    velocity = HeadVelocity(net, cond, guidance=guidance, dtype=noise.dtype, grid=grid)
     x0, nfe = integrate(velocity, noise, solve, jumps=velocity.jumps, span=span)
     x = x0.to(noise.dtype)
     if known is not None:

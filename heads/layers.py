@@ -75,12 +75,13 @@ def gated_mlp_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
 
 
 class Rope2D(nn.Module):
-    """EVA-style 2D rotary embedding for square token grids.
+    """EVA-style 2D rotary embedding for token grids.
 
     The first half of each head's channels rotates with the row, the second half with the column;
     channels are rotated in adjacent pairs. A grid of side ``s`` has its positions stretched onto a
     fixed ``grid``-sized canvas (``arange(s) / s * grid``), so every scale of a pyramid covers the same
-    extent. The 1x1 grid sits at position 0 and is therefore left unrotated.
+    extent; an h x w grid stretches its rows and its columns each onto the canvas, so an image of another
+    aspect ratio covers that extent too. The 1x1 grid sits at position 0 and is therefore left unrotated.
     """
 
     def __init__(self, head_dim: int, *, grid: int = 16, theta: float = 10000.0):
@@ -95,18 +96,23 @@ class Rope2D(nn.Module):
         )
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def tables(self, sides: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables, each ``(sum(s*s), head_dim)`` float32, for grids of the given sides."""
+    def tables(self, sides: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables, each ``(sum(h*w), head_dim)`` float32, for grids given as sides (square) or as
+        (height, width)."""
         key = (tuple(sides), str(device))
         if key not in self._tables:
             cos, sin = [], []
             freqs = self.freqs.to(device=device, dtype=torch.float32)
-            for side in sides:
-                pos = torch.arange(side, device=device, dtype=torch.float32) / side * self.grid
-                angle = torch.repeat_interleave(torch.outer(pos, freqs), 2, dim=-1)  # (s, head_dim/2)
-                rows = angle[:, None, :].expand(side, side, -1)
-                cols = angle[None, :, :].expand(side, side, -1)
-                full = torch.cat([rows, cols], dim=-1).reshape(side * side, -1)  # (s*s, head_dim)
+
+            def angles(length):  # (length, head_dim/2)
+                pos = torch.arange(length, device=device, dtype=torch.float32) / length * self.grid
+                return torch.repeat_interleave(torch.outer(pos, freqs), 2, dim=-1)
+
+            for size in sides:
+                height, width = (size, size) if isinstance(size, int) else size
+                rows = angles(height)[:, None, :].expand(height, width, -1)
+                cols = angles(width)[None, :, :].expand(height, width, -1)
+                full = torch.cat([rows, cols], dim=-1).reshape(height * width, -1)  # (h*w, head_dim)
                 cos.append(full.cos())
                 sin.append(full.sin())
             self._tables[key] = (torch.cat(cos), torch.cat(sin))

@@ -339,19 +339,25 @@ class FlowTransformerHead(FlowMapMode, FlowHead, nn.Module):
         _check_inputs(x, t, cond, self.token_dim, self.cond_dim, r, self.flow_map)
         return self._fix_condition(cond)(x, t, r)
 
-    def conditioned(self, cond: torch.Tensor):
+    def conditioned(self, cond: torch.Tensor, grid: tuple[int, int] | None = None):
         """The head with its per-token conditions fixed: ``velocity(x (B, N, C), t (B,), r=None) -> v``, as
         ``self(x, t, cond, r)``. The work that depends on cond alone (its embedding c and, in v2, every block's
         cross-attention keys and values) is done here once, not at each of a scale's ODE steps: 2% of the
-        S head's FLOPs per step, about 10% of the L and H heads'."""
-        return self._fix_condition(cond)
+        S head's FLOPs per step, about 10% of the L and H heads'. ``grid`` (height, width) places the N tokens
+        of a grid that is not square (default: the square of side sqrt(N))."""
+        return self._fix_condition(cond, grid)
 
-    def _fix_condition(self, cond: torch.Tensor):
+    def _fix_condition(self, cond: torch.Tensor, grid: tuple[int, int] | None = None):
         if cond.ndim != 3 or cond.shape[-1] != self.cond_dim:
             raise ValueError(f"cond must be (B, N, {self.cond_dim}), got {tuple(cond.shape)}")
-        side = _square_side(cond.shape[1])
+        if grid is None:
+            grid = _square_side(cond.shape[1])
+        elif len(grid) != 2 or grid[0] * grid[1] != cond.shape[1]:
+            raise ValueError(f"grid must be (height, width) with height * width = N = {cond.shape[1]}, got {grid}")
+        else:
+            grid = (grid[0], grid[1])
         # Every block's RoPE holds the same frequencies; its tables are built once per grid and cached.
-        cos, sin = self.res_blocks[0].attn.rope.tables((side,), cond.device) if self.depth else (None, None)
+        cos, sin = self.res_blocks[0].attn.rope.tables((grid,), cond.device) if self.depth else (None, None)
         c = self.cond_embed(cond)  # (B, N, W)
         features = [block.condition(cond, cos, sin) for block in self.res_blocks]
 
@@ -431,9 +437,10 @@ class MLPHead(FlowMapMode, FlowHead, nn.Module):
         _check_inputs(x, t, cond, self.token_dim, self.cond_dim, r, self.flow_map)
         return self._fix_condition(cond)(x, t, r)
 
-    def conditioned(self, cond: torch.Tensor):
+    def conditioned(self, cond: torch.Tensor, grid: tuple[int, int] | None = None):
         """The head with its per-token conditions fixed, ``velocity(x, t, r=None) -> v``; cond's embedding is
-        computed once instead of at every ODE step."""
+        computed once instead of at every ODE step. Its tokens do not see each other, so ``grid`` changes
+        nothing (it is taken for the heads' common signature)."""
         return self._fix_condition(cond)
 
     def _fix_condition(self, cond: torch.Tensor):

@@ -75,7 +75,8 @@ def test_a_sequence_model_samples_only_its_own_scales():
 
 @pytest.mark.parametrize("bad", [(2, 4, 8), (1, 4, 3), (1, 1, 8), (), (1, 2.5, 8)])
 def test_bad_scale_lists_are_refused_by_name(bad):
-    with pytest.raises(ValueError, match="scales must be a list of increasing integer sides starting at 1"):
+    with pytest.raises(ValueError, match=r"scales must be a list of increasing integer sides or \(height, width\) "
+                                         "pairs starting at 1"):
         FlowARSampling(scales=bad)
 
 
@@ -149,3 +150,102 @@ def test_a_share_of_the_steps_trains_the_model_s_own_list():
     assert 0.45 < share < 0.58  # 0.5, plus the random lists that happen to be (1, 2, 4, 8): about 0.008
     with pytest.raises(ValueError, match="fixed_list_share must be in"):
         flexible(fixed_list_share=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- non-square grids
+def test_rope_of_a_grid_that_is_not_square_rotates_rows_and_columns_by_their_own_sides():
+    """An h x w grid's table: token (i, j) has the row angles of token (i, 0) of the h x h grid in the first half
+    of its channels and the column angles of token (0, j) of the w x w grid in the second (each axis stretched
+    onto the canvas by its own length)."""
+    from heads.layers import Rope2D
+
+    rope = Rope2D(16, grid=16)
+    h, w = 3, 8
+    cos, sin = rope.tables(((h, w),), "cpu")
+    assert cos.shape == (h * w, 16)
+    rows_cos, _ = rope.tables((h,), "cpu")
+    cols_cos, _ = rope.tables((w,), "cpu")
+    grid_cos = cos.reshape(h, w, 16)
+    torch.testing.assert_close(grid_cos[:, :, :8], rows_cos.reshape(h, h, 16)[:, :1, :8].expand(h, w, 8), rtol=0, atol=0)
+    torch.testing.assert_close(grid_cos[:, :, 8:], cols_cos.reshape(w, w, 16)[:1, :, 8:].expand(h, w, 8), rtol=0, atol=0)
+    square = rope.tables((h, (h, h)), "cpu")[0]
+    assert torch.equal(square[:h * h], square[h * h:])  # (h, h) is the side h
+
+
+def test_the_transformer_head_places_tokens_on_the_grid_it_is_given():
+    """grid=(s, s) is the square default bit for bit; another grid of the same token count moves the head's
+    output (its self-attention sees other positions); a grid that does not hold N tokens is refused by name."""
+    model = flexible()
+    head = model.flownet
+    x = torch.randn(2, 16, 4, generator=gen(1))
+    cond = torch.randn(2, 16, model.config.width, generator=gen(2))
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        head.final_layer.linear.weight.normal_(std=0.3, generator=gen(3))  # a fresh head's output is 0
+        square = head.conditioned(cond)(x, t)
+        assert torch.equal(head.conditioned(cond, (4, 4))(x, t), square)
+        assert not torch.allclose(head.conditioned(cond, (2, 8))(x, t), square)
+    with pytest.raises(ValueError, match=r"grid must be \(height, width\) with height \* width = N = 16"):
+        head.conditioned(cond, (3, 5))
+
+
+@pytest.mark.parametrize("sides", [(1, 2, 4, (8, 12)), (1, (2, 3), (4, 6), (8, 12)), (1, 2, 4, (12, 8)),
+                                   (1, 2, (4, 8), (8, 16))])
+def test_sampling_at_a_grid_that_is_not_square_gives_its_height_and_width(sides):
+    model = flexible()
+    out = model.sample_with_stats([1, 2], generator=gen(0), scales=sides, steps=2)
+    assert out.latents.shape == (2, model.config.token_dim, *sides[-1])
+    assert len(out.nfe_per_scale) == len(sides) and torch.isfinite(out.latents).all()
+
+
+def test_cached_passes_equal_the_block_causal_forward_at_a_grid_that_is_not_square():
+    model = flexible()
+    sides = (1, (2, 3), (4, 6), (8, 12))
+    counts = [1, 6, 24, 96]
+    batch, width = 2, model.config.width
+    labels = torch.tensor([3, 4])
+    class_embedding = model.class_emb(labels)
+    inputs = [class_embedding[:, None]] + [torch.randn(batch, n, width, generator=gen(n)) for n in counts[1:]]
+    with torch.no_grad():
+        full = model.transformer(torch.cat(inputs, dim=1), class_embedding, sides=sides)
+        c = model.config
+        cache = KVCache(model.num_layers, batch, c.num_heads, sum(counts), width // c.num_heads, device="cpu",
+                        dtype=torch.float32)
+        stepwise = torch.cat([model.transformer(x, class_embedding, sides=(s,), cache=cache)
+                              for x, s in zip(inputs, sides)], dim=1)
+    torch.testing.assert_close(stepwise, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wide_grid_positions_each_row_like_the_square_grid_of_its_width_stretched():
+    """The grid table resized to (4, 8) from the trained 8 x 8: each column of the 4 x 8 map is the area average
+    of two rows of the table, no mixing across columns."""
+    model = flexible()
+    table = model.encoder_pos_grid  # (1, D, 8, 8)
+    wide = model.position_embedding("encoder", ((4, 8),), slice(0, 32)).reshape(4, 8, -1)
+    torch.testing.assert_close(wide[1, 5], table[0, :, 2:4, 5].mean(dim=1))
+
+
+def test_the_pipeline_decodes_a_wide_last_grid_to_wide_images_and_seeds_give_the_rows():
+    pipe = FlowARPipeline(flexible(), tiny_vae())
+    sides = (1, 2, 4, (8, 12))
+    images = pipe([1, 2], generator=gen(0), output_type="np", steps=2, scales=sides)
+    assert images.shape[1:3] == (16, 24)  # a 2x upsampling VAE
+    options = pipe.model.sampling_options(scales=sides)
+    noise = pipe.model.noise_from_seeds([7, 8], options)
+    assert [tuple(n.shape) for n in noise] == [(2, 1, 4), (2, 4, 4), (2, 16, 4), (2, 96, 4)]
+    alone = pipe.model.noise_from_seeds([8], options)
+    assert all(torch.equal(a[0], n[1]) for a, n in zip(alone, noise))
+
+
+@pytest.mark.parametrize("bad", [(1, 2, (8, 4), (6, 12)), (1, (2, 3), (3, 2)), (1, (4, 4), 4), (1, (2, 0)),
+                                 (1, (2, 3, 4))])
+def test_grids_that_do_not_grow_in_both_directions_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"scales must be a list of increasing integer sides or \(height, width\)"):
+        FlowARSampling(scales=bad)
+
+
+def test_a_fixed_list_model_and_training_take_no_grid_that_is_not_square():
+    with pytest.raises(ValueError, match="positions='grid'"):
+        tiny_flowar().sample([1], scales=(1, 2, 4, (8, 12)))
+    with pytest.raises(ValueError, match="scales must be a list of increasing integer sides starting at 1"):
+        check_scale_list((1, 2, (4, 6)))

@@ -237,6 +237,17 @@ def test_cli_samples_a_flexible_model_at_a_larger_list_and_refuses_it_for_a_fixe
     assert "positions='grid'" in capsys.readouterr().err
 
 
+def test_cli_samples_a_flexible_model_at_a_wide_grid_and_refuses_a_misspelt_one(folders, tmp_path, capsys):
+    tiny_flowar_pipeline(positions="grid", scale_lists="random").save_pretrained(tmp_path / "flexible")
+    out = tmp_path / "wide.png"
+    assert cli_main([str(tmp_path / "flexible"), "--labels", "1", "--scales", "1,2,4,8x12", "--steps", "2",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out).size == (24 + 4, 16 + 4)  # 8 x 12 latent pixels, 2x upsampling VAE, 2 px padding
+    with pytest.raises(SystemExit):
+        cli_main([str(tmp_path / "flexible"), "--scales", "1,2,4,8x", "--out", str(tmp_path / "no.png")])
+    assert "--scales must be comma-separated sides, a grid that is not square as HEIGHTxWIDTH" in capsys.readouterr().err
+
+
 def test_cli_samples_flexvar_at_other_scale_lists_from_a_folder_and_released_files(tmp_path, capsys):
     """A saved FlexVAR folder at its own list and at a larger last side; the released file pair (model .pth with
     --preset, FlexVAE.pth-style tokenizer with the authors' keys); options it does not have are refused."""

@@ -155,7 +155,8 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
                 with gr.Column(scale=1):
                     g_model = model_dropdown("gen-model")
                     g_class, g_guidance, g_steps, g_solver, g_top_k, g_top_p = sampling_controls("gen", first)
-                    g_scales = gr.Textbox(label="scales: the sides to sample, e.g. 1,2,4,8,12 for larger images "
+                    g_scales = gr.Textbox(label="scales: the sides to sample, e.g. 1,2,4,8,12 for larger images, "
+                                                "1,2,4,8x12 for wider ones "
                                                 "(empty: the model's own)", elem_id="gen-scales",
                                           **_kwargs(scales_update(first)))
                     g_count = gr.Slider(1, 64, value=8, step=1, label="number of images", elem_id="gen-count")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from heads.solvers import ADAPTIVE_SOLVERS
-from vae.pyramid import scale_masks
+from vae.pyramid import parse_scale_list, scale_masks
 
 from ..editing import box_mask
 from ..outputs import decode_output, image_grid, png_with_settings
@@ -163,16 +163,16 @@ class Release:
 
     def sampling(self, *, guidance_scale=None, steps=None, solver=None, top_k=None, top_p=None, scales=None):
         """The validated sampling options from the page's controls (None: the release's default). A control of
-        the other family is ignored: the page hides it. scales: the sides to sample, "1,2,4,8,12" (empty: the
-        release's own), for a release that samples any list."""
+        the other family is ignored: the page hides it. scales: the sides to sample, "1,2,4,8,12" or "1,2,4,8x12"
+        (empty: the release's own), for a release that samples any list."""
         overrides = {}
         if scales is not None and str(scales).strip():
             if not self.samples_any_scales:
                 raise RequestError(f"{self.name} samples only its own scales {list(self.model.config.scales)}")
             try:
-                overrides["scales"] = tuple(int(v) for v in str(scales).replace(" ", "").split(","))
-            except ValueError:
-                raise RequestError(f"scales must be comma-separated sides, e.g. 1,2,4,8,12; got {scales!r}") from None
+                overrides["scales"] = parse_scale_list(scales)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
         if guidance_scale is not None:
             overrides["guidance_scale"] = check_float(guidance_scale, "guidance scale", 1.0, 20.0)
         if self.family == "flowar":
