@@ -156,13 +156,19 @@ def cuda_calls_as_noop():
         torch.Tensor.cuda = original
 
 
-def import_reference(reference, *, timm_path=None) -> dict[str, types.ModuleType]:
-    """Import the authors' ``models`` package from the checkout ``reference``; returns its modules by name."""
+def checkout_root(reference) -> Path:
+    """The resolved folder ``reference``; a FileNotFoundError naming --reference unless it holds their model."""
     root = Path(reference).expanduser().resolve()
     if not (root / "models" / "flowar.py").is_file():
         raise FileNotFoundError(
             f"--reference must be a checkout of the authors' FlowAR code holding models/flowar.py; got {root}"
         )
+    return root
+
+
+def import_reference(reference, *, timm_path=None) -> dict[str, types.ModuleType]:
+    """Import the authors' ``models`` package from the checkout ``reference``; returns its modules by name."""
+    root = checkout_root(reference)
     if timm_path is not None:
         timm_root = Path(timm_path).expanduser().resolve()
         if not (timm_root / "timm").is_dir():

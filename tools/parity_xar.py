@@ -83,13 +83,19 @@ class _Unavailable(types.ModuleType):
         self.flash_attn_func = flash_attn_func
 
 
-def import_reference(reference, *, timm_path=None) -> dict[str, types.ModuleType]:
-    """Their ``models.xar`` (and the modules it imports) from the checkout ``reference``, by name."""
+def checkout_root(reference) -> Path:
+    """The resolved folder ``reference``; a FileNotFoundError naming --reference unless it holds their modules."""
     root = Path(reference).expanduser().resolve()
     needed = [f"models/{name}.py" for name in REFERENCE_MODULES]
     if not all((root / name).is_file() for name in needed):
         raise FileNotFoundError(f"--reference must be a checkout of OliverRensu/xAR holding {', '.join(needed)}; "
                                 f"got {root}")
+    return root
+
+
+def import_reference(reference, *, timm_path=None) -> dict[str, types.ModuleType]:
+    """Their ``models.xar`` (and the modules it imports) from the checkout ``reference``, by name."""
+    root = checkout_root(reference)
     if timm_path is not None:
         timm_root = Path(timm_path).expanduser().resolve()
         if not (timm_root / "timm").is_dir():
@@ -284,6 +290,23 @@ class Work:
     rows: int
 
 
+def sample_reference(modules, reference, config: XARConfig, labels, *, cfg: float, steps: int,
+                     record: bool = True) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Their ``sample_tokens`` of ``labels`` (the model's mode is the caller's) and, with ``record``, their draws
+    in the form our ``sample_with_stats(noise=...)`` takes: per cell (B, steps, c*c, C), the initial noise and
+    then one per SDE step (their float64 step noise drawn in float32, see :class:`_DrawingTorch`); else None."""
+    c = config
+    batch, cells = labels.shape[0], c.num_cells
+    recording = drawing([modules["xar"], modules["sampler"]]) if record else contextlib.nullcontext()
+    with torch.no_grad(), cuda_calls_as_noop(), recording as draws:
+        latents = reference.sample_tokens(num_steps=steps, cfg=cfg, label=labels)
+    if not record:
+        return latents, None
+    shape = (batch, c.cell_tokens, c.token_dim)
+    _check_draws(draws, ([("randn", shape)] + [("randn_like", shape)] * (steps - 1)) * cells, "sampler")
+    return latents, [torch.stack([n.float() for _, n in draws[k * steps:(k + 1) * steps]], dim=1) for k in range(cells)]
+
+
 def compare_sampling(modules, reference, ours: XAR, labels, *, cfg: float, steps: int,
                      seed: int) -> tuple[list[Row], Work, Work]:
     """Their ``sample_tokens`` against our ``sample_with_stats`` on the same noise, cell by cell."""
@@ -293,12 +316,8 @@ def compare_sampling(modules, reference, ours: XAR, labels, *, cfg: float, steps
     ours.eval()
     calls: list[int] = []
     torch.manual_seed(seed)
-    with torch.no_grad(), cuda_calls_as_noop(), drawing([modules["xar"], modules["sampler"]]) as draws, \
-            counting_calls(reference, "sample_inference", calls):
-        their_latents = reference.sample_tokens(num_steps=steps, cfg=cfg, label=labels)
-    shape = (batch, c.cell_tokens, c.token_dim)
-    _check_draws(draws, ([("randn", shape)] + [("randn_like", shape)] * (steps - 1)) * cells, "sampler")
-    noise = [torch.stack([n.float() for _, n in draws[k * steps:(k + 1) * steps]], dim=1) for k in range(cells)]
+    with counting_calls(reference, "sample_inference", calls):
+        their_latents, noise = sample_reference(modules, reference, c, labels, cfg=cfg, steps=steps)
     out = ours.sample_with_stats(labels, solver="sde", guidance_scale=cfg, steps=steps, noise=noise)
     ours_cells = to_cells(out.latents, c.cell_side).chunk(cells, dim=1)
     theirs_cells = to_cells(their_latents.float(), c.cell_side).chunk(cells, dim=1)
