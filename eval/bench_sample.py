@@ -1,5 +1,5 @@
-"""Sampling benchmark for FlowAR and the VAR baseline: images/s, ms per image, forward passes, peak memory
-and achieved TFLOP/s, every row measured in the same run.
+"""Sampling benchmark for FlowAR, xAR, the VAR baseline and FlexVAR: images/s, ms per image, forward passes,
+peak memory and achieved TFLOP/s, every row measured in the same run.
 
     python eval/bench_sample.py --preset flowar-s --batch 4
     python eval/bench_sample.py --preset flowar-s --batch 4 --precision fp32,bf16     # precisions side by side
@@ -9,21 +9,27 @@ and achieved TFLOP/s, every row measured in the same run.
     python eval/bench_sample.py --preset flowar-s --batch 4 --compile off,on         # torch.compile side by side
     python eval/bench_sample.py --preset flowar-s --batch 1,4,16,64 --precision bf16  # batch scaling
     python eval/bench_sample.py --preset flowar-s --batch 2 --steps 25,25/17/13/9/7  # fewer steps per scale
+    python eval/bench_sample.py --preset xar-b --batch 2 --solver sde,euler --steps 40,20  # xAR's SDE and ODE
 
 Weights are random (the architecture, not the checkpoint, sets the cost). Timed is the generator up to its
-final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; VAR's cached pass per
-scale, its token sampling and the tokenizer's ``f_hat`` accumulation. ``--decode`` adds each model's
-released decoder (FlowAR: MAR's KL-16; VAR: ``vae_ch160v4096z32``). Each model samples with its own
-defaults (FlowAR-S: guidance scale 4.3, 25 Euler steps; VAR: guidance scale 2.5 = VAR's cfg 1.5, top-k 900,
-top-p 0.96), so both run the
-guided batch. FLOPs are counted once per row with ``torch.utils.flop_counter`` on an identical call; the
+final latent: FlowAR's cached transformer pass per scale and the flow head's ODE; xAR's transformer as the
+velocity of each cell's flow (every evaluation a pass over the cell, reading the cache of the clean cells
+before it, plus one pass feeding each clean cell); VAR's and FlexVAR's cached pass per scale, their token
+sampling and the tokenizer's work between scales. ``--decode`` adds each model's released decoder (FlowAR and
+xAR: MAR's KL-16; VAR: ``vae_ch160v4096z32``; FlexVAR: FlexVAE). Each model samples with its own defaults
+(FlowAR-S: guidance scale 4.3, 25 Euler steps; xAR-B: guidance 2.7 ramped over the cells, 40 SDE steps per
+cell; VAR: guidance scale 2.5 = VAR's cfg 1.5, top-k 900, top-p 0.96), so all run the guided batch. FLOPs are counted once per row with ``torch.utils.flop_counter`` on an identical call; the
 timed calls run without the counter. Each row runs in its own spawned process, so its peak memory (CUDA:
 max allocated; CPU: peak RSS) is its own. "% peak" divides a row's TFLOP/s by the machine's own rate on a
 2048-square matmul in the row's precision, measured at the start of the run (``eval.machine``).
 
-``--steps`` is an axis: a comma list whose entries are one count for every scale or a/b/c/... per scale.
+``--steps`` is an axis: a comma list whose entries are one count for every scale (xAR: every cell) or
+a/b/c/... per scale (FlowAR). ``--solver`` is one too: FlowAR's ODE solvers (and "flow-map"), xAR's "sde" (its
+released sampler) or one of the same ODE solvers; a preset whose options refuse an entry is an error before
+anything runs. "passes" counts transformer passes, "head NFE" the evaluations of the velocity (xAR's
+transformer is its own head, so its passes are its evaluations plus one feed of each clean cell).
 
-Timing the authors' FlowAR sampler beside ours is a maintainer tool of the repository, not part of the
+Timing the authors' FlowAR or xAR sampler beside ours is a maintainer tool of the repository, not part of the
 package: ``python -m tools.bench_reference sample --reference PATH [these options]``.
 """
 
@@ -40,9 +46,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from eval.machine import device_label, matmul_peak_tflops
 from eval.sweep import parse_steps
-from flowar import PRESETS, VAR_PRESETS, FlowAR, VAR, get_preset, get_var_preset
+from flowar import (FLEXVAR_PRESETS, PRESETS, VAR_PRESETS, XAR_PRESETS, XAR, FlexVAR, FlowAR, VAR,
+                    get_flexvar_preset, get_preset, get_var_preset, get_xar_preset)
 from flowar.outputs import PRECISIONS, autocast_context
+from flowar.xar_config import XAR_SOLVERS
 from heads.solvers import SCHEDULES, SOLVERS
+
+# Each family: its presets, its model class and the getter of a preset's config.
+FAMILIES = {
+    "flowar": (PRESETS, FlowAR, get_preset),
+    "xar": (XAR_PRESETS, XAR, get_xar_preset),
+    "var": (VAR_PRESETS, VAR, get_var_preset),
+    "flexvar": (FLEXVAR_PRESETS, FlexVAR, get_flexvar_preset),
+}
+# The solvers of the families that integrate a flow; the token families take none.
+FAMILY_SOLVERS = {"flowar": SOLVERS, "xar": XAR_SOLVERS}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -71,49 +89,88 @@ def run_isolated(fn, *args):
     return result
 
 
-def matching_tokenizer(preset: str):
-    """The tokenizer preset whose scales, codebook and code size the VAR preset was built for
-    (``vae_ch160v4096z32`` for the released ones)."""
-    from vae.msvq import MSVQ_PRESETS
+def preset_family(preset: str) -> str:
+    """The family ("flowar", "xar", "var", "flexvar") whose presets hold ``preset``."""
+    for family, (presets, _, _) in FAMILIES.items():
+        if preset in presets:
+            return family
+    raise ValueError(f"preset must be one of {sorted(name for presets, _, _ in FAMILIES.values() for name in presets)}, "
+                     f"got {preset!r}")
 
-    c = get_var_preset(preset)
-    for config in MSVQ_PRESETS.values():
-        if (tuple(config.scales), config.codebook_size, config.code_dim) == (c.scales, c.vocab_size, c.code_dim):
-            return config
-    raise ValueError(f"no tokenizer preset matches {preset} (scales {c.scales}, V {c.vocab_size}, "
-                     f"code_dim {c.code_dim})")
+
+def preset_config(preset: str, options: dict):
+    """The config of ``preset`` that a row with ``options`` samples with: FlowAR's "flow-map" solver needs a
+    flow-map head (random weights cost what a distilled head costs)."""
+    family = preset_family(preset)
+    if family == "flowar":
+        return get_preset(preset, flow_map=options.get("solver") == "flow-map")
+    return FAMILIES[family][2](preset)
+
+
+def matching_tokenizer(preset: str):
+    """The tokenizer config that the VAR or FlexVAR preset was built for: VAR's multi-scale VQ with its scales,
+    codebook and code size (``vae_ch160v4096z32`` for the released ones), FlexVAR's with its codebook and code
+    size (FlexVAE for the released ones)."""
+    if preset_family(preset) == "flexvar":
+        from vae.flexvq import FLEXVQ_PRESETS
+
+        c = get_flexvar_preset(preset)
+        matches = [config for config in FLEXVQ_PRESETS.values()
+                   if (config.codebook_size, config.code_dim) == (c.vocab_size, c.code_dim)]
+        what = f"V {c.vocab_size}, code_dim {c.code_dim}"
+    else:
+        from vae.msvq import MSVQ_PRESETS
+
+        c = get_var_preset(preset)
+        matches = [config for config in MSVQ_PRESETS.values()
+                   if (tuple(config.scales), config.codebook_size, config.code_dim) == (c.scales, c.vocab_size, c.code_dim)]
+        what = f"scales {c.scales}, V {c.vocab_size}, code_dim {c.code_dim}"
+    if not matches:
+        raise ValueError(f"no tokenizer preset matches {preset} ({what})")
+    return matches[0]
 
 
 def family_options(model, options: dict) -> dict:
     """The options of ``options`` that ``model``'s family has (its sampling dataclass's fields, and VAR's
-    var_cfg), so one command line serves FlowAR and VAR rows."""
+    var_cfg), so one command line serves every family's rows."""
     names = {f.name for f in dataclasses.fields(model.sampling_class)} | ({"var_cfg"} if hasattr(model.sampling_class, "var_cfg") else set())
     return {k: v for k, v in options.items() if k in names}
 
 
-def build_sampler(preset: str, options: dict, device: torch.device, decode: bool):
-    """The model of ``preset`` with random weights and ``sample(labels, generator)`` -> (images or latents,
-    counts), plus its parameter count (decoder included only when it runs)."""
-    torch.manual_seed(0)
-    if preset in VAR_PRESETS:
-        from vae.msvq import MultiScaleVQVAE
+def transformer_passes(model, out) -> int:
+    """The transformer passes of one sampling call: FlowAR's one cached pass per scale; xAR's transformer is the
+    velocity itself, so every evaluation, plus the pass feeding each clean cell before the next."""
+    if isinstance(model, XAR):
+        return out.nfe + model.config.num_cells - 1
+    return len(model.config.scales)
 
-        model = VAR(get_var_preset(preset)).to(device).eval()
-        tokenizer = MultiScaleVQVAE(matching_tokenizer(preset)).to(device).eval()
-        if not decode:  # only the quantiser (codebook and phi convs) takes part
+
+def build_sampler(preset: str, options: dict, device: torch.device, decode: bool):
+    """The model of ``preset`` with random weights, ``sample(labels, generator)`` -> (images or latents, counts),
+    its parameter count (decoder included only when it runs) and the solver its rows run ("-" for the token
+    families)."""
+    torch.manual_seed(0)
+    family = preset_family(preset)
+    model = FAMILIES[family][1](preset_config(preset, options)).to(device).eval()
+    kwargs = family_options(model, options)
+    if family in ("var", "flexvar"):
+        if family == "var":
+            from vae.msvq import MultiScaleVQVAE as Tokenizer
+        else:
+            from vae.flexvq import FlexVQVAE as Tokenizer
+
+        tokenizer = Tokenizer(matching_tokenizer(preset)).to(device).eval()
+        if not decode:  # only the quantiser (codebook and the layers between scales) takes part
             tokenizer.encoder = tokenizer.decoder = None
-        kwargs = family_options(model, options)
 
         def sample(labels, generator):
             out = model.sample(labels, tokenizer=tokenizer, generator=generator, **kwargs)
-            result = tokenizer.decode_f_hat(out.f_hat) if decode else out.f_hat
-            return result, {"passes": len(model.config.scales), "head NFE": "-", "head rows/image": "-"}
+            result = tokenizer.decode(out.decoder_input) if decode else out.decoder_input
+            return result, {"passes": len(out.indices), "head NFE": "-", "head rows/image": "-"}
 
         parts = [model] + ([tokenizer.post_quant_conv, tokenizer.decoder] if decode else [])
+        solver = "-"
     else:
-        # The "flow-map" solver needs a flow-map head; random weights cost what a distilled head costs.
-        model = FlowAR(get_preset(preset, flow_map=options.get("solver") == "flow-map")).to(device).eval()
-        kwargs = family_options(model, options)
         vae = None
         if decode:
             from diffusers import AutoencoderKL
@@ -128,12 +185,13 @@ def build_sampler(preset: str, options: dict, device: torch.device, decode: bool
         def sample(labels, generator):
             out = model.sample_with_stats(labels, generator=generator, **kwargs)
             result = vae.decode(out.latents.to(vae.dtype)) if decode else out.latents
-            return result, {"passes": len(model.config.scales), "head NFE": out.nfe,
+            return result, {"passes": transformer_passes(model, out), "head NFE": out.nfe,
                             "head rows/image": out.head_rows / out.latents.shape[0]}
 
         parts = [model] + ([vae.autoencoder.post_quant_conv, vae.autoencoder.decoder] if decode else [])
+        solver = model.sampling_options(**kwargs).solver
     params = sum(p.numel() for part in parts for p in part.parameters())
-    return model, sample, params
+    return model, sample, params, solver
 
 
 def measure(preset: str, batch: int, precision: str, device_name: str, options: dict, decode: bool,
@@ -142,7 +200,7 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
     (``ScaleWiseModel.compile_for_sampling``): FLOPs are counted on the eager model first (the same
     arithmetic), then one more untimed call compiles; its time is reported as the compile cost."""
     device = torch.device(device_name)
-    model, sample, params = build_sampler(preset, options, device, decode)
+    model, sample, params, solver = build_sampler(preset, options, device, decode)
     num_classes = model.config.num_classes
     labels = torch.arange(batch, device=device) % num_classes if num_classes else None
 
@@ -181,6 +239,7 @@ def measure(preset: str, batch: int, precision: str, device_name: str, options: 
         "preset": preset,
         "batch": batch,
         "steps": "/".join(map(str, steps)) if isinstance(steps, tuple) else ("default" if steps is None else str(steps)),
+        "solver": solver,
         "params (M)": params / 1e6,
         "precision": precision,
         "compile": compile_note,
@@ -229,6 +288,7 @@ class Settings:
     precisions: list[str]
     compiles: list[bool]
     step_settings: list  # None (the preset's), a count, or a tuple of counts per scale
+    solvers: list  # None (the preset's) or a solver's name
     device: torch.device
     warmup: int
     repeats: int
@@ -240,8 +300,8 @@ def build_parser(description: str = __doc__, prog: str | None = None,
     """The benchmark's options, on a parser that a caller may extend with its own."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="flowar-s", help="comma list of FlowAR and VAR presets: "
-                   + ", ".join(sorted(PRESETS) + sorted(VAR_PRESETS)))
+    p.add_argument("--preset", default="flowar-s", help="comma list of FlowAR, xAR, VAR and FlexVAR presets: "
+                   + ", ".join(name for presets, _, _ in FAMILIES.values() for name in sorted(presets)))
     p.add_argument("--batch", default="4", help="comma list of images per sampling call, e.g. 1,4,16,64")
     p.add_argument("--precision", default="fp32", help="comma list of " + ", ".join(PRECISIONS))
     p.add_argument("--decode", action="store_true", help="time the decoder to pixels too")
@@ -250,13 +310,16 @@ def build_parser(description: str = __doc__, prog: str | None = None,
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 0 on CPU, 2 on GPU)")
     p.add_argument("--repeats", type=int, default=None, help=repeats_help)
-    flowar_args = p.add_argument_group("FlowAR sampling (default: the preset's)")
-    flowar_args.add_argument("--steps", default=None,
-                             help="comma list of step counts, each one for every scale or a/b/c/... per scale")
-    p.add_argument("--guidance-scale", type=float, default=None, help="both families; 1 is unguided")
-    flowar_args.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    flowar_args.add_argument("--solver", default=None, choices=SOLVERS)
-    flowar_args.add_argument("--schedule", default=None, choices=SCHEDULES)
+    flow_args = p.add_argument_group("FlowAR and xAR sampling (default: the preset's)")
+    flow_args.add_argument("--steps", default=None,
+                           help="comma list of step counts, each one for every scale (xAR: cell) or a/b/c/... per "
+                                "scale (FlowAR)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="every family; 1 is unguided")
+    flow_args.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                           help="FlowAR only")
+    flow_args.add_argument("--solver", default=None,
+                           help=f"comma list of solvers: FlowAR's {', '.join(SOLVERS)}; xAR's {', '.join(XAR_SOLVERS)}")
+    flow_args.add_argument("--schedule", default=None, choices=SCHEDULES, help="FlowAR only")
     var_args = p.add_argument_group("VAR sampling (default: the preset's)")
     var_args.add_argument("--var-cfg", type=float, default=None, help="VAR guidance in its own convention; 0 is unguided")
     var_args.add_argument("--top-k", type=int, default=None)
@@ -266,7 +329,7 @@ def build_parser(description: str = __doc__, prog: str | None = None,
 
 def settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, default_repeats: int = 1) -> Settings:
     """Split and check ``args`` (errors name the argument through ``p``)."""
-    presets = comma_list(p, "--preset", args.preset, {**PRESETS, **VAR_PRESETS})
+    presets = comma_list(p, "--preset", args.preset, {name for presets, _, _ in FAMILIES.values() for name in presets})
     precisions = comma_list(p, "--precision", args.precision, PRECISIONS)
     compiles = comma_list(p, "--compile", args.compile, {"off": False, "on": True})
     try:
@@ -286,16 +349,48 @@ def settings_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, def
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was given but torch sees no CUDA device")
     warmup = (2 if device.type == "cuda" else 0) if args.warmup is None else args.warmup
-    options = {"guidance_scale": args.guidance_scale, "solver": args.solver, "schedule": args.schedule,
+    solvers = comma_list(p, "--solver", args.solver, set(SOLVERS) | set(XAR_SOLVERS)) if args.solver else [None]
+    options = {"guidance_scale": args.guidance_scale, "schedule": args.schedule,
                "guidance_interval": args.guidance_interval, "var_cfg": args.var_cfg, "top_k": args.top_k,
                "top_p": args.top_p}
-    return Settings(presets, batches, precisions, [c == "on" for c in compiles], step_settings, device, warmup,
-                    repeats, options)
+    for preset in presets:  # every row's options, checked before any process starts
+        family = preset_family(preset)
+        if family not in FAMILY_SOLVERS:
+            continue
+        for solver in solvers:
+            if solver is not None and solver not in FAMILY_SOLVERS[family]:
+                p.error(f"--solver {solver!r} is not a solver of {preset}; its solvers are {list(FAMILY_SOLVERS[family])}")
+            for steps in step_settings:
+                check_row_options(p, preset, {**options, **axis_options(steps, solver)})
+    return Settings(presets, batches, precisions, [c == "on" for c in compiles], step_settings, solvers, device,
+                    warmup, repeats, options)
 
 
-def steps_options(steps) -> dict:
-    """The sampling override of one ``--steps`` entry (None: the preset's own)."""
-    return {} if steps is None else {"steps": steps}
+def axis_options(steps=None, solver=None) -> dict:
+    """The sampling overrides of one ``--steps`` entry and one ``--solver`` entry (None: the preset's own)."""
+    return {name: value for name, value in (("steps", steps), ("solver", solver)) if value is not None}
+
+
+def flow_axes(settings: Settings, preset: str) -> list[tuple]:
+    """The (solver, steps) entries that ``preset``'s rows cross: every pair for FlowAR and xAR; the token
+    families, which have neither, run once."""
+    if preset_family(preset) not in FAMILY_SOLVERS:
+        return [(None, None)]
+    return [(solver, steps) for solver in settings.solvers for steps in settings.step_settings]
+
+
+def check_row_options(p: argparse.ArgumentParser, preset: str, options: dict) -> None:
+    """Exit through ``p``, naming the flags, when ``preset``'s sampling options refuse ``options``."""
+    config = preset_config(preset, options)
+    fields = {f.name for f in dataclasses.fields(type(config.sampling))}
+    given = {k: v for k, v in options.items() if v is not None and k in fields}
+    try:
+        config.sampling.replace(**given).check_model(config)
+    except ValueError as err:
+        flags = " ".join(f"--{k.replace('_', '-')} " + ("/".join(map(str, v)) if k == "steps" and isinstance(v, tuple)
+                                                         else " ".join(map(str, v)) if isinstance(v, (tuple, list))
+                                                         else str(v)) for k, v in given.items())
+        p.error(f"--preset {preset} does not take {flags}: {err}")
 
 
 def print_header(settings: Settings, batch: str, decode: bool, timing: str) -> dict[str, float]:
@@ -314,9 +409,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     s = settings_from_args(p, args)
     peaks = print_header(s, args.batch, args.decode, f"{s.warmup} warm-up + {s.repeats} timed")
-    rows = [run_isolated(measure, preset, batch, precision, str(s.device), {**s.options, **steps_options(steps)},
+    rows = [run_isolated(measure, preset, batch, precision, str(s.device), {**s.options, **axis_options(steps, solver)},
                          args.decode, s.warmup, s.repeats, compiled)
-            for preset in s.presets for batch in s.batches for steps in s.step_settings
+            for preset in s.presets for batch in s.batches for solver, steps in flow_axes(s, preset)
             for precision in s.precisions for compiled in s.compiles]
     add_peak_share(rows, peaks)
     print(format_table(rows))
@@ -325,6 +420,7 @@ def main(argv=None) -> int:
 
         def name(row):
             return (row["preset"] + (f" batch {row['batch']}" if len(s.batches) > 1 else "") + f" {row['precision']}"
+                    + (f" {row['solver']}" if len(s.solvers) > 1 and row["solver"] != "-" else "")
                     + (f" {row['steps']} steps" if len(s.step_settings) > 1 else "")
                     + (" compiled" if row["compile"] != "off" else ""))
 

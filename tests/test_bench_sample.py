@@ -1,14 +1,16 @@
-"""The sampling benchmark times FlowAR and VAR presets side by side and reports self-consistent numbers; its
-run beside the authors' sampler (tools.bench_reference sample) reuses it."""
+"""The sampling benchmark times FlowAR, xAR, VAR and FlexVAR presets side by side and reports self-consistent
+numbers; its run beside the authors' sampler (tools.bench_reference sample) reuses it."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import fake_flowar_checkout
-from eval.bench_sample import main, matching_tokenizer, measure
-from flowar import VAR, get_var_preset
+from eval.bench_sample import (axis_options, build_parser, flow_axes, main, matching_tokenizer, measure,
+                               settings_from_args)
+from flowar import VAR, XAR, FlexVAR, get_flexvar_preset, get_var_preset, get_xar_preset
 from tools import bench_reference
+from vae.flexvq import FlexVQVAE
 from vae.msvq import MultiScaleVQVAE
 
 # What main() hands measure() without sampling flags: every option None, i.e. each preset's saved defaults.
@@ -51,6 +53,44 @@ def test_flowar_options_reach_the_sampler():
     assert row["head NFE"] == 4 * 2 * 4
 
 
+@pytest.mark.parametrize("solver, per_step", [("sde", 1), ("euler", 1), ("midpoint", 2)])
+def test_xar_row_counts_its_evaluations_and_the_flops_of_one_call(solver, per_step):
+    """xar-tiny: four cells of 3 steps; every evaluation is a transformer pass, and so is each clean cell's feed."""
+    row = measure("xar-tiny", 2, "fp32", "cpu", {**FLOWAR_OPTIONS, "steps": 3, "solver": solver}, False, 0, 1)
+    assert row["head NFE"] == 4 * 3 * per_step and row["passes"] == row["head NFE"] + 3
+    assert (row["solver"], row["steps"]) == (solver, "3")
+    torch.manual_seed(0)
+    model = XAR(get_xar_preset("xar-tiny")).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        out = model.sample_with_stats(torch.tensor([0, 1]), steps=3, solver=solver,
+                                      generator=torch.Generator().manual_seed(0))
+    assert row["GFLOP/image"] * 1e9 * 2 == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert row["head rows/image"] == out.head_rows / 2
+    assert row["params (M)"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def test_flexvar_row_counts_the_flops_of_one_sampling_call():
+    row = measure("flexvar-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
+    torch.manual_seed(0)
+    model = FlexVAR(get_flexvar_preset("flexvar-tiny")).eval()
+    tokenizer = FlexVQVAE(matching_tokenizer("flexvar-tiny")).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.sample(torch.tensor([0, 1]), tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
+    assert row["GFLOP/image"] * 1e9 * 2 == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert row["passes"] == len(model.config.scales) and (row["head NFE"], row["solver"]) == ("-", "-")
+    decoded = measure("flexvar-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, True, 0, 1)
+    assert decoded["GFLOP/image"] > row["GFLOP/image"] and decoded["params (M)"] > row["params (M)"]
+
+
+def test_released_xar_and_flexvar_presets_pair_with_their_decoders():
+    config = matching_tokenizer("flexvar-d16")
+    assert (config.codebook_size, config.code_dim) == (8912, 32)
+    with pytest.raises(ValueError, match="KL-16"):  # xar-tiny's latents have 4 channels
+        measure("xar-tiny", 1, "fp32", "cpu", FLOWAR_OPTIONS, True, 0, 1)
+
+
 def test_released_var_presets_pair_with_the_released_tokenizer():
     config = matching_tokenizer("var-d16")
     assert (config.codebook_size, config.code_dim, config.scales[-1]) == (4096, 32, 16)
@@ -67,8 +107,26 @@ def test_cli_puts_flowar_and_var_in_one_table(capsys):
     assert "relative to flowar-tiny bf16" in out and "var-tiny bf16" in out.splitlines()[-1]
 
 
+def test_solvers_and_steps_are_axes_of_the_flow_families_only():
+    """xAR crosses its SDE and Euler rows with the step counts; FlexVAR has neither, so it runs once."""
+    p = build_parser()
+    s = settings_from_args(p, p.parse_args(["--preset", "xar-tiny,flexvar-tiny", "--solver", "sde,euler",
+                                            "--steps", "3,2"]))
+    rows = [(preset, {**s.options, **axis_options(steps, solver)}) for preset in s.presets
+            for solver, steps in flow_axes(s, preset)]
+    assert [(preset, options.get("solver"), options.get("steps")) for preset, options in rows] == [
+        ("xar-tiny", "sde", 3), ("xar-tiny", "sde", 2), ("xar-tiny", "euler", 3), ("xar-tiny", "euler", 2),
+        ("flexvar-tiny", None, None)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "var-d99"], "--preset"),
+    (["--preset", "flowar-tiny", "--solver", "sde"], "--solver"),  # xAR's solver
+    (["--preset", "xar-tiny", "--solver", "flow-map"], "--solver"),  # FlowAR's
+    (["--preset", "xar-tiny", "--solver", "euler,bogus"], "--solver"),
+    (["--preset", "xar-tiny", "--steps", "4/2"], "--steps"),  # one count for every cell
+    (["--preset", "xar-tiny", "--steps", "1"], "--steps"),  # the SDE needs 2
+    (["--preset", "flowar-tiny", "--steps", "4/2"], "--steps"),  # a count per scale, of which it has 4
     (["--preset", ","], "--preset"),
     (["--precision", "fp16"], "--precision"),
     (["--batch", "0"], "--batch"),
