@@ -139,3 +139,26 @@ def fake_flowar_checkout(root) -> str:
     models.mkdir(parents=True, exist_ok=True)
     (models / "flowar.py").write_text((Path(__file__).parent / "reference_standin.py").read_text())
     return str(root)
+
+
+# The rest of a stand-in xAR checkout beside models/xar.py: the SDE's step noise comes from sampler.py, as theirs
+# does; rope.py and flow.py only have to exist (their xar.py imports them).
+XAR_STANDIN_MODULES = {
+    "sampler.py": '"""Stand-in of models/sampler.py: the SDE\'s noise per step, drawn through this module\'s torch."""\n\n'
+                  "import torch\n\n\ndef step_noise(x, count):\n    return [torch.randn_like(x) for _ in range(count)]\n",
+    "rope.py": '"""Stand-in of models/rope.py (imported by models/xar.py)."""\n',
+    "flow.py": '"""Stand-in of models/flow.py (imported by models/xar.py)."""\n',
+}
+
+
+def fake_xar_checkout(root) -> str:
+    """A folder standing in for a checkout of OliverRensu/xAR: ``models/xar.py`` is a copy of
+    ``tests/reference_standin_xar.py``, with the three modules it imports. Returns its path for ``--reference``."""
+    from pathlib import Path
+
+    models = Path(root) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "xar.py").write_text((Path(__file__).parent / "reference_standin_xar.py").read_text())
+    for name, text in XAR_STANDIN_MODULES.items():
+        (models / name).write_text(text)
+    return str(root)
