@@ -21,6 +21,7 @@ from heads.flow import Guidance
 from heads.solvers import SolveOptions
 from vae.pyramid import area_pyramid
 from train.distill_head import build_student, load_teacher, main, scale_solves, target_sampling, teacher_conditions, \
+    teacher_grid, \
     teacher_trajectory
 
 LR = "3e-3"
@@ -252,7 +253,7 @@ def test_rollout_prefixes_condition_each_scale_as_that_models_sampling_does(teac
     noise = [torch.randn((3, side * side, c.token_dim), generator=draws) for side in c.scales]
 
     def last_scale(prefix):
-        *_, (k, cond, grid, states) = scale_solves(teacher, student, latents, labels, 2, gen(6), sampling=sampling,
+        *_, (k, cond, grid, jump_index, states) = scale_solves(teacher, student, latents, labels, 2, gen(6), sampling=sampling,
                                                     prefix=prefix)
         return cond, states
 
@@ -267,3 +268,32 @@ def test_rollout_prefixes_condition_each_scale_as_that_models_sampling_does(teac
         ends = {p: student.flownet.sample(noise[-1], last_scale(p)[0].float(), jump).x for p in ("student", "data")}
     torch.testing.assert_close(ends[prefix], expected, rtol=1e-4, atol=1e-5)
     assert (ends["data"] - expected).abs().max() > 1e-2
+
+
+def test_the_flowar_teacher_grid_is_the_released_grid_with_the_jump_times_inserted(teacher_and_cache):
+    """--teacher-schedule flowar: the grid holds every point of the released grid of the target's step count and
+    the uniform jump times, nothing else, and the jump indices point at those times. With one jump (times 1 and
+    0, on the released grid already) the last state is the teacher's own Euler solve on that grid."""
+    from heads.solvers import step_schedule
+
+    teacher, _ = load_teacher(teacher_and_cache[0])
+    sampling = target_sampling(teacher, solver="euler", steps=8)
+    released = step_schedule(8, "flowar")
+    grid, index = teacher_grid(sampling, 0, 2, "flowar")
+    assert len(grid) == len(released) + 1 and set(released.tolist()) | {0.5} == set(grid.tolist())
+    assert torch.all(grid[1:] < grid[:-1]) and grid[index].tolist() == [1.0, 0.5, 0.0]
+    uniform, uniform_index = teacher_grid(sampling, 0, 3, "uniform")
+    assert len(uniform) == 10 and uniform[uniform_index].tolist() == pytest.approx([1, 2 / 3, 1 / 3, 0])
+
+    grid, index = teacher_grid(sampling, 2, 1, "flowar")
+    assert torch.equal(grid, released) and index.tolist() == [0, len(released) - 1]
+    c, k = teacher.config, 2
+    latents, labels = torch.randn(2, 4, 8, 8, generator=gen(8)), torch.tensor([3, 6])
+    cond, cond_null = teacher_conditions(teacher, area_pyramid(latents, c.scales), labels, guided=True)
+    noise = torch.randn(2, 16, 4, generator=gen(9))
+    states = teacher_trajectory(teacher, sampling, k, noise, cond[k], cond_null[k], grid)
+    guidance = Guidance(cond_null[k], 1.0 + guidance_excess(sampling.guidance_scale, k, len(c.scales),
+                                                            sampling.cfg_schedule), sampling.guidance_interval)
+    own = teacher.flownet.sample(noise, cond[k], SolveOptions(solver="euler", steps=8, schedule="flowar", atol=1e-5,
+                                                              rtol=1e-5), guidance=guidance).x
+    torch.testing.assert_close(states[-1].float(), own.float(), rtol=1e-4, atol=1e-5)

@@ -9,8 +9,9 @@ teacher's model with ``flow_map=True``: the teacher's transformer, frozen, and a
 (``load_velocity_state``: its average velocity is the teacher's velocity, so one jump is one Euler step).
 
 Objective: flow-map matching against the teacher's own trajectories. Each step takes a batch of cached latents,
-conditions every scale on them by teacher forcing (the class's conditions and the null class's), solves the
-teacher's guided ODE from fresh noise on a uniform grid and records every grid state. The student then regresses
+conditions every scale on them by teacher forcing (the class's conditions and the null class's; ``--prefix``
+conditions each scale on what the teacher's or the student's sampling drew at the scales before it instead),
+solves the teacher's guided ODE from fresh noise on its grid and records every grid state. The student then regresses
 its average velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps
 sampling will take (the uniform jump grid) and for one random pair t_i > t_j of the teacher's grid per image.
 A direct regression needs no jvp (unlike the MeanFlow identity), and its minimiser is the teacher's solution
@@ -21,11 +22,10 @@ The targets are the teacher's GUIDED solution (its saved guidance weight per sca
 the student samples unguided (``guidance_scale=1``): guidance costs nothing at sampling time. Its saved sampling
 defaults are the "flow-map" solver with K jumps per scale on the uniform grid.
 
-The teacher's grid is uniform, with its saved step count rounded up to a multiple of K (25 for an adaptive
-solver), so every jump ends on a grid point and no target is interpolated; its own solver (Euler, midpoint, rk4,
-dopri5) steps from grid point to grid point. A teacher saved with the "flowar" grid is thus solved on the uniform
-one with at least as many steps, and the student learns that solution (the jump grid's times are not all on the
-"flowar" grid, and interpolating between its states would add an error of its own to every target).
+The teacher's grid (``--teacher-schedule``) is uniform, with its saved step count rounded up to a multiple of K
+(25 for an adaptive solver), or the released "flowar" grid of that count with the jump times inserted; either way
+every jump ends on a grid point and no target is interpolated (interpolating between states would add an error of
+its own to every target). The target solver (Euler, midpoint, rk4, dopri5) steps from grid point to grid point.
 
 Reproducibility: every random draw of a step (the batch, posterior noise and flips, ODE noise, the random pairs)
 is drawn for the whole batch from one generator seeded by (seed, step), and each process takes its rows of it, so
@@ -55,7 +55,7 @@ from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
 from flowar.model import from_tokens
 from heads.flow import HeadVelocity
-from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions, integrate
+from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SCHEDULES, SOLVERS, SolveOptions, integrate, step_schedule
 from vae.files import read_class_names, read_model_type, write_class_names
 from vae.pyramid import area_pyramid
 
@@ -130,10 +130,21 @@ def target_sampling(teacher: FlowAR, *, solver: str | None = None, steps=None,
         raise ValueError(f"--teacher-solver / --teacher-steps / --teacher-guidance: {err}") from None
 
 
-def teacher_steps(sampling: FlowARSampling, k: int, jumps: int) -> int:
-    """Scale k's uniform teacher grid: the target solve's step count rounded up to a multiple of ``jumps``."""
+def teacher_grid(sampling: FlowARSampling, k: int, jumps: int, schedule: str = "uniform"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale k's teacher grid (float64, from 1 down to 0) and the indices in it of the uniform jump grid's
+    ``jumps + 1`` times, which sampling jumps between.
+
+    "uniform": the target solve's step count rounded up to a multiple of ``jumps``, evenly spaced, so the jump
+    times are grid points. "flowar": the released sampler's grid of that step count (``step_schedule``), with the
+    jump times it lacks inserted, so the targets are the teacher's own solve, split where a jump ends."""
     steps = sampling.steps_at(k) or ADAPTIVE_TEACHER_STEPS
-    return math.ceil(steps / jumps) * jumps
+    if schedule == "uniform":
+        steps = math.ceil(steps / jumps) * jumps
+        return torch.linspace(1, 0, steps + 1, dtype=torch.float64), torch.arange(jumps + 1) * (steps // jumps)
+    jump_times = torch.linspace(1, 0, jumps + 1, dtype=torch.float64)
+    grid = torch.cat([step_schedule(steps, schedule), jump_times]).unique().flip(0)
+    return grid, torch.searchsorted(grid.flip(0), jump_times).sub(len(grid) - 1).neg()
 
 
 @torch.no_grad()
@@ -178,25 +189,26 @@ def teacher_trajectory(teacher: FlowAR, sampling: FlowARSampling, k: int, noise:
     return torch.stack(states)
 
 
-def training_pairs(steps: int, jumps: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid indices (start, end), start < end (t_start > t_end), each (jumps + 1, batch): row j < K is the j-th
-    jump of the uniform jump grid for every image, the last row one random pair of the teacher grid's points per
-    image."""
-    stride = steps // jumps
-    jump_start = (torch.arange(jumps) * stride)[:, None].expand(jumps, batch)
-    first = torch.randint(0, steps + 1, (batch,), generator=generator)
-    second = torch.randint(0, steps, (batch,), generator=generator)
+def training_pairs(jump_index: torch.Tensor, points: int, batch: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices (start, end), start < end (t_start > t_end), each (K + 1, batch) for the K jumps between the
+    grid points ``jump_index`` (K + 1,): row j < K is the j-th jump for every image, the last row one random pair
+    of the teacher grid's ``points`` points per image."""
+    jumps = len(jump_index) - 1
+    first = torch.randint(0, points, (batch,), generator=generator)
+    second = torch.randint(0, points - 1, (batch,), generator=generator)
     second = second + (second >= first).long()  # a uniform pair of distinct points
-    start = torch.cat([jump_start, torch.minimum(first, second)[None]])
-    end = torch.cat([jump_start + stride, torch.maximum(first, second)[None]])
+    start = torch.cat([jump_index[:-1, None].expand(jumps, batch), torch.minimum(first, second)[None]])
+    end = torch.cat([jump_index[1:, None].expand(jumps, batch), torch.maximum(first, second)[None]])
     return start, end
 
 
 def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor, jumps: int,
-                 generator: torch.Generator, *, sampling: FlowARSampling, prefix: str = "data",
-                 global_batch: int | None = None, rows: slice = slice(None)):
-    """Yield, scale by scale, (k, cond (B, s*s, D), grid, states): scale k's class conditions and the teacher's
-    solve of ``sampling`` from fresh noise on its uniform grid (``teacher_trajectory``).
+                 generator: torch.Generator, *, sampling: FlowARSampling, schedule: str = "uniform",
+                 prefix: str = "data", global_batch: int | None = None, rows: slice = slice(None)):
+    """Yield, scale by scale, (k, cond (B, s*s, D), grid, jump_index, states): scale k's class conditions and the
+    teacher's solve of ``sampling`` from fresh noise on its grid of ``schedule`` (``teacher_grid``,
+    ``teacher_trajectory``).
 
     ``prefix`` says what conditions each scale (see PREFIXES). Scale k's noise is drawn from ``generator`` for
     the whole global batch when the generator reaches scale k, and this process keeps its ``rows``: a consumer
@@ -212,10 +224,10 @@ def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels
         if prefix != "data" and k > 0:  # scale k's conditions from the maps drawn at the scales before it
             cond, cond_null = teacher_conditions(teacher, pyramid, labels, guided=sampling.guided)
         noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
-        grid = torch.linspace(1, 0, teacher_steps(sampling, k, jumps) + 1, dtype=torch.float64)
+        grid, jump_index = teacher_grid(sampling, k, jumps, schedule)
         states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
                                     grid)
-        yield k, cond[k], grid, states
+        yield k, cond[k], grid, jump_index, states
         if prefix == "teacher":
             pyramid[k] = from_tokens(states[-1].float(), side)
         elif prefix == "student":
@@ -226,21 +238,23 @@ def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
                       jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
-                      prefix: str = "data", global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+                      schedule: str = "uniform", prefix: str = "data", global_batch: int | None = None,
+                      rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
 
     ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
-    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one) under ``prefix``'s
-    conditions (``scale_solves``). The generator draws, in order, each scale's noise and then its random pairs,
+    all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one) on ``schedule``'s grid
+    under ``prefix``'s conditions (``scale_solves``). The generator draws, in order, each scale's noise and then its random pairs,
     for the whole global batch, and this process keeps its rows."""
     sampling = sampling or teacher.config.sampling
     global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
     losses = []
-    for k, cond, grid, states in scale_solves(teacher, student, latents, labels, jumps, generator, sampling=sampling,
-                                              prefix=prefix, global_batch=global_batch, rows=rows):
-        steps = len(grid) - 1
-        start, end = (index[:, rows].reshape(-1) for index in training_pairs(steps, jumps, global_batch, generator))
+    for k, cond, grid, jump_index, states in scale_solves(teacher, student, latents, labels, jumps, generator,
+                                                          sampling=sampling, schedule=schedule, prefix=prefix,
+                                                          global_batch=global_batch, rows=rows):
+        pairs = training_pairs(jump_index, len(grid), global_batch, generator)
+        start, end = (index[:, rows].reshape(-1) for index in pairs)
         rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
         x_t, x_r = states[start, rows_of], states[end, rows_of]
@@ -302,7 +316,7 @@ def distill(args) -> Path:
     checkpoints = CheckpointManager(out)
     settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
                 "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
-                "teacher_solver": sampling.solver,
+                "teacher_solver": sampling.solver, "teacher_schedule": args.teacher_schedule,
                 "teacher_guidance": sampling.guidance_scale,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
@@ -310,7 +324,8 @@ def distill(args) -> Path:
         state = checkpoints.load_last(map_location=device)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
-        saved = {"prefix": "data", **state["settings"]}  # a checkpoint without the key was conditioned on the data
+        # A checkpoint without these keys was made with the data prefix and the uniform grid.
+        saved = {"prefix": "data", "teacher_schedule": "uniform", **state["settings"]}
         differ = sorted(k for k in settings if saved.get(k) != settings[k])
         if differ:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
@@ -340,7 +355,8 @@ def distill(args) -> Path:
         latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
         per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
-                                      sampling=sampling, prefix=args.prefix, global_batch=args.batch, rows=rows)
+                                      sampling=sampling, schedule=args.teacher_schedule, prefix=args.prefix,
+                                      global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -416,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=steps_argument, default=None, metavar="N or N1/N2/...",
                    help="steps per scale of the target solve, one count or one per scale (default: the teacher's "
                         "saved ones); each is rounded up to a multiple of the jumps")
+    p.add_argument("--teacher-schedule", choices=SCHEDULES, default="uniform",
+                   help="the target solve's grid: uniform (its step count rounded up to a multiple of the jumps), or "
+                        "the released sampler's flowar grid with the jump times inserted")
     p.add_argument("--teacher-guidance", type=float, default=None,
                    help="guidance scale of the target solve, which the unguided student inherits (default: the "
                         "teacher's saved one)")
