@@ -150,7 +150,7 @@ MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow
 # average, a midpoint or a finer target solve, or jumps on the "flowar" grid were each level or worse at seed 0.
 DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "ema": 0.0, "jumps_per_scale": 2, "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10", "teacher_guidance": DEMO_FLOWAR["sampling"]["guidance_scale"],
-           "prefix": "data"}
+           "teacher_schedule": "uniform", "prefix": "data"}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
 # guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).
 
