@@ -61,6 +61,15 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def rows(self, count: int) -> "KVCache":
+        """The first ``count`` rows, sharing this cache's storage and length, for a pass that stores nothing (its
+        own length is not this cache's): the conditional rows alone where the null rows are not needed."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[:count] for k in self.keys]
+        view.values = [v[:count] for v in self.values]
+        view.length = self.length
+        return view
+
 
 class ScaleAttention(nn.Module):
     """Multi-head self-attention with 2D RoPE per scale; block-causal in training, cached in sampling."""

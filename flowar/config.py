@@ -17,7 +17,7 @@ from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 from vae.pyramid import check_scale_list, check_scales
 
-from .sampling import GuidanceOptions, guidance_excess
+from .sampling import GuidanceOptions, PerScaleSteps, guidance_excess
 
 # How the head's flow is laid over the scales: "full", FlowAR's (every scale from noise to data), or
 # "multistage", E-CAR's (scale k integrates only its span of stage_times; heads.multistage).
@@ -39,7 +39,7 @@ SCALE_LISTS = ("fixed", "random")
 
 
 @dataclass
-class FlowARSampling(GuidanceOptions):
+class FlowARSampling(PerScaleSteps, GuidanceOptions):
     """FlowAR's sampling options, validated once; a release saves its defaults in config.json.
 
     guidance_scale: 1 is unguided; with ``cfg_schedule="linear"`` the weight ramps from 1 at the first scale
@@ -63,25 +63,17 @@ class FlowARSampling(GuidanceOptions):
     def __post_init__(self):
         super().__post_init__()
         self.guidance_interval = check_guidance_interval(self.guidance_interval)
-        if isinstance(self.steps, list):
-            self.steps = tuple(self.steps)
         if self.scales is not None:
             self.scales = check_scale_list(self.scales, name="scales", grids=True)
-        per_scale = self.steps if isinstance(self.steps, tuple) else (self.steps,)
-        if not per_scale:
-            raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")
+        per_scale = self._step_counts()
         # Each scale's solve (one for all scales when steps is one count), validated here once: sampling reads
         # them per scale through solve_at and checks nothing again.
         self._solves = [SolveOptions(solver=self.solver, steps=count, schedule=self.schedule, atol=self.atol,
                                      rtol=self.rtol) for count in per_scale]
 
-    def steps_at(self, k: int) -> int | None:
-        """The step count of scale k."""
-        return self.steps[k] if isinstance(self.steps, tuple) else self.steps
-
     def solve_at(self, k: int) -> SolveOptions:
         """The head's ODE solve at scale k."""
-        return self._solves[k if isinstance(self.steps, tuple) else 0]
+        return self._solves[k if self.per_scale_steps else 0]
 
     def guidance_at(self, k: int, num_scales: int, cond_null: torch.Tensor) -> Guidance:
         """Scale k's guidance of the head: the null class's conditions ``cond_null`` (B, N, D), the weight of the
@@ -101,9 +93,7 @@ class FlowARSampling(GuidanceOptions):
                              "other lists need a model with positions='grid' and flow='full' (see "
                              f"FlowARConfig.scale_lists), this one has positions={config.positions!r}, "
                              f"flow={config.flow!r}")
-        if isinstance(self.steps, tuple) and len(self.steps) != len(sides):
-            raise ValueError(f"steps must hold one count per scale ({len(sides)} for scales "
-                             f"{sides}), got {len(self.steps)}: {list(self.steps)}")
+        self.check_step_count(len(sides), f"scale ({len(sides)} for scales {sides})")
 
     def scales_for(self, config) -> tuple[int, ...]:
         """The sides this sampling runs for a model of ``config``."""

@@ -1,4 +1,4 @@
-"""Zero-shot in-painting, out-painting and class-conditional editing for FlowAR and VAR, behind one API.
+"""Zero-shot in-painting, out-painting and class-conditional editing for FlowAR, VAR and xAR, behind one API.
 
 Neither model is trained for it. The image is encoded, and after each scale is sampled the part of it that
 the mask keeps is overwritten with the image's own content at that scale, so every later scale is
@@ -13,13 +13,18 @@ demo notebook ``demo_zero_shot_edit.ipynb``):
   ``(1 - t) x_gt + t eps`` from the same eps the scale's ODE starts from, so the head conditions the
   generated tokens on the known ones at every step (see ``heads.flow.KnownRegionNet``); at the end of
   the scale they are exactly the ground truth, and the next scale's input is made from the merged map.
+- xAR: its steps are cells of one latent, not scales of a pyramid, so the mask is resized once to the
+  latent's side and each cell keeps its own piece (``XAR.edit_masks``). While a cell is integrated its kept
+  tokens are held on the same straight path, from the cell's own initial noise, at every time the SDE or ODE
+  solver reaches; they end exactly on the image's latent, and the merged cell is the next cell's clean
+  context. A cell kept whole is not integrated at all.
 
-Each family says what is known at each scale (``known_regions``); the sampling itself is one call of the
-engine (``flowar.sampling.generate``) with an edit hook.
+Each family says where and what is known at each scale (``edit_masks``, ``known_regions``); the sampling
+itself is one call of the engine (``flowar.sampling.generate``) with an edit hook.
 
 Masks: 1 (or True) keeps the image, 0 generates. A mask is resized to each scale's side (``mask_resize``:
 "area", the share of kept pixels in each cell, or "bilinear", as the authors' demo does) and a cell is kept
-where the resized value is above 0.5. Out-painting: keep the centre; in-painting: keep all but a hole;
+where the resized value is above 0.5 (xAR: resized to the latent's side). Out-painting: keep the centre; in-painting: keep all but a hole;
 class-conditional editing: keep all but a region and give a new ``class_label``. Without a class label the
 null class is used (the authors' in-painting setting: "no class label information").
 """
@@ -30,10 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae.pyramid import MASK_RESIZE, scale_masks  # noqa: F401  (re-exported: editing's mask API)
+from vae.pyramid import MASK_RESIZE, scale_masks
 
 from .outputs import autocast_context, check_output_type, decode_output
 from .sampling import generate
+
+# The mask rules of vae.pyramid are re-exported: they are part of editing's API.
+__all__ = ["MASK_RESIZE", "box_mask", "inpaint", "prepare_images", "prepare_mask", "scale_masks"]
 
 
 
@@ -130,20 +138,22 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
             autocast_dtype: torch.dtype | None = None, decode_batch: int = 32, **sample_kwargs):
     """Regenerate the part of ``image`` where ``mask`` is 0, keeping the part where it is 1.
 
-    pipeline: a FlowARPipeline or a VARPipeline. image: see :func:`prepare_images` (its size must be the
-    model's); mask: see :func:`prepare_mask`, at the image's or the latent's resolution. class_label: an
-    int, a list (one per image), or None (the null class: no class information; an unconditional model
-    takes only None). Image, mask and labels broadcast from a batch of 1. mask_resize / keep_scales: see
-    ``vae.pyramid.scale_masks``. sample_kwargs: the model's sampling options (guidance_scale, steps, top_k, ...).
-    Returns images as the pipeline's ``__call__`` does for ``output_type`` ("latent": FlowAR latents or
-    VAR token maps). A mask of all ones returns the autoencoder's reconstruction of the image; a mask of
+    pipeline: a FlowARPipeline, a VARPipeline (or FlexVAR's) or an XARPipeline. image: see :func:`prepare_images`
+    (its size must be the model's); mask: see :func:`prepare_mask`, at the image's or the latent's resolution.
+    class_label: an int, a list (one per image), or None (the null class: no class information; an
+    unconditional model takes only None). Image, mask and labels broadcast from a batch of 1. mask_resize /
+    keep_scales: see ``vae.pyramid.scale_masks`` (xAR: ``XAR.edit_masks``, keep_scales counting cells).
+    sample_kwargs: the model's sampling options (guidance_scale, steps, top_k, ...).
+    Returns images as the pipeline's ``__call__`` does for ``output_type`` ("latent": FlowAR or xAR latents
+    or VAR token maps). A mask of all ones returns the autoencoder's reconstruction of the image; a mask of
     all zeros is ordinary sampling, equal to the pipeline's with the same generator.
     """
     model, autoencoder = getattr(pipeline, "model", None), getattr(pipeline, "autoencoder", None)
     if not hasattr(model, "known_regions") or autoencoder is None:
-        raise ValueError(f"pipeline must be a FlowARPipeline or a VARPipeline, got {type(pipeline).__name__}")
+        raise ValueError(f"pipeline must be a FlowARPipeline, a VARPipeline or an XARPipeline, got "
+                         f"{type(pipeline).__name__}")
     check_output_type(output_type)
-    latent_side = model.config.scales[-1]
+    latent_side = model.latent_side
     side = latent_side * autoencoder.downsample
     images = prepare_images(image, side)
     masks = prepare_mask(mask, (side, latent_side))
@@ -154,7 +164,7 @@ def inpaint(pipeline, image, mask, class_label=None, *, generator: torch.Generat
     images, masks = _expand(images, batch), _expand(masks, batch)
     if labels is not None:
         labels = _expand(labels, batch)
-    keep = scale_masks(masks, model.config.scales, mask_resize=mask_resize, keep_scales=keep_scales)
+    keep = model.edit_masks(masks, mask_resize=mask_resize, keep_scales=keep_scales)
     dtype = next(autoencoder.parameters()).dtype
     device = pipeline.device
     with torch.no_grad():

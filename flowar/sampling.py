@@ -41,6 +41,7 @@ CFG_SCHEDULES = ("linear", "constant")
 
 # The known part of one scale, given by an editing hook: a boolean keep mask and the values to keep there.
 # FlowAR: keep (B, s*s, 1), target (B, s*s, C) latent tokens. VAR: keep (B, s, s), target (B, s, s) ids.
+# xAR: keep (B, c*c, 1), target (B, c*c, C), the tokens of one cell.
 Known = tuple[torch.Tensor, torch.Tensor]
 EditHook = Callable[[int], "Known | None"]
 # Called with (k, num_scales) once scale k is drawn.
@@ -104,6 +105,35 @@ class GuidanceOptions(ConfigMixin):
         per-scale list of the wrong length)."""
 
 
+class PerScaleSteps:
+    """The ``steps`` option of a family whose solve may take another step count at each scale (FlowAR's scales,
+    xAR's cells): one count (None for an adaptive solver) for every scale, or a tuple of one count per scale.
+    A mixin of the options dataclass, which declares the field ``steps``."""
+
+    def _step_counts(self) -> tuple:
+        """``steps`` as the counts to validate, one per scale or a single one for all (a list is made a tuple)."""
+        if isinstance(self.steps, list):
+            self.steps = tuple(self.steps)
+        counts = self.steps if isinstance(self.steps, tuple) else (self.steps,)
+        if not counts:
+            raise ValueError("steps must be an integer, a non-empty list of integers (one per scale) or None")
+        return counts
+
+    @property
+    def per_scale_steps(self) -> bool:
+        return isinstance(self.steps, tuple)
+
+    def steps_at(self, k: int) -> int | None:
+        """The step count of scale k."""
+        return self.steps[k] if self.per_scale_steps else self.steps
+
+    def check_step_count(self, count: int, unit: str) -> None:
+        """A ValueError naming ``steps`` unless it is one count or ``count`` of them; ``unit`` says what each
+        count is for (e.g. "scale (4 for scales (1, 2, 4, 8))")."""
+        if self.per_scale_steps and len(self.steps) != count:
+            raise ValueError(f"steps must hold one count per {unit}, got {len(self.steps)}: {list(self.steps)}")
+
+
 @dataclass
 class StepCounts:
     """Work done by one model in a scale-wise run."""
@@ -148,7 +178,7 @@ class CachedStepper:
         self.sides = model.sampled_scales(options)  # the scales this run samples
         self.device = model.device
         self.batch = labels.shape[0]
-        self.guided = options.guided
+        self.guided = self._null_rows(options)
         if self.guided:
             labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
         self.labels = labels.to(self.device)
@@ -156,6 +186,11 @@ class CachedStepper:
         self.scales_seen = 0
         self.counts = StepCounts()
         self.timer = Timer(self.counts, self.device, timed)
+
+    def _null_rows(self, options) -> bool:
+        """Whether rows [B, 2B) carry the null class: wherever the options guide. A family whose sampler can tell
+        before the first pass that guidance never applies (no evaluation inside its interval) leaves them out."""
+        return options.guided
 
     def release(self) -> None:
         """Free the KV cache (and the last pass's outputs) once this stepper has no scales left."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from vae.files import PretrainedMixin
+from vae.pyramid import scale_masks
 
 from .labels import check_class_labels
 
@@ -123,9 +124,20 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         alone (on the CPU, so that it is the same on any device): an image then does not depend on its batch."""
         raise NotImplementedError
 
+    @property
+    def latent_side(self) -> int:
+        """The side of the latent (VAR: the token map) a sample of the model's own scales decodes from; editing
+        takes images and masks of this side times the autoencoder's downsampling (or of this side)."""
+        return self.config.scales[-1]
+
+    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
+        """Boolean keep maps, one per scale, from a keep mask (B, 1, H, W) in [0, 1] (1 keeps the image): for a
+        pyramid of scales, the mask resized to each scale's side (``vae.pyramid.scale_masks``)."""
+        return scale_masks(mask, self.config.scales, mask_resize=mask_resize, keep_scales=keep_scales)
+
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list:
         """The known region of each scale (``flowar.sampling.Known``) for images (B, 3, H, W) in [-1, 1] and
-        boolean keep maps (B, s, s), one per scale, for editing."""
+        boolean keep maps, one per scale (:meth:`edit_masks`; (B, s, s) for a pyramid), for editing."""
         raise NotImplementedError
 
     def check_training_source(self, source) -> None:

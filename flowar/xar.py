@@ -15,7 +15,9 @@ Sampling, cell by cell through the engine (``flowar.sampling``): before cell k >
 once at t = 0 and its keys and values stay in the KV cache (the stepper's ``feed``); the cell's flow is then
 integrated with the transformer itself as the velocity, every evaluation reading the cache and storing nothing
 (``draw``): by default the released Euler-Maruyama SDE (:func:`euler_maruyama`), an ODE solver of
-``heads.solvers`` as an option. Guidance ramps per cell.
+``heads.solvers`` as an option. Guidance ramps per cell. Beyond the release: a step count per cell, a guidance
+interval in time (outside it the null rows do not run), and editing (the known tokens of a cell held on their
+straight path while it is integrated; ``flowar.editing``).
 
 Parameter names are the released ones (``class_emb``, ``time_embed.mlp``, ``z_proj``, ``z_proj_ln``,
 ``encoder_pos_embed_learned``, ``encoder_blocks.{i}``, ``decoder_*``, ``pred``), so ``xAR-{B,L,H}.pth`` loads after
@@ -29,12 +31,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from heads.flow import FlowSample
+from heads.flow import FlowSample, KnownRegionNet
 from heads.layers import RMSNorm, Rope2D, xavier_init_linears
 from heads.networks import TimestepEmbedder
 from heads.path import draw_times, interpolate, velocity_target
 from heads.solvers import integrate
 from vae.files import load_state_strict, read_torch_state_dict
+from vae.pyramid import scale_masks
 
 from .attention import ScaleBlock
 from .model import SampleOutput, check_finite_latents
@@ -92,7 +95,7 @@ def sde_grid(steps: int, *, device=None) -> torch.Tensor:
                       torch.zeros(1, dtype=torch.float64)]).to(device)
 
 
-def euler_maruyama(velocity, normal, steps: int) -> tuple[torch.Tensor, int]:
+def euler_maruyama(velocity, normal, steps: int, *, hold=None) -> tuple[torch.Tensor, int]:
     """The released sampler of one cell: Euler-Maruyama on :func:`sde_grid`, returns (x at t = 0 in float64, the
     number of velocity calls = ``steps``).
 
@@ -100,16 +103,44 @@ def euler_maruyama(velocity, normal, steps: int) -> tuple[torch.Tensor, int]:
     the shape of x: 0 is the initial state at t = 1, i >= 1 the noise of stochastic step i. Each of the
     ``steps - 1`` steps from t to t' < t moves x by ``drift dt + sqrt(2t) sqrt(|dt|) normal`` (dt = t' - t); the
     last, from SDE_END to 0, by the drift alone, so the result is that step's mean.
+    hold(x, t) -> x (editing): applied to the state at every time of the grid it reaches, the start and the end
+    included, so that the velocity always sees it and the result is its value at t = 0 (known tokens put on
+    their path).
     """
     first = normal(0)
     grid = sde_grid(steps, device=first.device)
     x = first.to(torch.float64)
+    if hold is not None:
+        x = hold(x, grid[0])
     for i in range(steps - 1):
         t, dt = grid[i], grid[i + 1] - grid[i]
         noise = normal(i + 1).to(torch.float64) * dt.abs().sqrt()
         x = x + sde_drift(velocity(x, t), x, t) * dt + (2 * t).sqrt() * noise
+        if hold is not None:
+            x = hold(x, grid[i + 1])
     t = grid[-2]
-    return x + sde_drift(velocity(x, t), x, t) * (grid[-1] - t), steps
+    x = x + sde_drift(velocity(x, t), x, t) * (grid[-1] - t)
+    return (x if hold is None else hold(x, grid[-1])), steps
+
+
+def evaluation_times(options: XARSampling, k: int) -> list[float] | None:
+    """The times (the solver's float64 values) at which cell k's solve evaluates the velocity, in order; None for
+    the adaptive solver, whose times depend on the cell's state. A fixed grid's times do not depend on the state,
+    so a solve of a zero velocity on one number gives them exactly."""
+    if options.solver == "sde":
+        steps = options.steps_at(k)
+        return sde_grid(steps)[:steps].tolist()
+    solve = options.solve_at(k)
+    if solve.adaptive:
+        return None
+    times = []
+
+    def record(x, t):
+        times.append(float(t.reshape(-1)[0]))
+        return torch.zeros_like(x)
+
+    integrate(record, torch.zeros(1, 1, 1), solve)
+    return times
 
 
 @dataclass
@@ -301,9 +332,10 @@ class XAR(ScaleWiseModel):
         ``head_rows`` their token rows (the transformer is xAR's head).
 
         sampling: an :class:`~flowar.xar_config.XARSampling` (None: the config's saved defaults), updated by
-        ``options`` (guidance_scale, cfg_schedule, solver, steps, atol, rtol). noise: per cell, (B, D, c*c, C) of
-        standard normal draws instead of the generator's, D = ``noise_draws`` of the options (the sde solver:
-        the initial noise, then one per stochastic step; an ODE solver: the initial noise).
+        ``options`` (guidance_scale, cfg_schedule, guidance_interval, solver, steps, atol, rtol). noise: per cell
+        k, (B, D_k, c*c, C) of standard normal draws instead of the generator's, D_k = ``noise_draws_at(k)`` of
+        the options (the sde solver: the initial noise, then one per stochastic step of that cell; an ODE solver:
+        the initial noise).
         """
         return generate(self, class_labels, batch_size=batch_size, sampling=sampling, generator=generator,
                         noise=noise, progress=progress, **options)
@@ -318,34 +350,67 @@ class XAR(ScaleWiseModel):
     def canvas(self, batch: int, autoencoder=None, options=None) -> "XARCanvas":
         return XARCanvas(self.config)
 
-    def _noise_shape(self, batch: int, options: XARSampling | None) -> tuple[int, ...]:
+    def _noise_shapes(self, batch: int, options: XARSampling | None) -> list[tuple[int, ...]]:
+        """Each cell's noise shape (B, D_k, c*c, C): D_k draws of the cell's solver."""
         c = self.config
-        draws = (c.sampling if options is None else options).noise_draws
-        return batch, draws, c.cell_tokens, c.token_dim
+        options = c.sampling if options is None else options
+        return [(batch, options.noise_draws_at(k), c.cell_tokens, c.token_dim) for k in range(c.num_cells)]
 
     def check_noise(self, noise: list[torch.Tensor], batch: int, options=None) -> None:
-        shape, cells = self._noise_shape(batch, options), self.config.num_cells
+        shapes, cells = self._noise_shapes(batch, options), self.config.num_cells
         if (not isinstance(noise, (list, tuple)) or len(noise) != cells
-                or any(not torch.is_tensor(n) or tuple(n.shape) != shape for n in noise)):
+                or any(not torch.is_tensor(n) or tuple(n.shape) != shape for n, shape in zip(noise, shapes))):
             got = ([tuple(getattr(n, "shape", ())) for n in noise] if isinstance(noise, (list, tuple))
                    else type(noise).__name__)
-            raise ValueError(f"noise must be a list of {cells} tensors (one per cell) of shape {shape} (batch, draws "
-                             f"per cell of the solver, tokens, channels), got {got}")
+            raise ValueError(f"noise must be a list of {cells} tensors (one per cell) of shapes {shapes} (batch, "
+                             f"draws of the cell's solver, tokens, channels), got {got}")
         if not all(torch.isfinite(n).all() for n in noise):
             raise ValueError("noise must be finite: it holds NaN or infinite values")
 
     def noise_from_seeds(self, seeds: list[int], options=None) -> list[torch.Tensor]:
-        """Per cell, (B, D, c*c, C) float32 CPU normals in which row b is drawn from ``seeds[b]`` alone."""
-        _, draws, tokens, channels = self._noise_shape(len(seeds), options)
+        """Per cell k, (B, D_k, c*c, C) float32 CPU normals in which row b is drawn from ``seeds[b]`` alone."""
+        shapes = [shape[1:] for shape in self._noise_shapes(len(seeds), options)]
         per_sample = []
         for seed in seeds:
             g = torch.Generator().manual_seed(seed)
-            per_sample.append([torch.randn((draws, tokens, channels), generator=g) for _ in range(self.config.num_cells)])
-        return [torch.stack([cells[k] for cells in per_sample]) for k in range(self.config.num_cells)]
+            per_sample.append([torch.randn(shape, generator=g) for shape in shapes])
+        return [torch.stack([cells[k] for cells in per_sample]) for k in range(len(shapes))]
+
+    @property
+    def latent_side(self) -> int:
+        return self.config.latent_side
+
+    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
+        """Boolean keep maps (B, c, c), one per cell. The cells are pieces of one latent, not levels of a pyramid,
+        so the mask is resized once, to the latent's side (``vae.pyramid.scale_masks``' rule), and each cell keeps
+        its own piece; ``keep_scales`` keeps the first cells whole."""
+        c = self.config
+        if isinstance(keep_scales, bool) or not isinstance(keep_scales, int) or not 0 <= keep_scales <= c.num_cells:
+            raise ValueError(f"keep_scales must be an integer in [0, {c.num_cells}] (for xAR, the first cells kept "
+                             f"whole), got {keep_scales!r}")
+        whole = scale_masks(mask, (c.latent_side,), mask_resize=mask_resize)[0]  # (B, S, S)
+        cells = to_cells(whole[:, None], c.cell_side).view(whole.shape[0], c.num_cells, c.cell_side, c.cell_side)
+        return [torch.ones_like(m) if k < keep_scales else m for k, m in enumerate(cells.unbind(1))]
 
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
-        raise ValueError("editing (known regions) is not available for xAR models: their sampler has no "
-                         "known-region path")
+        """Each cell's known tokens: its piece of the image's latent (the posterior mean where the VAE has one),
+        where ``keep`` (one (B, c, c) map per cell, :meth:`edit_masks`) is True."""
+        c = self.config
+        if hasattr(autoencoder, "encode_distribution"):
+            latents = autoencoder.encode_distribution(images)[0]
+        else:
+            latents = autoencoder.encode(images)
+        latents = latents.float()
+        self._check_latents(latents)
+        batch, per_cell = latents.shape[0], c.cell_tokens
+        shape = (batch, c.cell_side, c.cell_side)
+        if (not isinstance(keep, (list, tuple)) or len(keep) != c.num_cells
+                or any(not torch.is_tensor(m) or m.dtype != torch.bool or tuple(m.shape) != shape for m in keep)):
+            raise ValueError(f"keep must be a list of {c.num_cells} bool tensors (one per cell) of shape {shape}, "
+                             "as edit_masks gives them")
+        tokens = to_cells(latents.to(self.device), c.cell_side)  # (B, S*S, C), cell after cell
+        return [(m.to(self.device).reshape(batch, per_cell, 1), tokens[:, k * per_cell:(k + 1) * per_cell])
+                for k, m in enumerate(keep)]
 
     # ------------------------------------------------------------------ training data
     def check_training_source(self, source) -> None:
@@ -377,9 +442,32 @@ class XARStepper(CachedStepper):
 
     The released sampler feeds the clean cell together with the cell's first noisy evaluation, one pass of both
     under the block-causal mask; the clean cell's queries do not see the noisy tokens, so that pass is this feed
-    followed by the first evaluation. Under guidance the null rows [B, 2B) run wherever they are used: every cell
-    but the first when the ramp leaves it unguided (the released sampler runs them there too and discards them).
+    followed by the first evaluation. Under guidance the null rows [B, 2B) run wherever they are used: at the
+    evaluations inside the guidance interval of every cell but the first when the ramp leaves it unguided (the
+    released sampler runs them there too and discards them). Outside the interval the conditional rows run alone
+    on their part of the KV cache; where no evaluation of the run falls inside it the null rows are not carried.
+
+    Editing (``known``): the cell's known tokens are held on their straight path ``(1 - t) target + t eps``, eps
+    the cell's initial noise, at every time the solver reaches, and equal the target at t = 0 (the SDE puts them
+    there after every update, so each transformer call sees them on the path; an ODE solver integrates through
+    ``heads.flow.KnownRegionNet``). A cell known entirely is not integrated: it is the target, and the next feed
+    makes it the clean context as it would a sampled cell.
     """
+
+    def _null_rows(self, options: XARSampling) -> bool:
+        if not options.guided:
+            return False
+        low, high = options.guidance_interval
+        if low == 0.0 and high == 1.0:  # every time a solver evaluates lies in [0, 1]
+            return True
+        cells = self.model.config.num_cells
+        for k in range(cells):
+            if k == 0 and options.weight_at(0, cells) == 1.0:
+                continue  # see draw: the first cell runs its null rows only where weighted
+            times = evaluation_times(options, k)
+            if times is None or any(options.guides_at(t) for t in times):
+                return True
+        return False
 
     def _first_pass(self, prefill: bool) -> None:
         self.class_embedding = self.model.class_emb(self.labels)  # (rows, D); the first cell has no context
@@ -394,15 +482,23 @@ class XARStepper(CachedStepper):
     @torch.no_grad()
     def draw(self, *, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
              known: Known | None = None) -> FlowSample:
-        """The tokens (B, c*c, C) of the cell fed last, from ``noise`` (B, D, c*c, C) or draws of ``generator``."""
-        if known is not None:
-            raise ValueError("editing (known regions) is not available for xAR models")
+        """The tokens (B, c*c, C) of the cell fed last, from ``noise`` (B, D, c*c, C) or draws of ``generator``;
+        ``known``: (keep (B, c*c, 1) bool, target (B, c*c, C)), tokens held on the target's path."""
         o, c, k = self.options, self.model.config, self.scales_seen - 1
-        weight = o.weight_at(k, c.num_cells)
-        null_rows = self.guided and (k > 0 or weight != 1.0)
-        rows = 2 * self.batch if null_rows else self.batch
         shape = (self.batch, c.cell_tokens, c.token_dim)
-        model, class_embedding, evaluated = self.model, self.class_embedding[:rows], [0]
+        if known is not None:
+            keep, target = known
+            if keep.dtype != torch.bool or tuple(keep.shape) != (*shape[:2], 1) or tuple(target.shape) != shape:
+                raise ValueError(f"known must be (keep {(*shape[:2], 1)} bool, target {shape}), got "
+                                 f"({keep.dtype} {tuple(keep.shape)}, {tuple(target.shape)})")
+            keep, target = keep.to(self.device), target.to(device=self.device, dtype=torch.float32)
+            if bool(keep.all()):
+                return FlowSample(x=target, nfe=0, rows=0)
+        weight = o.weight_at(k, c.num_cells)
+        paired = self.guided and (k > 0 or weight != 1.0)  # the null rows may run in this cell
+        cache = self.cache if k > 0 else None
+        conditional_cache = cache.rows(self.batch) if cache is not None and self.guided else cache
+        model, class_embedding, evaluated = self.model, self.class_embedding, [0]
         given = None if noise is None else noise.to(device=self.device, dtype=torch.float32)
 
         def normal(i: int) -> torch.Tensor:
@@ -411,22 +507,47 @@ class XARStepper(CachedStepper):
             return torch.randn(shape, generator=generator, device=self.device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            # The network sees float32 tokens and one time for every row, as the released sampler gives it.
+            # The network sees float32 tokens and one time for every row, as the released sampler gives it;
+            # guidance is decided on the solver's float64 time.
             tokens = x.to(torch.float32)
-            tokens = torch.cat([tokens, tokens]) if null_rows else tokens
-            conditions = model.cell_conditions(class_embedding, t.reshape(1, -1)[:, :1])
-            v = model.run_cells(tokens, conditions, first_cell=k, cache=self.cache if k > 0 else None).to(torch.float64)
+            guided = paired and o.guides_at(float(t.reshape(-1)[0]))
+            rows = 2 * self.batch if guided else self.batch
+            tokens = torch.cat([tokens, tokens]) if guided else tokens
+            conditions = model.cell_conditions(class_embedding[:rows], t.reshape(1, -1)[:, :1])
+            v = model.run_cells(tokens, conditions, first_cell=k,
+                                cache=cache if guided else conditional_cache).to(torch.float64)
             evaluated[0] += rows * c.cell_tokens
-            if not null_rows:
+            if not guided:
                 return v
             v_cond, v_null = v.chunk(2)
             return v_null + weight * (v_cond - v_null)
 
         with self.timer:
+            first = normal(0)  # the known tokens' path starts from it too
+
+            def draws(i: int) -> torch.Tensor:
+                return first if i == 0 else normal(i)
+
             if o.solver == "sde":
-                x, nfe = euler_maruyama(velocity, normal, o.steps)
+                hold = None
+                if known is not None:
+                    target64, first64 = target.to(torch.float64), first.to(torch.float64)
+
+                    def on_path(x, t):
+                        return torch.where(keep, interpolate(target64, first64, t.reshape(1).expand(x.shape[0])), x)
+
+                    hold = on_path
+                x, nfe = euler_maruyama(velocity, draws, o.steps_at(k), hold=hold)
             else:
-                x, nfe = integrate(velocity, normal(0), o.solve)
+                field = velocity
+                if known is not None:
+                    def network(x_t, t, cond):  # the cell's conditions are fixed in velocity; cond is unused
+                        return velocity(x_t, t)
+
+                    field = KnownRegionNet(network, keep, target, first).conditioned(None)
+                x, nfe = integrate(field, first, o.solve_at(k), jumps=o.guidance_interval if paired else ())
+                if known is not None:
+                    x = torch.where(keep, target.to(x.dtype), x)  # exactly the target at t = 0
         self.counts.nfe += nfe
         self.counts.head_rows += evaluated[0]
         return FlowSample(x=x.to(torch.float32), nfe=nfe, rows=evaluated[0])

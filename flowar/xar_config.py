@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from heads.flow import check_guidance_interval
 from heads.path import check_time_distribution
 from heads.solvers import ADAPTIVE_SOLVERS, SolveOptions
 from vae.files import ConfigMixin
 
 from .config import copy_preset
-from .sampling import GuidanceOptions, guidance_excess
+from .sampling import GuidanceOptions, PerScaleSteps, guidance_excess
 
 # How a cell's flow is integrated: "sde", the released sampler (Euler-Maruyama, see flowar.xar.euler_maruyama),
 # or one of heads.solvers' ODE solvers on a uniform grid of ``steps``.
@@ -23,52 +24,68 @@ def _check_positive_int(value, name: str, minimum: int = 1) -> None:
 
 
 @dataclass
-class XARSampling(GuidanceOptions):
+class XARSampling(PerScaleSteps, GuidanceOptions):
     """xAR's sampling options, validated once; a release saves its defaults in config.json.
 
     guidance_scale: 1 is unguided; with ``cfg_schedule="linear"`` the weight ramps per cell, from 1 at the first
-    cell to ``guidance_scale`` at the last (the released ``(cfg - 1) k / 3 + 1`` over four cells). solver: "sde",
-    the released Euler-Maruyama sampler on ``linspace(1, 0.04, steps)`` plus a deterministic step to 0 (``steps``
-    transformer evaluations per cell, ``steps >= 2``), or an ODE solver of ``heads.solvers`` on a uniform grid of
-    ``steps`` (dopri5: adaptive, ``steps=None``, tolerances ``atol`` / ``rtol``).
+    cell to ``guidance_scale`` at the last (the released ``(cfg - 1) k / 3 + 1`` over four cells).
+    guidance_interval: (low, high), the times t (1 noise, 0 data) at which guidance applies; an evaluation outside
+    it runs the conditional rows alone, which saves the null class's transformer pass there (half the rows), and
+    where no evaluation of a run falls inside it, the null rows are left out altogether, their context passes
+    included, so the run is the unguided one. The default (0, 1) guides every evaluation, as released.
+    solver: "sde", the released Euler-Maruyama sampler on ``linspace(1, 0.04, steps)`` plus a deterministic step to
+    0 (``steps`` transformer evaluations per cell, ``steps >= 2``), or an ODE solver of ``heads.solvers`` on a
+    uniform grid of ``steps`` (dopri5: adaptive, ``steps=None``, tolerances ``atol`` / ``rtol``). ``steps`` is one
+    count for every cell or a tuple with one count per cell.
     """
 
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     solver: str = "sde"
-    steps: int | None = 40
+    steps: int | tuple[int, ...] | None = 40
     atol: float = 1e-5
     rtol: float = 1e-5
 
     def __post_init__(self):
         super().__post_init__()
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if self.solver not in XAR_SOLVERS:
             raise ValueError(f"solver must be one of {XAR_SOLVERS}, got {self.solver!r}")
+        counts = self._step_counts()
         if self.solver == "sde":
             # One step would be the deterministic last step alone, from pure noise straight to t = 0.
-            _check_positive_int(self.steps, "steps (for the sde solver)", minimum=2)
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in counts):
+                raise ValueError(f"steps must be an integer >= 2 for the sde solver (or one per cell, each >= 2), "
+                                 f"got {self.steps!r}")
             for name in ("atol", "rtol"):
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                         or value <= 0:
                     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-            self._solve = None
-        else:  # SolveOptions validates steps, atol and rtol for the ODE solver
-            self._solve = SolveOptions(solver=self.solver, steps=self.steps, schedule="uniform", atol=self.atol,
-                                       rtol=self.rtol)
+            self._solves = None
+        else:  # SolveOptions validates steps, atol and rtol for the ODE solver, each cell's count
+            self._solves = [SolveOptions(solver=self.solver, steps=count, schedule="uniform", atol=self.atol,
+                                         rtol=self.rtol) for count in counts]
 
-    @property
-    def solve(self) -> SolveOptions | None:
-        """The ODE solve of one cell (None for the sde solver)."""
-        return self._solve
+    def solve_at(self, k: int) -> SolveOptions | None:
+        """The ODE solve of cell k (None for the sde solver)."""
+        return None if self._solves is None else self._solves[k if self.per_scale_steps else 0]
 
-    @property
-    def noise_draws(self) -> int:
-        """Standard normal draws per cell: the initial noise, and for the sde solver one more per stochastic
+    def noise_draws_at(self, k: int) -> int:
+        """Standard normal draws of cell k: the initial noise, and for the sde solver one more per stochastic
         step (``steps - 1``)."""
-        return self.steps if self.solver == "sde" else 1
+        return self.steps_at(k) if self.solver == "sde" else 1
 
     def weight_at(self, k: int, num_cells: int) -> float:
         """The guidance weight of cell k (1: unguided)."""
         return 1.0 + guidance_excess(self.guidance_scale, k, num_cells, self.cfg_schedule)
+
+    def guides_at(self, t: float) -> bool:
+        """Whether guidance applies at the solver's time t (float64, as the solver holds it)."""
+        low, high = self.guidance_interval
+        return low <= t <= high
+
+    def check_model(self, config) -> None:
+        self.check_step_count(config.num_cells, f"cell ({config.num_cells}: the model's cells)")
 
     def _complete(self, given: dict) -> dict:
         # Switching to the adaptive solver drops the step count inherited from the defaults.
@@ -124,6 +141,7 @@ class XARConfig(ConfigMixin):
             self.sampling = XARSampling.from_dict(self.sampling)
         if not isinstance(self.sampling, XARSampling):
             raise ValueError(f"sampling must be an XARSampling, got {type(self.sampling).__name__}")
+        self.sampling.check_model(self)
 
     @property
     def cells_per_side(self) -> int:

@@ -206,34 +206,36 @@ def test_a_few_optimizer_steps_lower_the_loss():
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def recomputed_sample(model, labels, noise, *, solver, steps, guidance_scale, cfg_schedule):
+def recomputed_sample(model, labels, noise, *, solver, steps, guidance_scale, cfg_schedule, interval=(0.0, 1.0)):
     """Cell by cell with no KV cache: every velocity is one block-causal pass over the clean cells before it (at
-    t = 0) and the noisy cell, for the labels and for the null class; the SDE and Euler written out here."""
+    t = 0) and the noisy cell, for the labels and, where guidance applies (inside ``interval``), for the null
+    class; the SDE and Euler written out here. steps: one count, or one per cell."""
     batch, cells = labels.shape[0], model.config.num_cells
     null = torch.full_like(labels, model.null_class)
     done = []
     for k in range(cells):
         ramp = k / (cells - 1) if cfg_schedule == "linear" else 1.0
         weight = 1 + (guidance_scale - 1) * ramp
+        count = steps[k] if isinstance(steps, tuple) else steps
 
         def velocity(x, t):
             tokens = torch.cat([*done, x.float()], dim=1)
             times = torch.cat([torch.zeros(batch, k), torch.full((batch, 1), float(t))], dim=1)
             v_cond = model.run_cells(tokens, conditions_at(model, labels, times))[:, -16:].double()
-            if weight == 1:
+            if weight == 1 or not interval[0] <= float(t) <= interval[1]:
                 return v_cond
             v_null = model.run_cells(tokens, conditions_at(model, null, times))[:, -16:].double()
             return v_null + weight * (v_cond - v_null)
 
         x = noise[k][:, 0].double()
         if solver == "sde":
-            grid = torch.cat([torch.linspace(1, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-            for i in range(steps - 1):
+            grid = torch.cat([torch.linspace(1, 0.04, count, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+            for i in range(count - 1):
                 t, dt = grid[i], grid[i + 1] - grid[i]
                 x = x + ((2 - t) * velocity(x, t) + x) * dt + torch.sqrt(2 * t * -dt) * noise[k][:, i + 1].double()
             x = x - 0.04 * ((2 - 0.04) * velocity(x, grid[-2]) + x)
         else:
-            grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+            grid = torch.linspace(1, 0, count + 1, dtype=torch.float64)
             for t, t_next in zip(grid[:-1], grid[1:]):
                 x = x + (t_next - t) * velocity(x, t)
         done.append(x.float())
@@ -360,5 +362,3 @@ def test_bad_options_and_inputs_name_the_argument(model):
         model(torch.randn(2, 4, 8, 8), [1, 2], cell_times=torch.rand(2, 3))
     with pytest.raises(ValueError, match="class_labels"):
         model.sample([10])
-    with pytest.raises(ValueError, match="editing"):
-        model.known_regions(None, torch.zeros(1, 3, 16, 16), [])
