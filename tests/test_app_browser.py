@@ -268,7 +268,8 @@ def test_bad_inputs_show_a_message_in_the_page_and_the_server_keeps_serving(page
     css(page, "#loader").click()
     type_into(page, "#load-path textarea", str(tmp_path))
     css(page, "#load-go").click()
-    status(page, "load-status", rf"Error: {re.escape(str(tmp_path))} is not a FlowAR, VAR or FlexVAR release folder")
+    status(page, "load-status",
+           rf"Error: {re.escape(str(tmp_path))} is not a FlowAR, VAR, FlexVAR or xAR release folder")
 
     type_into(page, "#gen-steps textarea", "2")
     css(page, "#gen-go").click()

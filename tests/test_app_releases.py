@@ -9,9 +9,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_flowar_pipeline, tiny_var_pipeline
+from conftest import tiny_flowar_pipeline, tiny_vae, tiny_var_pipeline
 from PIL import Image
 
+from flowar import XAR, XARPipeline, get_xar_preset
 from flowar.app.releases import Cancelled, Release, Releases, RequestError, fit_image, outpaint_region
 from flowar.outputs import read_png_settings
 
@@ -23,6 +24,8 @@ def folders(tmp_path_factory):
     flowar.class_names = [f"digit {i}" for i in range(flowar.model.config.num_classes)]
     flowar.save_pretrained(root / "flowar")
     tiny_var_pipeline().save_pretrained(root / "var")
+    torch.manual_seed(0)
+    XARPipeline(XAR(get_xar_preset("xar-tiny")).eval(), tiny_vae(0)).save_pretrained(root / "xar")
     return root
 
 
@@ -36,12 +39,17 @@ def var(folders):
     return Release(folders / "var")
 
 
+@pytest.fixture(scope="module")
+def xar(folders):
+    return Release(folders / "xar")
+
+
 def test_a_folder_that_is_not_a_release_is_refused_by_name(tmp_path):
     with pytest.raises(RequestError, match="does not exist"):
         Release(tmp_path / "missing")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hello")
-    with pytest.raises(RequestError, match=r"notes is not a FlowAR, VAR or FlexVAR release folder: .*config.json"):
+    with pytest.raises(RequestError, match=r"notes is not a FlowAR, VAR, FlexVAR or xAR release folder: .*config.json"):
         Release(tmp_path / "notes")
 
 
@@ -95,6 +103,38 @@ def test_bad_var_controls_are_refused_with_the_control_s_name(var):
 def test_per_scale_steps_and_the_adaptive_solver(flowar):
     assert flowar.sampling(steps="4,3,2,2").steps == (4, 3, 2, 2)
     assert flowar.sampling(solver="dopri5", steps="7").steps is None  # adaptive: the solver picks its steps
+
+
+def test_xar_takes_steps_per_cell_and_its_solvers_and_gives_the_library_s_images(xar):
+    assert xar.side == 16 and "4 cells of 4x4 tokens" in xar.describe()
+    assert xar.solvers == ("sde", "euler", "midpoint", "rk4", "dopri5")
+    options = xar.sampling(steps="3,2,4,2", solver="sde", guidance_scale=2.0, top_k=0, top_p=0.0)
+    assert options.steps == (3, 2, 4, 2)
+    result = xar.generate(5, 2, 3, options)
+    own = xar.pipeline([5, 5], sampling=options, generator=torch.Generator().manual_seed(3), output_type="np")
+    assert np.array_equal(result.images, own) and result.settings[0]["sampling"]["steps"] == [3, 2, 4, 2]
+    assert xar.sampling(solver="euler", steps="2").steps == 2
+    with pytest.raises(RequestError, match="steps must hold one count per cell"):
+        xar.sampling(steps="3,3")
+    with pytest.raises(RequestError, match="steps must be an integer >= 2 for the sde solver"):
+        xar.sampling(steps="3,1,3,3", solver="sde")
+    with pytest.raises(RequestError, match="solver must be one of"):
+        xar.sampling(solver="flow-map")
+
+
+def test_an_xar_edit_is_the_library_s_in_painting(xar):
+    side = xar.side
+    options = xar.sampling(steps="3")
+    image = image_of(side, seed=2)
+    result = xar.edit(image, left_half(side), 4, 2, 6, options)
+    keep = torch.from_numpy(~left_half(side)).float()
+    own = xar.pipeline.inpaint(np.repeat(np.asarray(image)[None], 2, axis=0), keep, 4, sampling=options,
+                               generator=torch.Generator().manual_seed(6), output_type="np")
+    assert np.array_equal(result.images, own)
+    speck = np.zeros((side, side), dtype=bool)
+    speck[0, 0] = True
+    with pytest.raises(RequestError, match="covers no whole latent cell"):
+        xar.check_mask(speck)
 
 
 def test_requests_are_checked_before_sampling(flowar):

@@ -18,7 +18,7 @@ from .releases import Releases, RequestError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flowar.app", description="Serve the flowar web demo over release "
                                 "folders (config.json + model.safetensors with vae/ or tokenizer/).")
-    p.add_argument("releases", nargs="+", metavar="RELEASE_DIR", help="FlowAR, VAR or FlexVAR release folders")
+    p.add_argument("releases", nargs="+", metavar="RELEASE_DIR", help="FlowAR, VAR, FlexVAR or xAR release folders")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 shares it on the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")

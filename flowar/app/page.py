@@ -16,8 +16,6 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from heads.solvers import SOLVERS
-
 from .releases import Cancelled, Release, Releases, RequestError, Result, check_image, fit_image, outpaint_region
 
 DISPLAY_SIDE = 128  # pixels an image is at least shown at
@@ -84,20 +82,20 @@ def error(message) -> str:
 
 def control_updates(release: Release, *, with_null: bool = False) -> list:
     """Class choices, defaults and the family's controls shown for ``release``: class, guidance, steps,
-    solver, top-k, top-p."""
+    solver (its family's choices), top-k, top-p."""
     d = release.defaults
     choices = release.class_choices(with_null=with_null)
-    flowar = release.family == "flowar"
-    steps = d.steps if flowar else None
+    flow = bool(release.solvers)  # FlowAR and xAR take steps and a solver, VAR and FlexVAR top-k and top-p
+    steps = d.steps if flow else None
     steps_text = "" if steps is None else (",".join(map(str, steps)) if isinstance(steps, tuple) else str(steps))
     first = next((value for _, value in choices if value >= 0), None)
     return [
         gr.update(choices=choices, value=first, visible=bool(choices)),
         gr.update(value=d.guidance_scale, interactive=release.num_classes > 0),
-        gr.update(value=steps_text, visible=flowar),
-        gr.update(value=d.solver if flowar else None, visible=flowar),
-        gr.update(value=getattr(d, "top_k", 0), visible=not flowar),
-        gr.update(value=getattr(d, "top_p", 0.0), visible=not flowar),
+        gr.update(value=steps_text, visible=flow),
+        gr.update(choices=list(release.solvers), value=d.solver if flow else None, visible=flow),
+        gr.update(value=getattr(d, "top_k", 0), visible=not flow),
+        gr.update(value=getattr(d, "top_p", 0.0), visible=not flow),
     ]
 
 
@@ -120,9 +118,9 @@ def build_page(releases: Releases, *, loader: bool = True) -> gr.Blocks:
             gr.Dropdown(label="class", elem_id=f"{prefix}-class", **_kwargs(class_)),
             gr.Slider(1, 20, step=0.05, label="guidance scale (1 = unguided)", elem_id=f"{prefix}-guidance",
                       **_kwargs(guidance)),
-            gr.Textbox(label="steps per scale (one count, or one per scale: 20,20,20,10)",
+            gr.Textbox(label="steps per scale, xAR: per cell (one count, or one per scale: 20,20,20,10)",
                        elem_id=f"{prefix}-steps", **_kwargs(steps)),
-            gr.Dropdown(list(SOLVERS), label="solver", elem_id=f"{prefix}-solver", **_kwargs(solver)),
+            gr.Dropdown(label="solver", elem_id=f"{prefix}-solver", **_kwargs(solver)),
             gr.Number(label="top-k (0 = off)", precision=0, minimum=0, elem_id=f"{prefix}-top-k", **_kwargs(top_k)),
             gr.Slider(0, 1, step=0.01, label="top-p (0 = off)", elem_id=f"{prefix}-top-p", **_kwargs(top_p)),
         ]

@@ -15,15 +15,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from heads.solvers import ADAPTIVE_SOLVERS
+from heads.solvers import ADAPTIVE_SOLVERS, SOLVERS
 from vae.pyramid import parse_scale_list, scale_masks
 
 from ..editing import box_mask
 from ..outputs import decode_output, image_grid, png_with_settings
 from ..registry import load_pipeline
+from ..xar_config import XAR_SOLVERS
 
 MAX_IMAGES = 64  # per request: a page is for looking at images, eval.sample is for making thousands
-MAX_STEPS = 1000  # ODE steps per scale
+MAX_STEPS = 1000  # ODE steps per scale (xAR: per cell)
+# The solvers the page offers to the families that integrate a flow, which take steps and a solver; the others
+# (VAR, FlexVAR) take top-k and top-p.
+FAMILY_SOLVERS = {"flowar": SOLVERS, "xar": XAR_SOLVERS}
 NULL_CLASS = -1  # the class choice "no class" (the null class: in-painting without class information)
 
 Progress = Callable[[float, str], None]
@@ -80,7 +84,7 @@ def check_int(value, name: str, low: int, high: int) -> int:
 
 
 def parse_steps(text) -> int | tuple[int, ...]:
-    """Steps per scale from the page: one count ("20") or one per scale ("20,20,20,10")."""
+    """Steps per scale (xAR: per cell) from the page: one count ("20") or one per scale ("20,20,20,10")."""
     parts = [part.strip() for part in str(text).split(",")]
     counts = tuple(check_int(part, "steps", 1, MAX_STEPS) for part in parts)
     return counts[0] if len(counts) == 1 else counts
@@ -109,7 +113,7 @@ class Release:
         try:
             self.pipeline = load_pipeline(path).to(device)
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise RequestError(f"{path} is not a FlowAR, VAR or FlexVAR release folder: {err}") from None
+            raise RequestError(f"{path} is not a FlowAR, VAR, FlexVAR or xAR release folder: {err}") from None
         if compile:
             self.pipeline.compile()
         self.path, self.name = path, path.name
@@ -123,7 +127,12 @@ class Release:
 
     @property
     def family(self) -> str:
-        return self.model.model_type  # "flowar", "var" or "flexvar"
+        return self.model.model_type  # "flowar", "var", "flexvar" or "xar"
+
+    @property
+    def solvers(self) -> tuple[str, ...]:
+        """The solvers the page offers; empty for a family without steps and a solver (VAR, FlexVAR)."""
+        return FAMILY_SOLVERS.get(self.family, ())
 
     @property
     def num_classes(self) -> int:
@@ -132,7 +141,7 @@ class Release:
     @property
     def side(self) -> int:
         """The images' side in pixels."""
-        return self.model.config.scales[-1] * self.pipeline.autoencoder.downsample
+        return self.model.latent_side * self.pipeline.autoencoder.downsample
 
     @property
     def defaults(self):
@@ -152,8 +161,9 @@ class Release:
         c = self.model.config
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         kind = "unconditional" if c.num_classes == 0 else f"{c.num_classes} classes"
-        return (f"{self.name}: {self.family}, {params:.1f}M parameters, {kind}, {self.side}x{self.side} px, "
-                f"scales {list(c.scales)}")
+        steps = (f"{c.num_cells} cells of {c.cell_side}x{c.cell_side} tokens" if self.family == "xar"
+                 else f"scales {list(c.scales)}")
+        return f"{self.name}: {self.family}, {params:.1f}M parameters, {kind}, {self.side}x{self.side} px, {steps}"
 
     # -------------------------------------------------------------------------------------- checks
     @property
@@ -175,7 +185,7 @@ class Release:
                 raise RequestError(str(err)) from None
         if guidance_scale is not None:
             overrides["guidance_scale"] = check_float(guidance_scale, "guidance scale", 1.0, 20.0)
-        if self.family == "flowar":
+        if self.solvers:
             if solver is not None:
                 overrides["solver"] = solver
             # An adaptive solver picks its own steps: the options drop the count when it is not given.
@@ -248,8 +258,8 @@ class Release:
             raise RequestError("the mask keeps nothing of the image: paint only the region to regenerate "
                                "(for a new image, use Generate)")
         keep = torch.from_numpy(~regenerate).float()
-        at_scales = scale_masks(keep[None, None], self.model.config.scales)
-        if bool(at_scales[-1].all()):
+        # The latent the sample decodes from, kept whole: nothing would be regenerated.
+        if bool(scale_masks(keep[None, None], (self.model.latent_side,))[0].all()):
             cell = self.pipeline.autoencoder.downsample
             raise RequestError(f"the painted region covers no whole latent cell ({cell}x{cell} px): paint a "
                                "larger region")
