@@ -130,7 +130,8 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         takes images and masks of this side times the autoencoder's downsampling (or of this side)."""
         return self.config.scales[-1]
 
-    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
+    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area",
+                   keep_scales: int = 0) -> list[torch.Tensor]:
         """Boolean keep maps, one per scale, from a keep mask (B, 1, H, W) in [0, 1] (1 keeps the image): for a
         pyramid of scales, the mask resized to each scale's side (``vae.pyramid.scale_masks``)."""
         return scale_masks(mask, self.config.scales, mask_resize=mask_resize, keep_scales=keep_scales)

@@ -380,7 +380,8 @@ class XAR(ScaleWiseModel):
     def latent_side(self) -> int:
         return self.config.latent_side
 
-    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area", keep_scales: int = 0) -> list[torch.Tensor]:
+    def edit_masks(self, mask: torch.Tensor, *, mask_resize: str = "area",
+                   keep_scales: int = 0) -> list[torch.Tensor]:
         """Boolean keep maps (B, c, c), one per cell. The cells are pieces of one latent, not levels of a pyramid,
         so the mask is resized once, to the latent's side (``vae.pyramid.scale_masks``' rule), and each cell keeps
         its own piece; ``keep_scales`` keeps the first cells whole."""
