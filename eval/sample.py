@@ -45,11 +45,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from flowar.cli import parse_scales
+from flowar.cli import FLOW_SOLVERS, parse_scales, parse_step_counts
 from flowar.outputs import PRECISIONS
 from flowar.registry import load_pipeline as load_any_pipeline
 from flowar.sampling import CFG_SCHEDULES
-from heads.solvers import SCHEDULES, SOLVERS
+from heads.solvers import SCHEDULES
 from vae.files import atomic_write
 
 FORMATS = ("png", "npz", "both")
@@ -360,11 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     guidance.add_argument("--scales", type=parse_scales, default=None,
                           help="sides to sample, e.g. 1,2,4,8,12, or 1,2,4,8x12 for a grid that is not square "
                                "(FlexVAR, or a FlowAR with positions='grid')")
-    flowar_args = p.add_argument_group("FlowAR sampling (default: the model's)")
+    flowar_args = p.add_argument_group("FlowAR and xAR sampling (default: the model's)")
     flowar_args.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                              help="times in which guidance applies, t=1 noise")
-    flowar_args.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
-    flowar_args.add_argument("--solver", default=None, help=f"one of {SOLVERS}")
+    flowar_args.add_argument("--steps", type=parse_step_counts, default=None,
+                             help="steps per scale (FlowAR) or per cell (xAR), one count or one per scale, e.g. "
+                                  "20,20,20,10")
+    flowar_args.add_argument("--solver", default=None, help=f"one of {FLOW_SOLVERS} (the model checks its own)")
     flowar_args.add_argument("--schedule", default=None, help=f"ODE step schedule, one of {SCHEDULES}")
     flowar_args.add_argument("--atol", type=float, default=None, help="dopri5 tolerance")
     flowar_args.add_argument("--rtol", type=float, default=None, help="dopri5 tolerance")

@@ -33,10 +33,11 @@ from .outputs import image_grid
 from .registry import model_type, pipeline_class
 from .sampling import CFG_SCHEDULES
 from .var_config import VAR_PRESETS, VARSampling
-from .xar_config import XAR_PRESETS
+from .xar_config import XAR_PRESETS, XAR_SOLVERS
 from .var_pipeline import RELEASED_TOKENIZER, load_tokenizer
 
 # Sampling options: argparse destination -> the field (or replace() keyword) of a family's options dataclass.
+FLOW_SOLVERS = tuple(dict.fromkeys((*SOLVERS, *XAR_SOLVERS)))  # every family's; the model checks its own
 SAMPLING_OPTIONS = ("guidance_scale", "cfg_schedule", "scales", "guidance_interval", "solver", "steps", "schedule",
                     "atol", "rtol", "top_k", "top_p", "temperature", "more_smooth", "var_cfg", "greedy_above")
 # The model type of each preset, for a released file.
@@ -57,6 +58,17 @@ def parse_interval(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--guidance-interval must be 'low,high', got {text!r}") from None
     return low, high
+
+
+def parse_step_counts(text: str) -> int | tuple[int, ...]:
+    """``--steps``: "25", or one count per scale or cell, "20,20,20,10"."""
+    try:
+        counts = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        counts = ()
+    if not counts:
+        raise argparse.ArgumentTypeError(f"--steps takes an integer or one per scale, e.g. 25 or 20,20,20,10; got {text!r}")
+    return counts[0] if len(counts) == 1 else counts
 
 
 def parse_scales(text: str) -> tuple:
@@ -89,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     guidance.add_argument("--guidance-scale", type=float, default=None, help="1 = unguided")
     guidance.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
                           help="linear: ramp from 1 at the first scale to the scale at the last")
-    flowar = p.add_argument_group("FlowAR sampling (default: the model's)")
+    flowar = p.add_argument_group("FlowAR and xAR sampling (default: the model's)")
     flowar.add_argument("--guidance-interval", type=parse_interval, default=None, help="low,high in t (1 = noise)")
-    flowar.add_argument("--steps", type=int, default=None, help="ODE steps per scale (fixed-grid solvers)")
-    flowar.add_argument("--solver", choices=SOLVERS, default=None)
+    flowar.add_argument("--steps", type=parse_step_counts, default=None,
+                        help="steps per scale (FlowAR) or per cell (xAR), one count or one per scale, e.g. 20,20,20,10; "
+                             "a flow-map head's jumps")
+    flowar.add_argument("--solver", choices=FLOW_SOLVERS, default=None,
+                        help="the flow's solver (sde: xAR's released sampler; flow-map: a flow-map head's jumps)")
     flowar.add_argument("--schedule", choices=SCHEDULES, default=None)
     guidance.add_argument("--scales", type=parse_scales, default=None,
                           help="sides to sample, e.g. 1,2,3,5,8 or 1,2,4,8,12 for larger images, HEIGHTxWIDTH for a "

@@ -4,7 +4,7 @@ folders and released checkpoints alike and refuses options of the other family b
 import numpy as np
 import pytest
 import torch
-from conftest import gen, tiny_flowar_pipeline, tiny_var_pipeline
+from conftest import gen, tiny_flowar_pipeline, tiny_var_pipeline, tiny_vae
 from PIL import Image
 
 from flowar import (FlexVAR, FlexVARPipeline, FlowARPipeline, FlowARSampling, VAR, VARPipeline, get_flexvar_preset,
@@ -276,3 +276,29 @@ def test_cli_samples_flexvar_at_other_scale_lists_from_a_folder_and_released_fil
                       (["--tokenizer-preset", "vae_ch160v4096z32"], "--tokenizer-preset")):
         assert cli_main([str(tmp_path / "flexvar"), *common, *bad]) == 2
         assert name in capsys.readouterr().err
+
+
+def test_cli_takes_a_step_count_per_scale_and_xar_s_solvers(folders, tmp_path, capsys):
+    """--steps 3,2,2,4 samples as the pipeline does with steps=(3, 2, 2, 4); an xAR release takes its sde
+    solver and a count per cell; a count list of the wrong length is refused naming steps."""
+    from flowar import XAR, XARPipeline, get_xar_preset
+
+    flowar_dir, _ = folders
+    out = tmp_path / "per-scale.png"
+    assert cli_main([str(flowar_dir), "--labels", "4", "--steps", "3,2,2,4", "--seed", "2", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    pipe = FlowARPipeline.from_pretrained(flowar_dir)
+    expected = pipe([4], output_type="np", steps=(3, 2, 2, 4), generator=gen(2))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 1)))
+    assert cli_main([str(flowar_dir), "--labels", "4", "--steps", "3,2", "--out", str(tmp_path / "no.png"),
+                     "--device", "cpu"]) == 2
+    assert "steps" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    XARPipeline(XAR(get_xar_preset("xar-tiny")).eval(), tiny_vae(0)).save_pretrained(tmp_path / "xar")
+    out = tmp_path / "xar.png"
+    assert cli_main([str(tmp_path / "xar"), "--labels", "1", "--solver", "sde", "--steps", "3,2,2,4", "--seed", "1",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    xar_pipe = XARPipeline.from_pretrained(tmp_path / "xar")
+    expected = xar_pipe([1], output_type="np", solver="sde", steps=(3, 2, 2, 4), generator=gen(1))
+    np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 1)))
