@@ -297,3 +297,17 @@ def test_the_flowar_teacher_grid_is_the_released_grid_with_the_jump_times_insert
     own = teacher.flownet.sample(noise, cond[k], SolveOptions(solver="euler", steps=8, schedule="flowar", atol=1e-5,
                                                               rtol=1e-5), guidance=guidance).x
     torch.testing.assert_close(states[-1].float(), own.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_cosine_rate_falls_from_lr_to_zero_and_a_resume_must_keep_its_length(teacher_and_cache, tmp_path, capsys):
+    from train.distill_head import step_lr
+
+    rates = [step_lr(1e-3, "cosine", step, 100) for step in range(100)]
+    assert rates[0] == 1e-3 and rates[50] == pytest.approx(5e-4) and rates[-1] < 1e-6
+    assert all(b < a for a, b in zip(rates, rates[1:]))
+    assert {step_lr(1e-3, "constant", step, 100) for step in range(100)} == {1e-3}
+    teacher_dir, cache = teacher_and_cache
+    common = ("--lr-schedule", "cosine", "--checkpoint-every", "2", "--sample-every", "0")
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "2", *common) == 0
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "4", "--resume", *common) == 2
+    assert "made with other steps" in capsys.readouterr().err

@@ -69,6 +69,7 @@ ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can sol
 # or the maps the teacher's target solves (as its sampling sees them) or the student's own jumps (as the
 # student's sampling sees them) drew at the scales before it.
 PREFIXES = ("data", "teacher", "student")
+LR_SCHEDULES = ("constant", "cosine")  # cosine: half a cosine from --lr down to 0 at --steps
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -277,6 +278,14 @@ def check_arguments(args) -> None:
         raise ValueError(f"--ema must be a decay in [0, 1), got {args.ema}")
 
 
+def step_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (from 0) of ``steps``: ``lr`` throughout, or half a cosine from ``lr``
+    down to 0 at the last step."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def average_gradients(parameters, world: int) -> None:
     """The mean of every process's gradient, in place (the head is small: one all-reduce per tensor)."""
     for p in parameters:
@@ -314,7 +323,10 @@ def distill(args) -> Path:
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {name: p.detach().float().clone() for name, p in head.named_parameters()}
     checkpoints = CheckpointManager(out)
-    settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr, "seed": args.seed,
+    settings = {"teacher": str(Path(args.teacher).resolve()), "batch": args.batch, "lr": args.lr,
+                "lr_schedule": args.lr_schedule, "seed": args.seed,
+                # a cosine's rate at a step depends on the run's length, so a resumed run must keep it
+                **({"steps": args.steps} if args.lr_schedule == "cosine" else {}),
                 "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
                 "teacher_solver": sampling.solver, "teacher_schedule": args.teacher_schedule,
                 "teacher_guidance": sampling.guidance_scale,
@@ -324,8 +336,8 @@ def distill(args) -> Path:
         state = checkpoints.load_last(map_location=device)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
-        # A checkpoint without these keys was made with the data prefix and the uniform grid.
-        saved = {"prefix": "data", "teacher_schedule": "uniform", **state["settings"]}
+        # A checkpoint without these keys was made with the data prefix, the uniform grid and a constant rate.
+        saved = {"prefix": "data", "teacher_schedule": "uniform", "lr_schedule": "constant", **state["settings"]}
         differ = sorted(k for k in settings if saved.get(k) != settings[k])
         if differ:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
@@ -368,6 +380,8 @@ def distill(args) -> Path:
         loss_value = per_scale.mean().item()
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss is {loss_value} at step {step}; the last checkpoint is left untouched")
+        for group in optimizer.param_groups:  # a function of the step, so a resumed run follows it too
+            group["lr"] = step_lr(args.lr, args.lr_schedule, step, args.steps)
         optimizer.step()
         done = step + 1
         update_ema(ema, head, ema_decay(args.ema, done, bias_correction=True))
@@ -423,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine: half a cosine from --lr down to 0 at --steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
     p.add_argument("--ema", type=float, default=0.0,
