@@ -44,7 +44,7 @@ import torch
 from flowar import FlowARPipeline, FlowARSampling
 from flowar.outputs import PRECISIONS, autocast_context, to_uint8_images
 from heads.solvers import ADAPTIVE_SOLVERS as ADAPTIVE, SCHEDULES, SOLVERS, SolveOptions
-from vae.pyramid import check_scale_list
+from vae.pyramid import check_scale_list, parse_scale_list, scale_text
 
 from .fid import compute_metrics
 from .fid import reference_statistics
@@ -74,8 +74,9 @@ class SweepPoint:
                 f"{self.guidance_scale:g}", f"{self.guidance[0]:g}", f"{self.guidance[1]:g}", self.precision)
 
     def scales_label(self) -> str:
-        """The scales as the CSV and ``--scales`` write them: "1/2/3/5/8", or "model" for the model's own."""
-        return "model" if self.scales is None else "/".join(map(str, self.scales))
+        """The scales as the CSV and ``--scales`` write them: "1/2/3/5/8" ("1/2/4/8x12"), or "model" for the
+        model's own."""
+        return "model" if self.scales is None else "/".join(map(scale_text, self.scales))
 
     def steps_label(self) -> str:
         """The steps as the CSV and ``--steps`` write them: "8", or "8/6/5/4" per scale."""
@@ -122,7 +123,8 @@ def sweep_points(solvers, steps, tolerances, cfgs, intervals, *, schedule: str,
     for low, high in intervals:
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"guidance intervals must satisfy 0 <= low < high <= 1, got ({low}, {high})")
-    scale_lists = [None if sides is None else check_scale_list(sides, name="--scales") for sides in scale_lists]
+    scale_lists = [None if sides is None else check_scale_list(sides, name="--scales", grids=True)
+                   for sides in scale_lists]
     points = []
     for solver, cfg, interval, precision, sides in itertools.product(solvers, cfgs, intervals, precisions, scale_lists):
         if solver in ADAPTIVE:
@@ -255,14 +257,16 @@ def parse_steps(text: str) -> list[int | tuple[int, ...]]:
         raise ValueError(f"--steps takes integers and per-scale lists such as 8/6/5/4, comma-separated; got {text!r}") from None
 
 
-def parse_scale_lists(text: str | None) -> list[tuple[int, ...] | None]:
-    """``--scales``: "1/4/8,1/2/3/4/6/8" -> [(1, 4, 8), (1, 2, 3, 4, 6, 8)]; None -> [None], the model's own."""
+def parse_scale_lists(text: str | None) -> list[tuple | None]:
+    """``--scales``: "1/4/8,1/2/3/4/6/8,1/2/4/8x12" -> [(1, 4, 8), (1, 2, 3, 4, 6, 8), (1, 2, 4, (8, 12))]; None
+    -> [None], the model's own."""
     if text is None:
         return [None]
     try:
-        return [tuple(int(side) for side in entry.split("/")) for entry in text.split(",") if entry]
+        return [parse_scale_list(entry.replace("/", ",")) for entry in text.split(",") if entry]
     except ValueError:
-        raise ValueError(f"--scales takes lists of sides such as 1/2/3/5/8, comma-separated; got {text!r}") from None
+        raise ValueError(f"--scales takes lists of sides such as 1/2/3/5/8 (HEIGHTxWIDTH for a grid that is not "
+                         f"square, 1/2/4/8x12), comma-separated; got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:

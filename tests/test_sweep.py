@@ -171,7 +171,7 @@ def test_scale_lists_are_an_axis_and_a_fixed_model_is_refused_before_sampling(tm
     another list stops before the first sample, naming positions='grid'."""
     reference = tmp_path / "reference.npz"
     write_images_npz(reference, np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
-    common = ["--solvers", "euler", "--steps", "2", "--scales", "1/4/8,1/2/3/4/6/8,1/2/4/8/12", "--num-samples", "4",
+    common = ["--solvers", "euler", "--steps", "2", "--scales", "1/4/8,1/2/3/4/6/8,1/2/4/8/12,1/2/4/8x12", "--num-samples", "4",
               "--reference", str(reference), "--batch-size", "4"]
     tiny_flowar_pipeline(positions="grid", scale_lists="random").save_pretrained(tmp_path / "flexible")
     assert main([str(tmp_path / "flexible"), "--out", str(tmp_path / "lists"), *common]) == 0
@@ -179,7 +179,7 @@ def test_scale_lists_are_an_axis_and_a_fixed_model_is_refused_before_sampling(tm
         rows = list(csv.DictReader(f))
     # Guided Euler, 2 steps per scale: one evaluation per step and scale.
     assert [(r["scales"], float(r["nfe_per_image"])) for r in rows] == [
-        ("1/4/8", 6), ("1/2/3/4/6/8", 12), ("1/2/4/8/12", 10)]
+        ("1/4/8", 6), ("1/2/3/4/6/8", 12), ("1/2/4/8/12", 10), ("1/2/4/8x12", 8)]
     tiny_flowar_pipeline().save_pretrained(tmp_path / "fixed")
     capsys.readouterr()
     assert main([str(tmp_path / "fixed"), "--out", str(tmp_path / "refused"), *common]) == 2

@@ -57,6 +57,12 @@ def check_scale_list(scales, *, name: str = "scales", grids: bool = False) -> tu
     return sizes
 
 
+def scale_text(size) -> str:
+    """A scale as text: its side, or HEIGHTxWIDTH for a grid that is not square (what ``parse_scale_list`` reads)."""
+    height, width = grid_shape(size)
+    return str(height) if height == width else f"{height}x{width}"
+
+
 def parse_scale_list(text: str) -> tuple:
     """A scale list written as text: comma-separated sides, a grid that is not square as HEIGHTxWIDTH, e.g.
     "1,2,4,8,12" or "1,2,4,8x12" -> (1, 2, 4, (8, 12)). Only the spelling is checked here; the sampling options
