@@ -147,7 +147,8 @@ MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow
           "xar": DEMO_XAR}
 # The distillation (docs/ablations.md#distilled-few-step): 150 steps of batch 32 at a constant lr 1e-3 onto the
 # teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
-# average, a midpoint or a finer target solve, or jumps on the "flowar" grid were each level or worse at seed 0.
+# average, a midpoint, finer or coarser target solve, the released grid's targets, jumps on the "flowar" grid, or
+# conditions from sampled maps instead of the data were each level or worse at seed 0.
 DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.0, "jumps_per_scale": 2, "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10", "teacher_guidance": DEMO_FLOWAR["sampling"]["guidance_scale"],
            "teacher_schedule": "uniform", "prefix": "data"}
