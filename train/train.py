@@ -41,7 +41,7 @@ from flowar.sampling import generate
 from .checkpoint import CheckpointManager
 from .config import TrainConfig, load_config
 from .data import ImageFolderDataset, MNISTDataset
-from .latents import CACHE_INDEX, LatentSource, TokenSource, build_latent_source
+from .latents import CACHE_INDEX, LatentSource, build_latent_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +112,37 @@ def update_ema(ema: dict, model: torch.nn.Module, decay: float) -> None:
     if any(p.dtype != a.dtype for p, a in zip(params, averages)):
         params = [p.to(a.dtype) for p, a in zip(params, averages)]
     torch._foreach_lerp_(averages, list(params), 1 - decay)
+
+
+def rows_of(draws: dict, rows: slice, device) -> dict:
+    """A micro-batch's part of a step's ``model.draw_randomness``, on ``device``: each tensor's ``rows``, each
+    scale's rows of a list, and a tuple (a flexible model's list of sides, shared by every row) whole."""
+    return {k: (v if isinstance(v, tuple) else
+                [t[rows].to(device) for t in v] if isinstance(v, list) else v[rows].to(device))
+            for k, v in draws.items()}
+
+
+def forward_backward(net, data, labels, draws: dict, inputs: dict, *, autocast, accumulation: int = 1):
+    """A micro-batch's share of a training step: the family's loss, ``net(data, labels, **draws, **inputs)``, and
+    its backward. ``net`` is the model or its DDP wrapper; ``data`` is what the latent source gives the family
+    (FlowAR and xAR: latents, FlexVAR: tokenizer features, VAR: token maps), ``draws`` the rows' part of
+    ``model.draw_randomness`` (:func:`rows_of`), ``inputs`` ``model.training_inputs``. The loss is divided by
+    ``accumulation`` so that the micro-batches of a step add up to the gradient of their mean. Returns the
+    model's output (its ``loss`` and ``loss_per_scale``)."""
+    with autocast:
+        out = net(data, labels, **draws, **inputs)
+        (out.loss / accumulation).backward()
+    return out
+
+
+def apply_gradients(model: torch.nn.Module, optimizer, ema: dict, *, grad_clip: float, decay: float) -> torch.Tensor:
+    """The end of a training step: the gradients' norm clipped at ``grad_clip`` (0: not clipped), the optimiser's
+    step, the gradients cleared, the EMA updated at ``decay``. Returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema(ema, model, decay)
+    return grad_norm
 
 
 def step_generator(seed: int, step: int, device) -> torch.Generator:
@@ -210,13 +241,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             rows = slice(lo, lo + local)
             data, labels = source.get(indices[rows], {k: v[rows] for k, v in data_randomness.items()})
             data = [t.to(device) for t in data] if isinstance(data, list) else data.to(device)  # VAR: K maps
-            mine = {k: (v if isinstance(v, tuple) else  # a tuple is the whole batch's (a list of scales)
-                        [t[rows].to(device) for t in v] if isinstance(v, list) else v[rows].to(device))
-                    for k, v in randomness.items()}
             sync = contextlib.nullcontext() if (accum == cfg.grad_accum - 1 or world == 1) else ddp.no_sync()
-            with sync, autocast:
-                out = ddp(data, None if model.config.unconditional else labels.to(device), **mine, **model_inputs)
-                (out.loss / cfg.grad_accum).backward()
+            with sync:
+                out = forward_backward(ddp, data, None if model.config.unconditional else labels.to(device),
+                                       rows_of(randomness, rows, device), model_inputs, autocast=autocast,
+                                       accumulation=cfg.grad_accum)
             loss_sum += out.loss.detach().float() / cfg.grad_accum
             scale_sum += out.loss_per_scale.float() / cfg.grad_accum
         if world > 1:
@@ -232,12 +261,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 f"({checkpoints.last_path if checkpoints.last_path.exists() else 'none yet'}) is left untouched. "
                 f"Try a lower lr, a longer warmup or bf16=false, then resume."
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        decay = ema_decay(cfg.ema, done, bias_correction=cfg.ema_bias_correction)
-        update_ema(ema, model, decay)
+        grad_norm = apply_gradients(model, optimizer, ema, grad_clip=cfg.grad_clip,
+                                    decay=ema_decay(cfg.ema, done, bias_correction=cfg.ema_bias_correction))
         images_since += cfg.global_batch
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
