@@ -1,5 +1,8 @@
-"""The training benchmark measures the real step and reports sane, self-consistent numbers; its run beside
-the authors' step (tools.bench_reference train) reuses it."""
+"""The training benchmark measures the real step of every family and reports sane, self-consistent numbers;
+its run beside the authors' step (tools.bench_reference train) reuses it."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,9 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import fake_flowar_checkout
 from flowar import FlowAR, get_preset
 from tools import bench_reference
-from train import bench
-from train.bench import main, measure
+from train import bench, demo
+from train import train as trainer
+from train.bench import (build_tokenizer, count_flops, demo_training, main, measure, measure_demo, our_step,
+                         preset_training, step_flops)
 from train.train import param_groups
+
+TINY_PRESETS = ["flowar-tiny", "var-tiny", "flexvar-tiny", "xar-tiny"]
 
 
 def forward_flops(batch: int) -> int:
@@ -32,15 +39,15 @@ def test_a_training_step_costs_about_three_forwards():
 
 
 def record_models(monkeypatch) -> list:
-    """Make train.bench build its FlowAR through a recorder: returns the list of (model, initial weights)."""
+    """Make train.bench build its models through a recorder: returns the list of (model, initial weights)."""
     built = []
 
-    def recording_flowar(config):
-        model = FlowAR(config)
+    def recording_build_model(cfg):
+        model = trainer.build_model(cfg)
         built.append((model, {name: p.detach().clone() for name, p in model.named_parameters()}))
         return model
 
-    monkeypatch.setattr(bench, "FlowAR", recording_flowar)
+    monkeypatch.setattr(bench, "build_model", recording_build_model)
     return built
 
 
@@ -95,9 +102,25 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "--preset"),
+    (["--demo", "flowar,nope"], "--demo"),
+    (["--demo", "flowar-fewstep"], "--demo"),  # a distillation after the flowar row's training, not a train step
+    (["--demo", "flowar", "--preset", "flowar-tiny"], "--preset"),
+    (["--preset", "var-tiny", "--checkpointing", "off,on"], "--checkpointing"),  # FlowAR's models only
+    (["--demo", "flowar,xar", "--checkpointing", "on"], "--checkpointing"),
+])
+def test_bad_models_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    captured = capsys.readouterr()
+    assert "error: " + message in captured.err and captured.out == ""  # refused before anything runs
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--preset", "flowar-tiny", "--reference", "."], "--reference"),
     (["--preset", "flowar-s"], "--reference"),  # required
     (["--reference", ".", "--batch", "0"], "--batch"),
+    (["--reference", ".", "--demo", "flowar"], "--demo"),
 ])
 def test_bad_reference_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -153,3 +176,83 @@ def test_the_optimizer_is_fused_adamw_over_flowars_groups():
         opt.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------- every family
+def tiny_step(preset: str, batch: int, **recipe):
+    """A preset row's model and step, built as train.bench's rows build them, with ``recipe`` TrainConfig fields."""
+    cfg, tokenizer = preset_training(preset)
+    cfg = dataclasses.replace(cfg, **recipe)
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg).train()
+    return model, our_step(model, batch, "fp32", torch.device("cpu"), cfg=cfg, tokenizer=build_tokenizer(tokenizer))
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_each_familys_step_trains_its_model(preset):
+    """The step is train.train's: on a fixed batch, at the demo's lr, every family's loss falls and its weights move."""
+    model, step = tiny_step(preset, 8, lr=3e-3, ema=0.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = [float(step()) for _ in range(24)]
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses  # (measured: 0.15 to 0.78 of it)
+    still = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+    assert not still
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_a_steps_flops_are_positive_and_proportional_to_the_batch(preset):
+    counts = []
+    for batch in (2, 4):
+        model, step = tiny_step(preset, batch)
+        scales = {"scales": model.config.scales} if getattr(model.config, "scale_lists", "fixed") == "random" else {}
+        counts.append(count_flops(step, *scales.values()))
+    assert counts[0] > 0
+    assert counts[1] == pytest.approx(2 * counts[0], rel=0.1)
+
+
+def test_a_random_list_models_flops_are_the_mean_over_its_lists():
+    model, step = tiny_step("flexvar-tiny", 4)
+    flops, lists = step_flops(step, model, 4)
+    assert lists > 1  # several lists, each counted once
+    fixed = count_flops(step, model.config.scales)
+    full = count_flops(step, (1, 2, 3, 4, 5, 6, 7, 8))  # every side: more tokens than any list it draws
+    assert fixed < flops < full
+    model, step = tiny_step("xar-tiny", 4)
+    assert step_flops(step, model, 4) == (count_flops(step), 1)  # fixed cells: one count of the step
+
+
+# ---------------------------------------------------------------------------------------------- the demo's models
+@pytest.mark.parametrize("name", bench.DEMOS)
+def test_demo_rows_build_train_demos_own_models_and_step_counts(name):
+    cfg, tokenizer, steps = demo_training(name)
+    assert steps == {"flowar-flexible": demo.FLEXIBLE_STEPS, "xar": demo.XAR_STEPS}.get(name, demo.DEMO_STEPS)
+    assert f"global_batch={cfg.global_batch}" in demo.TRAINING
+    config = trainer.build_model(cfg).config
+    for key, value in demo.MODELS[name].items():  # the demo's dict, field for field
+        if key != "sampling":
+            assert json.loads(json.dumps(getattr(config, key))) == value, key  # tuples as the dict's lists
+    assert (tokenizer is not None) == (name == "var")  # VAR's transformer takes the tokenizer's codebook
+    if tokenizer is not None:
+        assert (tuple(config.scales), config.vocab_size) == (tuple(tokenizer.scales), tokenizer.codebook_size)
+
+
+def test_demo_rows_give_the_demos_steps_and_training_compute(capsys):
+    assert main(["--demo", "xar,var", "--batch", "2", "--warmup", "0", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    assert set(rows) == {"xar", "var"} and header[-2:] == ["demo steps", "demo TFLOP"]
+    assert int(rows["xar"]["demo steps"]) == demo.XAR_STEPS and int(rows["var"]["demo steps"]) == demo.DEMO_STEPS
+    for name, row in rows.items():  # steps x the demo's batch of 64 x FLOPs per image, whatever --batch
+        expected = int(row["demo steps"]) * 64 * float(row["GFLOP/image"]) / 1e3
+        assert float(row["demo TFLOP"]) == pytest.approx(expected, rel=0.01), name
+        assert float(row["GFLOP/step"]) == pytest.approx(2 * float(row["GFLOP/image"]), rel=0.01)
+    assert "speed-up vs xar fp32: var fp32" in out
+
+
+def test_a_demo_rows_flops_do_not_depend_on_its_batch():
+    one, two = (measure_demo("xar", batch, "fp32", "cpu", 0, 1) for batch in (1, 2))
+    assert one.row["demo TFLOP"] == pytest.approx(two.row["demo TFLOP"], rel=1e-6)
+    assert one.row["params (M)"] == two.row["params (M)"] > 0 and one.lists == 1

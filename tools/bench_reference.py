@@ -424,6 +424,8 @@ def train_main(argv) -> int:
     add_reference_arguments(p)
     args = p.parse_args(argv)
     s = train_bench.settings_from_args(p, args)
+    if s.demos:
+        p.error("--demo: the authors' step is timed beside a --preset's, not beside the demo's models")
     if s.preset not in parity_flowar.REFERENCE_MODELS:
         p.error(f"--reference takes a --preset of {sorted(parity_flowar.REFERENCE_MODELS)}, got {s.preset!r}")
     peaks = train_bench.print_header(s)
