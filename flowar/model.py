@@ -17,6 +17,7 @@ from heads.networks import ROPE_GRID, build_head
 from heads.meanflow import MEANFLOW_ADAPTIVE_EPS, adaptive_weighted, draw_flow_map_times
 from heads.path import draw_times, interpolate, segment_loss
 from vae.files import load_state_strict, read_torch_state_dict
+from vae.protocol import mean_latents
 from vae.pyramid import area_pyramid, check_scale_list, grid_shape, next_scale_input, token_count
 
 from .attention import ScaleBlock, block_causal_mask, scale_segments
@@ -456,11 +457,7 @@ class FlowAR(ScaleWiseModel):
     def known_regions(self, autoencoder, images: torch.Tensor, keep: list[torch.Tensor]) -> list[Known]:
         """Each scale's known tokens: the image's latent (the posterior mean where the VAE has one) area-pooled
         to every scale, as the training targets are."""
-        if hasattr(autoencoder, "encode_distribution"):
-            latents = autoencoder.encode_distribution(images)[0]
-        else:
-            latents = autoencoder.encode(images)
-        latents = latents.float()
+        latents = mean_latents(autoencoder, images)
         self._check_latents(latents)
         if self.config.flow != "full":
             raise ValueError(f"editing needs a model with flow='full' (this one's flow is {self.config.flow!r}): "

@@ -37,6 +37,7 @@ from heads.networks import TimestepEmbedder
 from heads.path import draw_times, interpolate, velocity_target
 from heads.solvers import integrate
 from vae.files import load_state_strict, read_torch_state_dict
+from vae.protocol import mean_latents
 from vae.pyramid import scale_masks
 
 from .attention import ScaleBlock
@@ -397,11 +398,7 @@ class XAR(ScaleWiseModel):
         """Each cell's known tokens: its piece of the image's latent (the posterior mean where the VAE has one),
         where ``keep`` (one (B, c, c) map per cell, :meth:`edit_masks`) is True."""
         c = self.config
-        if hasattr(autoencoder, "encode_distribution"):
-            latents = autoencoder.encode_distribution(images)[0]
-        else:
-            latents = autoencoder.encode(images)
-        latents = latents.float()
+        latents = mean_latents(autoencoder, images)
         self._check_latents(latents)
         batch, per_cell = latents.shape[0], c.cell_tokens
         shape = (batch, c.cell_side, c.cell_side)

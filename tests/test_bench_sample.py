@@ -18,18 +18,27 @@ FLOWAR_OPTIONS = {"guidance_scale": None, "steps": None, "solver": None, "schedu
                   "var_cfg": None, "top_k": None, "top_p": None}
 
 
-def test_var_row_counts_the_flops_of_one_sampling_call():
-    row = measure("var-tiny", 3, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
+TOKEN_FAMILIES = {"var-tiny": (VAR, get_var_preset, MultiScaleVQVAE), "flexvar-tiny": (FlexVAR, get_flexvar_preset, FlexVQVAE)}
+
+
+@pytest.mark.parametrize("preset, batch", [("var-tiny", 3), ("flexvar-tiny", 2)])
+def test_token_families_rows_count_the_flops_of_one_sampling_call(preset, batch):
+    """VAR's and FlexVAR's rows: the FLOPs of the timed call, one pass per scale and no head evaluations; with
+    --decode the tokenizer's decoder adds to the cost and the parameters."""
+    row = measure(preset, batch, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
+    family, get_config, tokenizer_class = TOKEN_FAMILIES[preset]
     torch.manual_seed(0)
-    model = VAR(get_var_preset("var-tiny")).eval()
-    tokenizer = MultiScaleVQVAE(matching_tokenizer("var-tiny")).eval()
+    model = family(get_config(preset)).eval()
+    tokenizer = tokenizer_class(matching_tokenizer(preset)).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.sample(torch.tensor([0, 1, 2]), tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
-    assert row["GFLOP/image"] * 1e9 * 3 == pytest.approx(counter.get_total_flops(), rel=1e-6)
-    assert row["passes"] == len(model.config.scales) and row["head NFE"] == "-"
+        model.sample(torch.arange(batch), tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
+    assert row["GFLOP/image"] * 1e9 * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert row["passes"] == len(model.config.scales) and (row["head NFE"], row["solver"]) == ("-", "-")
     assert row["images/s"] > 0 and row["params (M)"] == pytest.approx(
         sum(p.numel() for p in model.parameters()) / 1e6)
+    decoded = measure(preset, batch, "fp32", "cpu", FLOWAR_OPTIONS, True, 0, 1)
+    assert decoded["GFLOP/image"] > row["GFLOP/image"] and decoded["params (M)"] > row["params (M)"]
 
 
 def test_decoding_adds_the_decoder_to_the_cost():
@@ -68,20 +77,6 @@ def test_xar_row_counts_its_evaluations_and_the_flops_of_one_call(solver, per_st
     assert row["GFLOP/image"] * 1e9 * 2 == pytest.approx(counter.get_total_flops(), rel=1e-6)
     assert row["head rows/image"] == out.head_rows / 2
     assert row["params (M)"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
-
-
-def test_flexvar_row_counts_the_flops_of_one_sampling_call():
-    row = measure("flexvar-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, False, 0, 1)
-    torch.manual_seed(0)
-    model = FlexVAR(get_flexvar_preset("flexvar-tiny")).eval()
-    tokenizer = FlexVQVAE(matching_tokenizer("flexvar-tiny")).eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.sample(torch.tensor([0, 1]), tokenizer=tokenizer, generator=torch.Generator().manual_seed(0))
-    assert row["GFLOP/image"] * 1e9 * 2 == pytest.approx(counter.get_total_flops(), rel=1e-6)
-    assert row["passes"] == len(model.config.scales) and (row["head NFE"], row["solver"]) == ("-", "-")
-    decoded = measure("flexvar-tiny", 2, "fp32", "cpu", FLOWAR_OPTIONS, True, 0, 1)
-    assert decoded["GFLOP/image"] > row["GFLOP/image"] and decoded["params (M)"] > row["params (M)"]
 
 
 def test_released_xar_and_flexvar_presets_pair_with_their_decoders():

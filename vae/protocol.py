@@ -39,3 +39,12 @@ class LatentAutoencoder(Protocol):
     def shift_factor(self) -> float:
         """Subtracted from the raw latent before scaling; 0 for most autoencoders."""
         ...
+
+
+def mean_latents(autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """The scaled latents of ``images`` without sampling: the posterior mean where the autoencoder has a posterior
+    (``encode_distribution``), else its ``encode``; float32. What editing holds fixed: a known region must not
+    change with the posterior's noise."""
+    if hasattr(autoencoder, "encode_distribution"):
+        return autoencoder.encode_distribution(images)[0].float()
+    return autoencoder.encode(images).float()
