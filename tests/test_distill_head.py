@@ -311,3 +311,18 @@ def test_the_cosine_rate_falls_from_lr_to_zero_and_a_resume_must_keep_its_length
     assert run(teacher_dir, cache, tmp_path / "run", "--steps", "2", *common) == 0
     assert run(teacher_dir, cache, tmp_path / "run", "--steps", "4", "--resume", *common) == 2
     assert "made with other steps" in capsys.readouterr().err
+
+
+def test_training_pairs_are_the_jumps_then_the_random_pairs_asked_for():
+    from train.distill_head import training_pairs
+
+    jump_index = torch.tensor([0, 5, 10])
+    for count in (0, 1, 3):
+        generator = gen(4)
+        start, end = training_pairs(jump_index, 11, 6, generator, random_pairs=count)
+        assert start.shape == end.shape == (2 + count, 6)
+        assert start[:2].tolist() == [[0] * 6, [5] * 6] and end[:2].tolist() == [[5] * 6, [10] * 6]
+        assert bool((start[2:] < end[2:]).all()) and int(start.min()) >= 0 and int(end.max()) <= 10
+        drawn = torch.randint(0, 2 ** 30, (1,), generator=generator)
+        untouched = torch.randint(0, 2 ** 30, (1,), generator=gen(4))
+        assert (drawn == untouched).item() == (count == 0)  # the jumps alone draw nothing

@@ -190,18 +190,20 @@ def teacher_trajectory(teacher: FlowAR, sampling: FlowARSampling, k: int, noise:
     return torch.stack(states)
 
 
-def training_pairs(jump_index: torch.Tensor, points: int, batch: int, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid indices (start, end), start < end (t_start > t_end), each (K + 1, batch) for the K jumps between the
-    grid points ``jump_index`` (K + 1,): row j < K is the j-th jump for every image, the last row one random pair
-    of the teacher grid's ``points`` points per image."""
+def training_pairs(jump_index: torch.Tensor, points: int, batch: int, generator: torch.Generator, *,
+                   random_pairs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices (start, end), start < end (t_start > t_end), each (K + random_pairs, batch) for the K jumps
+    between the grid points ``jump_index`` (K + 1,): row j < K is the j-th jump for every image, each of the last
+    ``random_pairs`` rows one random pair of the teacher grid's ``points`` points per image."""
     jumps = len(jump_index) - 1
-    first = torch.randint(0, points, (batch,), generator=generator)
-    second = torch.randint(0, points - 1, (batch,), generator=generator)
-    second = second + (second >= first).long()  # a uniform pair of distinct points
-    start = torch.cat([jump_index[:-1, None].expand(jumps, batch), torch.minimum(first, second)[None]])
-    end = torch.cat([jump_index[1:, None].expand(jumps, batch), torch.maximum(first, second)[None]])
-    return start, end
+    start, end = [jump_index[:-1, None].expand(jumps, batch)], [jump_index[1:, None].expand(jumps, batch)]
+    for _ in range(random_pairs):
+        first = torch.randint(0, points, (batch,), generator=generator)
+        second = torch.randint(0, points - 1, (batch,), generator=generator)
+        second = second + (second >= first).long()  # a uniform pair of distinct points
+        start.append(torch.minimum(first, second)[None])
+        end.append(torch.maximum(first, second)[None])
+    return torch.cat(start), torch.cat(end)
 
 
 def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor, jumps: int,
@@ -239,14 +241,15 @@ def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
                       jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
-                      schedule: str = "uniform", prefix: str = "data", global_batch: int | None = None,
-                      rows: slice = slice(None)) -> torch.Tensor:
+                      schedule: str = "uniform", prefix: str = "data", random_pairs: int = 1,
+                      global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
 
     ``latents`` and ``labels`` are this process's ``rows`` of a global batch of ``global_batch`` images (default:
     all of it). The targets are the solve of ``sampling`` (default: the teacher's saved one) on ``schedule``'s grid
-    under ``prefix``'s conditions (``scale_solves``). The generator draws, in order, each scale's noise and then its random pairs,
-    for the whole global batch, and this process keeps its rows."""
+    under ``prefix``'s conditions (``scale_solves``), at the sampling's jumps and ``random_pairs`` other pairs of
+    grid points per image (``training_pairs``). The generator draws, in order, each scale's noise and then its
+    random pairs, for the whole global batch, and this process keeps its rows."""
     sampling = sampling or teacher.config.sampling
     global_batch = global_batch or latents.shape[0]
     batch = latents.shape[0]
@@ -254,7 +257,7 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
     for k, cond, grid, jump_index, states in scale_solves(teacher, student, latents, labels, jumps, generator,
                                                           sampling=sampling, schedule=schedule, prefix=prefix,
                                                           global_batch=global_batch, rows=rows):
-        pairs = training_pairs(jump_index, len(grid), global_batch, generator)
+        pairs = training_pairs(jump_index, len(grid), global_batch, generator, random_pairs=random_pairs)
         start, end = (index[:, rows].reshape(-1) for index in pairs)
         rows_of = torch.arange(start.shape[0]) % batch
         t, r = grid[start].to(latents.device), grid[end].to(latents.device)
@@ -268,7 +271,7 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
 # ---------------------------------------------------------------------------------------------- loop
 def check_arguments(args) -> None:
     for name, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0),
-                               ("--jumps-per-scale", args.jumps_per_scale, 1),
+                               ("--jumps-per-scale", args.jumps_per_scale, 1), ("--random-pairs", args.random_pairs, 0),
                                ("--checkpoint-every", args.checkpoint_every, 1), ("--sample-every", args.sample_every, 0)):
         if value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value}")
@@ -329,6 +332,7 @@ def distill(args) -> Path:
                 **({"steps": args.steps} if args.lr_schedule == "cosine" else {}),
                 "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
                 "teacher_solver": sampling.solver, "teacher_schedule": args.teacher_schedule,
+                "random_pairs": args.random_pairs,
                 "teacher_guidance": sampling.guidance_scale,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
@@ -336,8 +340,10 @@ def distill(args) -> Path:
         state = checkpoints.load_last(map_location=device)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
-        # A checkpoint without these keys was made with the data prefix, the uniform grid and a constant rate.
-        saved = {"prefix": "data", "teacher_schedule": "uniform", "lr_schedule": "constant", **state["settings"]}
+        # A checkpoint without these keys was made with the data prefix, the uniform grid, a constant rate and
+        # one random pair.
+        saved = {"prefix": "data", "teacher_schedule": "uniform", "lr_schedule": "constant", "random_pairs": 1,
+                 **state["settings"]}
         differ = sorted(k for k in settings if saved.get(k) != settings[k])
         if differ:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
@@ -368,7 +374,7 @@ def distill(args) -> Path:
         latents, labels = latents.to(device), labels.to(device)
         per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
                                       sampling=sampling, schedule=args.teacher_schedule, prefix=args.prefix,
-                                      global_batch=args.batch, rows=rows)
+                                      random_pairs=args.random_pairs, global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -457,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", choices=PREFIXES, default="data",
                    help="what conditions each scale: the cached latents (teacher forcing), or the maps drawn at the "
                         "scales before it by the teacher's target solves or by the student's own jumps")
+    p.add_argument("--random-pairs", type=int, default=1,
+                   help="pairs of the teacher grid's points per image trained beside the sampling's jumps (0: the "
+                        "jumps alone)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
