@@ -248,11 +248,8 @@ class FlexVAR(TokenScaleModel):
     # ------------------------------------------------------------------ training data
     def check_training_source(self, source) -> None:
         self.check_tokenizer(source.autoencoder)
-        c = self.config
-        if tuple(source.latent_shape) != (c.code_dim, c.latent_side, c.latent_side):
-            raise ValueError(f"the data's features are {tuple(source.latent_shape)} but the model expects "
-                             f"({c.code_dim}, {c.latent_side}, {c.latent_side}); set model.code_dim / model.scales "
-                             "to match the tokenizer")
+        self.check_source_shape(source, self.config.code_dim, data="features",
+                                fields="model.code_dim / model.scales (the tokenizer's)")
 
     def training_inputs(self, autoencoder) -> dict:
         return {"tokenizer": autoencoder}  # each step's targets and inputs come from the frozen tokenizer

@@ -467,11 +467,7 @@ class FlowAR(ScaleWiseModel):
 
     # ------------------------------------------------------------------ training data
     def check_training_source(self, source) -> None:
-        c = self.config
-        if tuple(source.latent_shape) != (c.token_dim, c.scales[-1], c.scales[-1]):
-            raise ValueError(f"the data's latents are {tuple(source.latent_shape)} but the model expects "
-                             f"({c.token_dim}, {c.scales[-1]}, {c.scales[-1]}); set model.token_dim / model.scales "
-                             "to match")
+        self.check_source_shape(source, self.config.token_dim, data="latents", fields="model.token_dim / model.scales")
 
     def training_inputs(self, autoencoder) -> dict:
         return {}  # the latents are the whole input

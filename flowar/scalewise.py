@@ -145,6 +145,14 @@ class ScaleWiseModel(PretrainedMixin, nn.Module):
         """Raise ValueError unless the trainer's data source (``train.latents``) can feed this model."""
         raise NotImplementedError
 
+    def check_source_shape(self, source, channels: int, *, data: str, fields: str) -> None:
+        """For a family trained on maps of ``channels`` x latent_side x latent_side: raise ValueError, naming the
+        ``data`` ("latents", "features") and the config ``fields`` to set, unless the source's items have that shape."""
+        side = self.latent_side
+        if tuple(source.latent_shape) != (channels, side, side):
+            raise ValueError(f"the data's {data} are {tuple(source.latent_shape)} but the model expects "
+                             f"({channels}, {side}, {side}); set {fields} to match")
+
     def training_inputs(self, autoencoder) -> dict:
         """Keyword arguments of ``forward`` besides the data and labels (VAR: its tokenizer)."""
         raise NotImplementedError

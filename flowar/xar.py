@@ -412,11 +412,8 @@ class XAR(ScaleWiseModel):
 
     # ------------------------------------------------------------------ training data
     def check_training_source(self, source) -> None:
-        c = self.config
-        if tuple(source.latent_shape) != (c.token_dim, c.latent_side, c.latent_side):
-            raise ValueError(f"the data's latents are {tuple(source.latent_shape)} but the model expects "
-                             f"({c.token_dim}, {c.latent_side}, {c.latent_side}); set model.token_dim / "
-                             "model.latent_side to match")
+        self.check_source_shape(source, self.config.token_dim, data="latents",
+                                fields="model.token_dim / model.latent_side")
 
     def training_inputs(self, autoencoder) -> dict:
         return {}  # the latents are the whole input

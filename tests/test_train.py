@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_autoencoder_kl
+from conftest import tiny_autoencoder_kl, tiny_flowar
 
 from train.cache_latents import write_cache
 from train.checkpoint import CheckpointManager
@@ -372,3 +372,18 @@ def test_var_refuses_a_vae_latent_cache(tmp_path):
     result = run_train([f"latent_cache={cache}", *COMMON, "preset=var-tiny", "total_steps=1",
                         f"out_dir={tmp_path / 'run'}"], check=False)
     assert result.returncode == 2 and "trains on tokens" in result.stderr and "gives latents" in result.stderr
+
+
+@pytest.mark.parametrize("family", ["flowar", "xar"])
+def test_a_data_source_of_another_shape_is_refused_naming_the_fields_to_set(family):
+    """The trainer's check of its data against a latent family: the source's item shape, the model's, and the
+    config fields that set it."""
+    from types import SimpleNamespace
+
+    from flowar import XAR, get_xar_preset
+
+    model = tiny_flowar() if family == "flowar" else XAR(get_xar_preset("xar-tiny"))
+    fields = "model.token_dim / model.scales" if family == "flowar" else "model.token_dim / model.latent_side"
+    model.check_training_source(SimpleNamespace(latent_shape=(4, 8, 8)))  # the model's own: accepted
+    with pytest.raises(ValueError, match=rf"latents are \(8, 8, 8\) but the model expects \(4, 8, 8\); set {fields}"):
+        model.check_training_source(SimpleNamespace(latent_shape=(8, 8, 8)))
