@@ -145,7 +145,8 @@ def teacher_grid(sampling: FlowARSampling, k: int, jumps: int, schedule: str = "
         return torch.linspace(1, 0, steps + 1, dtype=torch.float64), torch.arange(jumps + 1) * (steps // jumps)
     jump_times = torch.linspace(1, 0, jumps + 1, dtype=torch.float64)
     grid = torch.cat([step_schedule(steps, schedule), jump_times]).unique().flip(0)
-    return grid, torch.searchsorted(grid.flip(0), jump_times).sub(len(grid) - 1).neg()
+    # Both run from 1 down to 0, so the grid points equal to a jump time come in the jump grid's order.
+    return grid, (grid[:, None] == jump_times[None]).nonzero()[:, 0]
 
 
 @torch.no_grad()
