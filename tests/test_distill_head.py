@@ -326,3 +326,24 @@ def test_training_pairs_are_the_jumps_then_the_random_pairs_asked_for():
         drawn = torch.randint(0, 2 ** 30, (1,), generator=generator)
         untouched = torch.randint(0, 2 ** 30, (1,), generator=gen(4))
         assert (drawn == untouched).item() == (count == 0)  # the jumps alone draw nothing
+
+
+def test_bf16_precision_changes_a_steps_loss_by_little_and_a_resume_must_keep_the_precision(
+        teacher_and_cache, tmp_path, capsys, one_thread):
+    """The first step's loss (the same weights and draws) under bf16 autocast differs from float32's, so the
+    autocast takes effect, by under 3%; a resume in float32 of a bf16 run is refused."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    teacher_dir, cache = teacher_and_cache
+    common = ("--steps", "1", "--checkpoint-every", "1", "--sample-every", "0")
+    first = {}
+    for precision in ("fp32", "bf16"):
+        assert run(teacher_dir, cache, tmp_path / precision, *common, "--precision", precision) == 0
+        events = EventAccumulator(str(tmp_path / precision / "tensorboard"))
+        events.Reload()
+        first[precision] = events.Scalars("distill/loss")[0].value
+    assert first["fp32"] != first["bf16"]
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.03)
+    assert run(teacher_dir, cache, tmp_path / "bf16", "--steps", "2", "--resume", "--checkpoint-every", "1",
+               "--sample-every", "0") == 2
+    assert "made with other precision" in capsys.readouterr().err

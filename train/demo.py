@@ -151,7 +151,7 @@ MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow
 # conditions from sampled maps instead of the data were each level or worse at seed 0.
 DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.0, "jumps_per_scale": 2, "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10", "teacher_guidance": DEMO_FLOWAR["sampling"]["guidance_scale"],
-           "teacher_schedule": "uniform", "prefix": "data", "random_pairs": 1}
+           "teacher_schedule": "uniform", "prefix": "data", "random_pairs": 1, "precision": "fp32"}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
 # guidance ramp at the scale with the lowest Frechet distance in a screen of 1.5 to 4 (docs/ablations.md#guidance).
 

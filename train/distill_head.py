@@ -1,7 +1,8 @@
 """Distil a trained FlowAR's head into a flow-map head that jumps each scale in K evaluations.
 
     python -m train.distill_head TEACHER --latent-cache DIR --out OUT [--steps N] [--batch B] [--lr LR]
-        [--seed S] [--jumps-per-scale K] [--checkpoint-every N] [--sample-every N] [--resume]
+        [--seed S] [--jumps-per-scale K] [--precision {fp32,bf16}] [--checkpoint-every N] [--sample-every N]
+        [--resume]
     torchrun --nproc_per_node=2 -m train.distill_head TEACHER ...     # DDP (gloo on CPU, nccl on GPU)
 
 TEACHER is a FlowAR pipeline folder (its ``vae/`` beside the model) or a bare model folder. The student is the
@@ -26,6 +27,10 @@ The teacher's grid (``--teacher-schedule``) is uniform, with its saved step coun
 (25 for an adaptive solver), or the released "flowar" grid of that count with the jump times inserted; either way
 every jump ends on a grid point and no target is interpolated (interpolating between states would add an error of
 its own to every target). The target solver (Euler, midpoint, rk4, dopri5) steps from grid point to grid point.
+
+Precision: ``--precision bf16`` runs the teacher's solve and the student's forward and backward under bf16
+autocast, as ``train.train --set bf16=true`` trains (the states and the loss stay float32 or wider). On CPUs with AMX
+or AVX-512 bf16 it makes a step about twice as fast, for targets within about 2% of the float32 solve.
 
 Reproducibility: every random draw of a step (the batch, posterior noise and flips, ODE noise, the random pairs)
 is drawn for the whole batch from one generator seeded by (seed, step), and each process takes its rows of it, so
@@ -54,6 +59,7 @@ from tqdm.auto import tqdm
 from flowar import FlowAR, FlowARPipeline, FlowARSampling
 from flowar.attention import scale_segments
 from flowar.model import from_tokens
+from flowar.outputs import autocast_context
 from heads.flow import HeadVelocity
 from heads.solvers import ADAPTIVE_SOLVERS, JUMP_SOLVERS, SCHEDULES, SOLVERS, SolveOptions, integrate, step_schedule
 from vae.files import read_class_names, read_model_type, write_class_names
@@ -70,6 +76,7 @@ ODE_SOLVERS = tuple(s for s in SOLVERS if s not in JUMP_SOLVERS)  # what can sol
 # student's sampling sees them) drew at the scales before it.
 PREFIXES = ("data", "teacher", "student")
 LR_SCHEDULES = ("constant", "cosine")  # cosine: half a cosine from --lr down to 0 at --steps
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision: the autocast dtype of a step
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -333,7 +340,7 @@ def distill(args) -> Path:
                 **({"steps": args.steps} if args.lr_schedule == "cosine" else {}),
                 "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
                 "teacher_solver": sampling.solver, "teacher_schedule": args.teacher_schedule,
-                "random_pairs": args.random_pairs,
+                "random_pairs": args.random_pairs, "precision": args.precision,
                 "teacher_guidance": sampling.guidance_scale,
                 "teacher_steps": list(sampling.steps) if isinstance(sampling.steps, tuple) else sampling.steps}
     start_step = 0
@@ -341,10 +348,10 @@ def distill(args) -> Path:
         state = checkpoints.load_last(map_location=device)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in --out {out}")
-        # A checkpoint without these keys was made with the data prefix, the uniform grid, a constant rate and
-        # one random pair.
+        # A checkpoint without these keys was made with the data prefix, the uniform grid, a constant rate, one
+        # random pair and float32.
         saved = {"prefix": "data", "teacher_schedule": "uniform", "lr_schedule": "constant", "random_pairs": 1,
-                 **state["settings"]}
+                 "precision": "fp32", **state["settings"]}
         differ = sorted(k for k in settings if saved.get(k) != settings[k])
         if differ:
             raise ValueError(f"--resume: the checkpoint was made with other {', '.join(differ)}")
@@ -373,9 +380,10 @@ def distill(args) -> Path:
         randomness = source.draw_randomness(args.batch, generator)
         latents, labels = source.get(indices[rows], {key: value[rows] for key, value in randomness.items()})
         latents, labels = latents.to(device), labels.to(device)
-        per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
-                                      sampling=sampling, schedule=args.teacher_schedule, prefix=args.prefix,
-                                      random_pairs=args.random_pairs, global_batch=args.batch, rows=rows)
+        with autocast_context(device, PRECISIONS[args.precision]):
+            per_scale = distillation_loss(teacher, student, latents, labels, args.jumps_per_scale, generator,
+                                          sampling=sampling, schedule=args.teacher_schedule, prefix=args.prefix,
+                                          random_pairs=args.random_pairs, global_batch=args.batch, rows=rows)
         loss = per_scale.mean()  # every scale's jumps count alike: each one is a step of the sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -467,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-pairs", type=int, default=1,
                    help="pairs of the teacher grid's points per image trained beside the sampling's jumps (0: the "
                         "jumps alone)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="bf16: the teacher's solve and the student's step under bf16 autocast (fast on CPUs with AMX or "
+                        "AVX-512 bf16 and on GPUs); fp32: float32 throughout")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500, help="steps between TensorBoard sample grids (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
