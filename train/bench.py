@@ -57,7 +57,7 @@ from vae.flexvq import FlexVQVAE
 from vae.msvq import MultiScaleVQConfig, MultiScaleVQVAE
 
 from .config import TrainConfig, load_config
-from .demo import DEMO_STEPS, FLEXIBLE_STEPS, MODELS, TRAINING, XAR_STEPS
+from .demo import MODELS, TRAINING, generator_family, generator_steps
 from .tokenizer_config import TokenizerConfig
 from .train import apply_gradients, build_model, build_optimizer, check_data_matches, forward_backward, rows_of
 
@@ -96,10 +96,8 @@ def demo_training(name: str, checkpointing: bool = False):
                  "code_dim": tokenizer.code_dim}
     if checkpointing:
         model["grad_checkpointing"] = True
-    preset = {"var": "var-tiny", "xar": "xar-tiny"}.get(name, "flowar-tiny")
-    cfg = load_config(None, [f"preset={preset}", *TRAINING, *(f"model.{k}={json.dumps(v)}" for k, v in model.items())])
-    steps = {"flowar-flexible": FLEXIBLE_STEPS, "xar": XAR_STEPS}.get(name, DEMO_STEPS)
-    return cfg, tokenizer, steps
+    cfg = load_config(None, [f"preset={generator_family(name)[1]}-tiny", *TRAINING, *(f"model.{k}={json.dumps(v)}" for k, v in model.items())])
+    return cfg, tokenizer, generator_steps(name)
 
 
 def build_tokenizer(config):

@@ -145,6 +145,17 @@ DEMO_XAR = {"num_classes": 10, "token_dim": 4, "latent_side": 8, "cell_side": 4,
 MODELS = {"flowar": DEMO_FLOWAR, "flowar-fewstep": DEMO_FLOWAR, "flowar-meanflow": DEMO_MEANFLOW,
           "flowar-multistage": DEMO_MULTISTAGE, "flowar-flexible": DEMO_FLEXIBLE, "var": DEMO_VAR,
           "xar": DEMO_XAR}
+
+
+def generator_steps(model: str) -> int:
+    """The training steps of ``--model``'s generator when ``--steps`` is not given."""
+    return {"flowar-flexible": FLEXIBLE_STEPS, "xar": XAR_STEPS}.get(model, DEMO_STEPS)
+
+
+def generator_family(model: str) -> tuple[str, str]:
+    """(the name printed, the family whose "-tiny" preset ``--model``'s generator is built from)."""
+    return {"var": ("VAR", "var"), "xar": ("xAR", "xar")}.get(model, ("FlowAR", "flowar"))
+
 # The distillation (docs/ablations.md#distilled-few-step): 150 steps of batch 32 at a constant lr 1e-3 onto the
 # teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
 # average, a midpoint, finer or coarser target solve, the released grid's targets, jumps on the "flowar" grid, or
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
     if args.seed is None:
         args.seed = 0
     if args.steps is None:
-        args.steps = {"flowar-flexible": FLEXIBLE_STEPS, "xar": XAR_STEPS}.get(args.model, DEMO_STEPS)
+        args.steps = generator_steps(args.model)
     if args.fid and not args.per_class:
         p.error("--fid needs samples to score: --per-class must be >= 1")
     if args.autoencoder is not None and args.vae_steps is not None:
@@ -356,7 +367,7 @@ def train_generator(args, out: Path, results: dict, stages: Stages) -> tuple[Pat
     cache_dir = cache_latents(MNISTDataset(image_size=32, split="train"), encoder, out / ("tokens" if var else "latents"),
                               vae_path=str(encoder_dir), data_source="mnist")
 
-    name, family = {"var": ("VAR", "var"), "xar": ("xAR", "xar")}.get(args.model, ("FlowAR", "flowar"))
+    name, family = generator_family(args.model)
     stages.next(f"training {name} ({args.steps} steps, {precision})")
     model = dict(MODELS[args.model])
     if var:  # the transformer's vocabulary and inputs are the tokenizer's
