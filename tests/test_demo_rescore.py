@@ -25,12 +25,12 @@ def run(tmp_path_factory):
     return folder
 
 
-def expected_scores(run, per_class, **sampling):
-    """The score by its definition: the run's seed + 1, the run's classifier."""
+def expected_scores(run, per_class, seed=4 + 1, **sampling):
+    """The score by its definition: the run's seed + 1 (or ``seed``), the run's classifier."""
     from flowar import load_pipeline
 
     pipe = load_pipeline(run / "flowar-release")
-    images, labels = sample_digits(pipe, per_class=per_class, seed=4 + 1, **sampling)
+    images, labels = sample_digits(pipe, per_class=per_class, seed=seed, **sampling)
     return DigitScorer.load_or_train(run / "digit-classifier", progress=False).score(images, labels)
 
 
@@ -57,8 +57,28 @@ def test_rescoring_is_step_5_with_the_runs_seed_and_classifier(run, tmp_path):
     assert (run / "results.json").read_text() == before
 
 
+def test_sample_seeds_score_each_seed_and_write_their_mean_and_sd(run, tmp_path):
+    assert demo.main(["--rescore", str(run), "--out", str(tmp_path / "seeds"), "--per-class", "2",
+                      "--sample-seeds", "5,9"]) == 0
+    got = json.loads((tmp_path / "seeds" / "results.json").read_text())
+    reports = [expected_scores(run, 2, seed=seed) for seed in (5, 9)]
+    assert [row["sample_seed"] for row in got["by_sample_seed"]] == [5, 9]
+    for row, report in zip(got["by_sample_seed"], reports):
+        assert row["frechet_distance"] == pytest.approx(report.frechet_distance, rel=1e-9)
+        assert row["per_digit"] == report.per_digit
+    distances = [report.frechet_distance for report in reports]
+    assert distances[0] != distances[1]  # the second seed drew other samples
+    assert got["frechet_distance"] == pytest.approx(sum(distances) / 2, rel=1e-9)
+    assert got["frechet_distance_sd"] == pytest.approx(abs(distances[0] - distances[1]) / 2 ** 0.5, rel=1e-9)
+    assert got["num_samples"] == 20
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sample", "steps=20"], "--sample needs --rescore RUN"),
+    (["--sample-seeds", "1,2"], "--sample-seeds needs --rescore RUN"),
+    (["--rescore", "{run}", "--sample-seeds", "1,x"], "--sample-seeds takes comma-separated integers"),
+    (["--rescore", "{run}", "--sample-seeds", "1,1"], "--sample-seeds takes distinct integers >= 0"),
+    (["--rescore", "{run}", "--sample-seeds=-1"], "--sample-seeds takes distinct integers >= 0"),
     (["--rescore", "{run}", "--sample", "steps"], "--sample takes KEY=VALUE, got 'steps'"),
     (["--rescore", "{run}", "--sample", "no_such_option=1"], "--sample:"),
     (["--rescore", "{run}", "--sample", "steps=0"], "--sample:"),
