@@ -91,6 +91,10 @@ def test_the_fewstep_demo_distils_a_flowar_runs_head_and_scores_the_student(firs
     (["--model", "flowar-fewstep", "--teacher", "RUN", "--seed", "5"], "--seed 5: the teacher run"),
     (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "jumps=2"], "--distill takes KEY=VALUE with KEY among"),
     (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "steps=many"], "--distill steps takes an integer"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "jumps_per_scale=1/2"],
+     "--distill jumps_per_scale takes one count or one per scale of [1, 2, 4, 8]"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "prefix=model"], "--distill: argument --prefix"),
+    (["--model", "flowar-fewstep", "--teacher", "RUN", "--distill", "steps=0"], "--distill: --steps must be"),
     (["--model", "flowar", "--distill", "steps=2"], "--distill sets the distillation of --model flowar-fewstep"),
 ])
 def test_bad_teacher_and_distill_options_are_refused_by_name(first_run, argv, message, tmp_path, capsys):
@@ -115,11 +119,12 @@ def test_the_fewstep_demo_without_a_teacher_trains_the_flowar_first(tmp_path):
     out = tmp_path / "fs"
     assert demo.main(["--out", str(out), "--model", "flowar-fewstep", "--vae-steps", "2", "--steps", "2",
                       "--per-class", "0", "--precision", "fp32", "--distill", "steps=1", "--distill", "batch=8",
-                      *QUICK]) == 0
+                      "--distill", "jumps_per_scale=1/1/2/3", *QUICK]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["teacher"] == str(out / "flowar-release") and results["steps"] == 2
     assert (out / "flowar-release" / "model.safetensors").is_file()  # the teacher, as the FlowAR demo leaves it
-    assert results["release"] == str(out / "distill" / "release") and results["head_evaluations"] == 8
+    # Per-scale jumps: the release samples 1 + 1 + 2 + 3 head evaluations per image.
+    assert results["release"] == str(out / "distill" / "release") and results["head_evaluations"] == 7
 
 
 def test_the_xar_demo_trains_on_the_reused_vae_and_scores(first_run, tmp_path):

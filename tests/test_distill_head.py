@@ -102,6 +102,27 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher_and_cache, t
     assert FlowAR.from_pretrained(tmp_path / "split" / "release").config.sampling.steps == 2
 
 
+def test_per_scale_jumps_train_each_scales_own_jump_grid_and_are_saved_and_kept_by_a_resume(teacher_and_cache,
+                                                                                           tmp_path, capsys):
+    """--jumps-per-scale 1/2/2/3 on a teacher of 8 uniform steps: scale k's targets are taken at its own K + 1 jump
+    times (the last scale's grid rounded up to 9 steps so that 2/3 and 1/3 are grid points), the release samples
+    with those counts, and a resume with another count is refused."""
+    teacher_dir, cache = teacher_and_cache
+    teacher, _ = load_teacher(teacher_dir)
+    student = build_student(teacher, (1, 2, 2, 3))
+    latents, labels = torch.randn(2, 4, 8, 8, generator=gen(3)), torch.arange(2)
+    solves = list(scale_solves(teacher, student, latents, labels, (1, 2, 2, 3), gen(4), sampling=teacher.config.sampling))
+    for (k, _, grid, jump_index, states), jumps in zip(solves, (1, 2, 2, 3)):
+        assert len(states) == len(grid) == (9 if jumps == 3 else 8) + 1
+        torch.testing.assert_close(grid[jump_index], torch.linspace(1, 0, jumps + 1, dtype=torch.float64))
+    common = ("--jumps-per-scale", "1/2/2/3", "--checkpoint-every", "1", "--sample-every", "0")
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "1", *common) == 0
+    release = FlowAR.from_pretrained(tmp_path / "run" / "release")
+    assert release.config.sampling.steps == (1, 2, 2, 3) and release.config.sampling.solver == "flow-map"
+    assert run(teacher_dir, cache, tmp_path / "run", "--steps", "2", "--resume", "--jumps-per-scale", "2") == 2
+    assert "made with other jumps_per_scale" in capsys.readouterr().err
+
+
 def test_two_gloo_processes_distil_as_one_process_does(teacher_and_cache, tmp_path):
     """torchrun with 2 processes of 4 images each takes the same draws as one process of 8 and averages the
     gradients: the losses of 3 steps agree, and so do the heads, but for the few weights whose gradient is at
@@ -150,6 +171,8 @@ def test_sample_grids_show_the_teacher_once_and_the_student_as_it_trains(teacher
     (("--steps", "0"), "--steps must be an integer >= 1"),
     (("--batch", "0"), "--batch must be an integer >= 1"),
     (("--jumps-per-scale", "0"), "--jumps-per-scale must be an integer >= 1"),
+    (("--jumps-per-scale", "1/0/2/2"), "--jumps-per-scale must be an integer >= 1"),
+    (("--jumps-per-scale", "1/2"), r"--jumps-per-scale holds 2 counts but the teacher has 4 scales"),
     (("--lr", "nan"), "--lr must be a finite number > 0"),
     (("--ema", "1"), r"--ema must be a decay in \[0, 1\)"),
     (("--batch", "17"), r"--batch \(17\) exceeds the latent cache's 16 items"),

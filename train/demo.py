@@ -84,7 +84,8 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
-from .distill_head import build_parser as build_distill_parser, distill
+from .distill_head import build_parser as build_distill_parser, check_arguments as check_distill_arguments, distill, \
+    steps_argument
 from .train_vae import KL_WEIGHT, LATENT_NORMS, VAE_CHANNELS, check_kl_weight, parse_channels, renormalize_vae, \
     train_vae
 
@@ -163,7 +164,7 @@ def generator_family(model: str) -> tuple[str, str]:
 # teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
 # average, a midpoint, finer or coarser target solve, the released grid's targets, jumps on the "flowar" grid, or
 # conditions from sampled maps instead of the data were each level or worse at seed 0.
-DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.0, "jumps_per_scale": 2, "teacher_solver": "euler",
+DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.0, "jumps_per_scale": "2", "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10", "teacher_guidance": DEMO_FLOWAR["sampling"]["guidance_scale"],
            "teacher_schedule": "uniform", "prefix": "data", "random_pairs": 1, "precision": "fp32"}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
@@ -275,11 +276,8 @@ def main(argv=None) -> int:
         stages.next(f"distilling the head into a flow-map head ({d['steps']} steps of batch {d['batch']}, lr "
                     f"{d['lr']:g}, {d['jumps_per_scale']} jumps per scale)")
         began = time.perf_counter()
-        distill_args = build_distill_parser().parse_args([
-            str(release), "--latent-cache", str(cache_dir), "--out", str(out / "distill"), "--seed", str(args.seed),
-            *(f"--{key.replace('_', '-')}={value}" for key, value in d.items()),  # every setting explicit
-            "--sample-every", str(max(d["steps"] // 4, 1)), "--checkpoint-every", str(d["steps"])])
-        release = distill(distill_args)
+        release = distill(build_distill_parser().parse_args(distill_argv(release, cache_dir, out / "distill",
+                                                                          args.seed, d)))
         results.update(distill_minutes=(time.perf_counter() - began) / 60, distill=d,
                        distill_overrides=list(args.distill_overrides), teacher=str(teacher_run or out / "flowar-release"))
         run_dir = out / "distill"
@@ -409,7 +407,26 @@ def parse_distill(p: argparse.ArgumentParser, args) -> dict:
             settings[key] = type(DISTILL[key])(value)
         except ValueError:
             p.error(f"--distill {key} takes a{'n integer' if isinstance(DISTILL[key], int) else ' number'}, got {value!r}")
+    # The distillation's own parser and checks, now rather than after the FlowAR demo has trained.
+    parser = build_distill_parser()
+    parser.exit_on_error = False
+    try:
+        check_distill_arguments(parser.parse_args(distill_argv("TEACHER", "CACHE", "OUT", 0, settings)))
+    except (argparse.ArgumentError, ValueError) as err:
+        p.error(f"--distill: {err}")
+    jumps = steps_argument(settings["jumps_per_scale"])
+    if isinstance(jumps, tuple) and len(jumps) != len(DEMO_FLOWAR["scales"]):
+        p.error(f"--distill jumps_per_scale takes one count or one per scale of {DEMO_FLOWAR['scales']}, "
+                f"got {settings['jumps_per_scale']!r}")
     return settings
+
+
+def distill_argv(teacher, cache_dir, out, seed: int, settings: dict) -> list[str]:
+    """``train.distill_head``'s command line for the demo's distillation ``settings`` (every one explicit), with 4
+    sample grids and one checkpoint at the end."""
+    return [str(teacher), "--latent-cache", str(cache_dir), "--out", str(out), "--seed", str(seed),
+            *(f"--{key.replace('_', '-')}={value}" for key, value in settings.items()),
+            "--sample-every", str(max(settings["steps"] // 4, 1)), "--checkpoint-every", str(settings["steps"])]
 
 
 def check_teacher_run(p: argparse.ArgumentParser, args) -> Path:

@@ -1,7 +1,7 @@
 """Distil a trained FlowAR's head into a flow-map head that jumps each scale in K evaluations.
 
     python -m train.distill_head TEACHER --latent-cache DIR --out OUT [--steps N] [--batch B] [--lr LR]
-        [--seed S] [--jumps-per-scale K] [--precision {fp32,bf16}] [--checkpoint-every N] [--sample-every N]
+        [--seed S] [--jumps-per-scale K or K1/K2/...] [--precision {fp32,bf16}] [--checkpoint-every N] [--sample-every N]
         [--resume]
     torchrun --nproc_per_node=2 -m train.distill_head TEACHER ...     # DDP (gloo on CPU, nccl on GPU)
 
@@ -15,13 +15,15 @@ conditions each scale on what the teacher's or the student's sampling drew at th
 solves the teacher's guided ODE from fresh noise on its grid and records every grid state. The student then regresses
 its average velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps
 sampling will take (the uniform jump grid) and for one random pair t_i > t_j of the teacher's grid per image.
+K may differ between scales (``--jumps-per-scale 1/2/2/3``): the fine scales carry most of the image's detail
+and gain most from another jump, the 1x1 scale loses nothing with one (docs/ablations.md#distilled-few-step).
 A direct regression needs no jvp (unlike the MeanFlow identity), and its minimiser is the teacher's solution
 itself, so at convergence the trained jumps land exactly where the teacher's solve does; the random pairs teach
 the other intervals, so a student sampled with another jump count still has something learnt to say.
 
 The targets are the teacher's GUIDED solution (its saved guidance weight per scale, schedule and interval), so
 the student samples unguided (``guidance_scale=1``): guidance costs nothing at sampling time. Its saved sampling
-defaults are the "flow-map" solver with K jumps per scale on the uniform grid.
+defaults are the "flow-map" solver with K jumps per scale (each scale's own K) on the uniform grid.
 
 The teacher's grid (``--teacher-schedule``) is uniform, with its saved step count rounded up to a multiple of K
 (25 for an adaptive solver), or the released "flowar" grid of that count with the jump times inserted; either way
@@ -102,13 +104,22 @@ def load_teacher(path) -> tuple[FlowAR, object | None]:
     return teacher.eval(), vae
 
 
-def build_student(teacher: FlowAR, jumps: int, *, seed: int = 0) -> FlowAR:
+def jumps_at(jumps: int | tuple[int, ...], k: int) -> int:
+    """Scale k's jump count of ``jumps``: one count for every scale, or a tuple of one per scale."""
+    return jumps[k] if isinstance(jumps, tuple) else jumps
+
+
+def build_student(teacher: FlowAR, jumps: int | tuple[int, ...], *, seed: int = 0) -> FlowAR:
     """The teacher's model with a flow-map head: every weight copied, only the head trainable, and sampling
-    defaults of ``jumps`` uniform flow-map jumps per scale, unguided (the head learns the guided solution).
+    defaults of ``jumps`` uniform flow-map jumps per scale (one count, or one per scale), unguided (the head learns
+    the guided solution).
 
     The interval embedding's first layer keeps its random init (only its output is zeroed), so it is drawn from
     ``seed``: two runs with one seed start from one student, whatever the global generator holds."""
     c = teacher.config
+    if isinstance(jumps, tuple) and len(jumps) != len(c.scales):
+        raise ValueError(f"--jumps-per-scale holds {len(jumps)} counts but the teacher has {len(c.scales)} scales "
+                         f"{tuple(c.scales)}: give one count, or one per scale")
     sampling = c.sampling.replace(solver="flow-map", steps=jumps, schedule="uniform", guidance_scale=1.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -214,12 +225,13 @@ def training_pairs(jump_index: torch.Tensor, points: int, batch: int, generator:
     return torch.cat(start), torch.cat(end)
 
 
-def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor, jumps: int,
+def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
+                 jumps: int | tuple[int, ...],
                  generator: torch.Generator, *, sampling: FlowARSampling, schedule: str = "uniform",
                  prefix: str = "data", global_batch: int | None = None, rows: slice = slice(None)):
     """Yield, scale by scale, (k, cond (B, s*s, D), grid, jump_index, states): scale k's class conditions and the
     teacher's solve of ``sampling`` from fresh noise on its grid of ``schedule`` (``teacher_grid``,
-    ``teacher_trajectory``).
+    ``teacher_trajectory``) for scale k's count of ``jumps`` (``jumps_at``).
 
     ``prefix`` says what conditions each scale (see PREFIXES). Scale k's noise is drawn from ``generator`` for
     the whole global batch when the generator reaches scale k, and this process keeps its ``rows``: a consumer
@@ -235,7 +247,7 @@ def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels
         if prefix != "data" and k > 0:  # scale k's conditions from the maps drawn at the scales before it
             cond, cond_null = teacher_conditions(teacher, pyramid, labels, guided=sampling.guided)
         noise = torch.randn((global_batch, side * side, c.token_dim), generator=generator)[rows].to(latents.device)
-        grid, jump_index = teacher_grid(sampling, k, jumps, schedule)
+        grid, jump_index = teacher_grid(sampling, k, jumps_at(jumps, k), schedule)
         states = teacher_trajectory(teacher, sampling, k, noise, cond[k], None if cond_null is None else cond_null[k],
                                     grid)
         yield k, cond[k], grid, jump_index, states
@@ -248,7 +260,7 @@ def scale_solves(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels
 
 
 def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, labels: torch.Tensor,
-                      jumps: int, generator: torch.Generator, *, sampling: FlowARSampling | None = None,
+                      jumps: int | tuple[int, ...], generator: torch.Generator, *, sampling: FlowARSampling | None = None,
                       schedule: str = "uniform", prefix: str = "data", random_pairs: int = 1,
                       global_batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
     """Per-scale losses (K,): the squared error of the student's average velocity against the teacher's chords.
@@ -278,8 +290,9 @@ def distillation_loss(teacher: FlowAR, student: FlowAR, latents: torch.Tensor, l
 
 # ---------------------------------------------------------------------------------------------- loop
 def check_arguments(args) -> None:
+    jumps = args.jumps_per_scale if isinstance(args.jumps_per_scale, tuple) else (args.jumps_per_scale,)
     for name, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seed", args.seed, 0),
-                               ("--jumps-per-scale", args.jumps_per_scale, 1), ("--random-pairs", args.random_pairs, 0),
+                               ("--jumps-per-scale", min(jumps), 1), ("--random-pairs", args.random_pairs, 0),
                                ("--checkpoint-every", args.checkpoint_every, 1), ("--sample-every", args.sample_every, 0)):
         if value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value}")
@@ -338,7 +351,8 @@ def distill(args) -> Path:
                 "lr_schedule": args.lr_schedule, "seed": args.seed,
                 # a cosine's rate at a step depends on the run's length, so a resumed run must keep it
                 **({"steps": args.steps} if args.lr_schedule == "cosine" else {}),
-                "jumps_per_scale": args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
+                "jumps_per_scale": list(args.jumps_per_scale) if isinstance(args.jumps_per_scale, tuple)
+                else args.jumps_per_scale, "ema": args.ema, "prefix": args.prefix,
                 "teacher_solver": sampling.solver, "teacher_schedule": args.teacher_schedule,
                 "random_pairs": args.random_pairs, "precision": args.precision,
                 "teacher_guidance": sampling.guidance_scale,
@@ -436,7 +450,7 @@ def distill(args) -> Path:
 
 
 def steps_argument(text: str) -> int | tuple[int, ...]:
-    """``--teacher-steps``: "40" or "40/40/40/20"."""
+    """``--teacher-steps`` and ``--jumps-per-scale``: one count ("40") or one per scale ("40/40/40/20")."""
     try:
         counts = tuple(int(part) for part in text.split("/"))
     except ValueError:
@@ -455,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine: half a cosine from --lr down to 0 at --steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jumps-per-scale", type=int, default=1, help="flow-map jumps per scale the student samples with")
+    p.add_argument("--jumps-per-scale", type=steps_argument, default=1, metavar="K or K1/K2/...",
+                   help="flow-map jumps per scale the student trains and samples with: one count, or one per scale "
+                        "such as 1/2/2/3")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the head's weight average, bias-corrected, which the release holds (0: none)")
     p.add_argument("--teacher-solver", choices=ODE_SOLVERS, default=None,
