@@ -33,6 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from flowar.cli import parse_step_counts
 from vae.files import atomic_write
 from train.data import MNISTDataset
 
@@ -311,7 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--guidance-scale", type=float, help="1 = unguided (default: the release's)")
     p.add_argument("--var-cfg", type=float, help="VAR releases: guidance in VAR's own convention, 0 = unguided")
-    p.add_argument("--steps", type=int, help="FlowAR releases: ODE steps per scale")
+    p.add_argument("--steps", type=parse_step_counts,
+                   help="FlowAR releases: ODE steps or flow-map jumps, one count or one per scale (20,20,20,10)")
     p.add_argument("--solver", help="FlowAR releases: the ODE solver")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", default=os.path.join("runs", "digit-classifier"),

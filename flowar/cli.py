@@ -61,13 +61,15 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 
 def parse_step_counts(text: str) -> int | tuple[int, ...]:
-    """``--steps``: "25", or one count per scale or cell, "20,20,20,10"."""
+    """A step or jump count of every command line: "25", or one count per scale or cell, "20,20,20,10" or
+    "20/20/20/10"."""
     try:
-        counts = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+        counts = tuple(int(part) for part in text.replace(" ", "").replace("/", ",").split(",") if part)
     except ValueError:
         counts = ()
     if not counts:
-        raise argparse.ArgumentTypeError(f"--steps takes an integer or one per scale, e.g. 25 or 20,20,20,10; got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes an integer or one per scale, e.g. 25, 20,20,20,10 or 20/20/20/10; "
+                                         f"got {text!r}")
     return counts[0] if len(counts) == 1 else counts
 
 

@@ -96,6 +96,22 @@ def test_cli_samples_a_flowar_folder(folders, tmp_path, capsys):
     np.testing.assert_array_equal(read_grid(out), np.asarray(image_grid(expected, 3)))
 
 
+def test_per_scale_steps_given_with_slashes_sample_as_with_commas(folders, tmp_path):
+    """Step and jump counts are written "2,3,4,5" (flowar-sample) or "2/3/4/5" (train.distill_head, the demo's
+    --distill): both mean one count per scale, and give the same images."""
+    flowar_dir, _ = folders
+    grids = []
+    for steps in ("2,3,4,5", "2/3/4/5"):
+        out = tmp_path / f"{steps.count('/')}.png"
+        assert cli_main([str(flowar_dir), "--labels", "1,2", "--steps", steps, "--seed", "3", "--out", str(out),
+                         "--device", "cpu"]) == 0
+        grids.append(read_grid(out))
+    pipe = FlowARPipeline.from_pretrained(flowar_dir)
+    expected = pipe([1, 2], output_type="np", steps=[2, 3, 4, 5], generator=gen(3))
+    np.testing.assert_array_equal(grids[0], np.asarray(image_grid(expected, 2)))
+    np.testing.assert_array_equal(grids[1], grids[0])
+
+
 def test_cli_reports_bad_input_naming_the_argument(folders, tmp_path, capsys):
     flowar_dir, _ = folders
     assert cli_main([str(flowar_dir), "--labels", "3,12", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2

@@ -72,6 +72,7 @@ import torch
 from eval.machine import describe_cpu
 from eval.quality import DigitScorer, sample_digits
 from flowar import FlowARPipeline, load_pipeline
+from flowar.cli import parse_step_counts
 from flowar.outputs import image_grid
 from flowar.sampling import generate
 from heads.multistage import stages_from_ends
@@ -84,8 +85,7 @@ from .export import export
 from .latents import load_any_vae, load_tokenizer
 from .train import train
 from .train_tokenizer import train_tokenizer
-from .distill_head import build_parser as build_distill_parser, check_arguments as check_distill_arguments, distill, \
-    steps_argument
+from .distill_head import build_parser as build_distill_parser, check_arguments as check_distill_arguments, distill
 from .train_vae import KL_WEIGHT, LATENT_NORMS, VAE_CHANNELS, check_kl_weight, parse_channels, renormalize_vae, \
     train_vae
 
@@ -414,7 +414,7 @@ def parse_distill(p: argparse.ArgumentParser, args) -> dict:
         check_distill_arguments(parser.parse_args(distill_argv("TEACHER", "CACHE", "OUT", 0, settings)))
     except (argparse.ArgumentError, ValueError) as err:
         p.error(f"--distill: {err}")
-    jumps = steps_argument(settings["jumps_per_scale"])
+    jumps = parse_step_counts(settings["jumps_per_scale"])
     if isinstance(jumps, tuple) and len(jumps) != len(DEMO_FLOWAR["scales"]):
         p.error(f"--distill jumps_per_scale takes one count or one per scale of {DEMO_FLOWAR['scales']}, "
                 f"got {settings['jumps_per_scale']!r}")

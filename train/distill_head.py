@@ -59,6 +59,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from flowar import FlowAR, FlowARPipeline, FlowARSampling
+from flowar.cli import parse_step_counts
 from flowar.attention import scale_segments
 from flowar.model import from_tokens
 from flowar.outputs import autocast_context
@@ -449,15 +450,6 @@ def distill(args) -> Path:
     return release
 
 
-def steps_argument(text: str) -> int | tuple[int, ...]:
-    """``--teacher-steps`` and ``--jumps-per-scale``: one count ("40") or one per scale ("40/40/40/20")."""
-    try:
-        counts = tuple(int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes an integer or per-scale integers such as 40/40/40/20, got {text!r}")
-    return counts[0] if len(counts) == 1 else counts
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher", help="FlowAR pipeline or model folder")
@@ -469,14 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine: half a cosine from --lr down to 0 at --steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jumps-per-scale", type=steps_argument, default=1, metavar="K or K1/K2/...",
+    p.add_argument("--jumps-per-scale", type=parse_step_counts, default=1, metavar="K or K1/K2/...",
                    help="flow-map jumps per scale the student trains and samples with: one count, or one per scale "
                         "such as 1/2/2/3")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the head's weight average, bias-corrected, which the release holds (0: none)")
     p.add_argument("--teacher-solver", choices=ODE_SOLVERS, default=None,
                    help="the ODE solver of the target solve (default: the teacher's saved one)")
-    p.add_argument("--teacher-steps", type=steps_argument, default=None, metavar="N or N1/N2/...",
+    p.add_argument("--teacher-steps", type=parse_step_counts, default=None, metavar="N or N1/N2/...",
                    help="steps per scale of the target solve, one count or one per scale (default: the teacher's "
                         "saved ones); each is rounded up to a multiple of the jumps")
     p.add_argument("--teacher-schedule", choices=SCHEDULES, default="uniform",
