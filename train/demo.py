@@ -23,7 +23,9 @@ flowar-fewstep: the FlowAR demo (steps 1-4), then its head distilled into a flow
 ``train.distill_head`` (the transformer frozen, the head regressed onto the FlowAR's guided ODE solution), then
 steps 4-5 with the student: 2 jumps per scale, unguided, 8 head evaluations per image against the FlowAR's 70.
 ``--teacher RUN`` distils the release of a FlowAR demo run already made (its seed, latent cache and VAE) instead
-of training one; the distillation adds about 3.3 minutes to the FlowAR demo's time on a 2-core Xeon with AMX.
+of training one. The distillation (600 steps) adds about 15 minutes to the FlowAR demo's 5 on a 2-core Xeon with AMX:
+the few-step demo is no longer a ten-minute run; ``--distill steps=150 --distill ema=0`` takes 4 minutes for a
+student 0.2 (seed 0) to 2.6 (seed 2) classifier Frechet points worse (docs/ablations.md#distilled-few-step).
 
 flowar-meanflow: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
 (``heads.meanflow``), sampled with two jumps per scale.
@@ -160,11 +162,13 @@ def generator_family(model: str) -> tuple[str, str]:
     """(the name printed, the family whose "-tiny" preset ``--model``'s generator is built from)."""
     return {"var": ("VAR", "var"), "xar": ("xAR", "xar")}.get(model, ("FlowAR", "flowar"))
 
-# The distillation (docs/ablations.md#distilled-few-step): 150 steps of batch 32 at a constant lr 1e-3 onto the
-# teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0). lr 3e-3, twice the steps, a weight
-# average, a midpoint, finer or coarser target solve, the released grid's targets, jumps on the "flowar" grid, or
-# conditions from sampled maps instead of the data were each level or worse at seed 0.
-DISTILL = {"steps": 150, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.0, "jumps_per_scale": "2", "teacher_solver": "euler",
+# The distillation (docs/ablations.md#distilled-few-step): 600 steps of batch 32 at a constant lr 1e-3 onto the
+# teacher's own Euler solve on the uniform grid, 2 jumps per scale (1, 0.5, 0), the release the weights' average
+# at decay 0.99. The student's gap to its targets about halves with each doubling of the steps from 150; lr 3e-3,
+# a cosine rate, a midpoint, finer or coarser target solve, the released grid's targets, jumps on the "flowar" grid,
+# conditions from sampled maps instead of the data, or other jumps at other scales were each level or worse.
+DISTILL = {"steps": 600, "batch": 32, "lr": 1e-3, "lr_schedule": "constant", "ema": 0.99, "jumps_per_scale": "2",
+           "teacher_solver": "euler",
            "teacher_steps": "20/20/20/10", "teacher_guidance": DEMO_FLOWAR["sampling"]["guidance_scale"],
            "teacher_schedule": "uniform", "prefix": "data", "random_pairs": 1, "precision": "fp32"}
 # The sampling settings above are saved as each release's defaults and make the grid and the score: the linear
