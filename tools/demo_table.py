@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         p.error(str(err))
     timing = time_sampling(groups, repeats=args.repeats) if args.time else None
     first = next(iter(groups.values()))[0]
-    print(f"{first.get('cores')} cores, {first.get('torch_threads')} torch threads, torch {first.get('torch')}")
+    print(f"{first.get('cores')} cores, {first.get('torch_threads')} torch threads, torch {first.get('torch')}"
+          + (f"; sampling timed here at {torch.get_num_threads()} torch threads" if timing else ""))
     print(format_table(groups, timing))
     return 0
 
