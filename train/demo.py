@@ -23,7 +23,7 @@ flowar-fewstep: the FlowAR demo (steps 1-4), then its head distilled into a flow
 ``train.distill_head`` (the transformer frozen, the head regressed onto the FlowAR's guided ODE solution), then
 steps 4-5 with the student: 2 jumps per scale, unguided, 8 head evaluations per image against the FlowAR's 70.
 ``--teacher RUN`` distils the release of a FlowAR demo run already made (its seed, latent cache and VAE) instead
-of training one. The distillation (600 steps) adds about 15 minutes to the FlowAR demo's 5 on a 2-core Xeon with AMX:
+of training one. The distillation (600 steps) adds about 14 minutes to the FlowAR demo's 5 on a 2-core Xeon with AMX:
 the few-step demo is no longer a ten-minute run; ``--distill steps=150 --distill ema=0`` takes 4 minutes for a
 student 0.2 (seed 0) to 2.6 (seed 2) classifier Frechet points worse (docs/ablations.md#distilled-few-step).
 
