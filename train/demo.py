@@ -24,8 +24,8 @@ flowar-fewstep: the FlowAR demo (steps 1-4), then its head distilled into a flow
 steps 4-5 with the student: 2 jumps per scale, unguided, 8 head evaluations per image against the FlowAR's 70.
 ``--teacher RUN`` distils the release of a FlowAR demo run already made (its seed, latent cache and VAE) instead
 of training one. The distillation (600 steps) adds about 14 minutes to the FlowAR demo's 5 on a 2-core Xeon with AMX:
-the few-step demo is no longer a ten-minute run; ``--distill steps=150 --distill ema=0`` takes 4 minutes for a
-student 0.2 (seed 0) to 2.6 (seed 2) classifier Frechet points worse (docs/ablations.md#distilled-few-step).
+the few-step demo is no longer a ten-minute run; ``--distill steps=150 --distill ema=0`` takes 3.3 minutes for a
+student that scored 0.2 (seed 0) to 2.2 (seed 2) classifier Frechet points worse (docs/ablations.md#distilled-few-step).
 
 flowar-meanflow: the FlowAR demo with a flow-map head trained from scratch by the MeanFlow objective
 (``heads.meanflow``), sampled with two jumps per scale.

@@ -15,8 +15,8 @@ conditions each scale on what the teacher's or the student's sampling drew at th
 solves the teacher's guided ODE from fresh noise on its grid and records every grid state. The student then regresses
 its average velocity u(x_{t_i}, r = t_j, t_i) onto the chord (x_{t_i} - x_{t_j}) / (t_i - t_j) for the K jumps
 sampling will take (the uniform jump grid) and for one random pair t_i > t_j of the teacher's grid per image.
-K may differ between scales (``--jumps-per-scale 1/2/2/3``): the fine scales carry most of the image's detail
-and gain most from another jump, the 1x1 scale loses nothing with one (docs/ablations.md#distilled-few-step).
+K may differ between scales (``--jumps-per-scale 1/2/2/2``): a student trained for one jump at the single-token
+1x1 scale scored level with one trained for two there (docs/ablations.md#jumps-per-scale).
 A direct regression needs no jvp (unlike the MeanFlow identity), and its minimiser is the teacher's solution
 itself, so at convergence the trained jumps land exactly where the teacher's solve does; the random pairs teach
 the other intervals, so a student sampled with another jump count still has something learnt to say.
