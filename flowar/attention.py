@@ -119,7 +119,7 @@ class ScaleBlock(nn.Module):
     def forward(self, x, class_embedding, rope_cos, rope_sin, *, segments=None, cache=None, layer=0):
         """x (B, n, D), class_embedding (B, D)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(class_embedding).view(-1, 1, 6, self.dim).unbind(2)
-        h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + self.attn(h, rope_cos, rope_sin, segments=segments, cache=cache, layer=layer) * gamma1
-        h = self.norm2(x) * (1 + scale2) + shift2
-        return x + self.mlp(h) * gamma2
+        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)
+        x = torch.addcmul(x, self.attn(h, rope_cos, rope_sin, segments=segments, cache=cache, layer=layer), gamma1)
+        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
+        return torch.addcmul(x, self.mlp(h), gamma2)

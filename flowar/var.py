@@ -152,9 +152,10 @@ class VARBlock(nn.Module):
     def forward(self, x, modulation, *, segments=None, cache=None, layer=0, keep=None):
         """x (B, n, D), modulation (B, 1, 6, D); keep: (2, B) residual-branch multipliers (drop path) or None."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)
-        branch = self.attn(self.norm(x) * (scale1 + 1) + shift1, segments=segments, cache=cache, layer=layer) * gamma1
+        branch = self.attn(torch.addcmul(shift1, self.norm(x), scale1 + 1), segments=segments, cache=cache,
+                           layer=layer) * gamma1
         x = x + (branch if keep is None else branch * keep[0].view(-1, 1, 1))
-        branch = self.ffn(self.norm(x) * (scale2 + 1) + shift2) * gamma2
+        branch = self.ffn(torch.addcmul(shift2, self.norm(x), scale2 + 1)) * gamma2
         return x + (branch if keep is None else branch * keep[1].view(-1, 1, 1))
 
 

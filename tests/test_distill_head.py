@@ -289,7 +289,9 @@ def test_rollout_prefixes_condition_each_scale_as_that_models_sampling_does(teac
         expected = own.flatten(2).transpose(1, 2)
         jump = student.config.sampling.solve_at(len(c.scales) - 1)
         ends = {p: student.flownet.sample(noise[-1], last_scale(p)[0].float(), jump).x for p in ("student", "data")}
-    torch.testing.assert_close(ends[prefix], expected, rtol=1e-4, atol=1e-5)
+    # The conditions come from one block-causal pass here and from cached passes in sampling, which round
+    # differently over four scales; the data prefix misses by over 100x the tolerance.
+    torch.testing.assert_close(ends[prefix], expected, rtol=1e-4, atol=1e-4)
     assert (ends["data"] - expected).abs().max() > 1e-2
 
 

@@ -202,11 +202,40 @@ def test_bad_arguments_raise_value_errors():
         head(x, t, cond[:, :2])
 
 
+def turn_pairs(x, cos, sin):
+    """RoPE written out: each adjacent channel pair (a, b) of x turned by its angle (the tables repeat each
+    pair's cos and sin)."""
+    a, b, c, s = x[..., 0::2], x[..., 1::2], cos[..., 0::2], sin[..., 0::2]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_turns_each_channel_pair_by_its_angle_eager_and_compiled(dtype):
+    """apply_rope on a strided query view, as the attention layers pass it: eager (a complex product) and traced
+    by torch.compile (the real form inductor fuses) both give the written-out rotation, in the input's dtype,
+    and keep each pair's length."""
+    from heads.layers import Rope2D, apply_rope
+
+    cos, sin = Rope2D(64).tables(((4, 4),), "cpu")
+    qkv = torch.randn(2, 16, 3 * 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    q = qkv.view(2, 16, 3, 2, 64).permute(2, 0, 3, 1, 4)[0]  # (B, H, N, head_dim), not contiguous
+    expected = turn_pairs(q.double(), cos.double(), sin.double())
+    torch._dynamo.reset()
+    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for out in (apply_rope(q, cos, sin), compiled(q, cos, sin)):
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), expected, **tolerance)
+        lengths = out.double().unflatten(-1, (-1, 2)).norm(dim=-1)
+        torch.testing.assert_close(lengths, q.double().unflatten(-1, (-1, 2)).norm(dim=-1), **tolerance)
+    assert (expected - q.double()).abs().max() > 0.5  # the tables turn most pairs
+
+
 def _manual_forward(sd, x, t, cond, variant):
     """The released head's forward for depth 1, written out from its state dict with plain torch ops."""
     import torch.nn.functional as F
 
-    from heads.layers import Rope2D, apply_rope, timestep_embedding
+    from heads.layers import Rope2D, timestep_embedding
 
     lin = lambda name, v: F.linear(v, sd[f"{name}.weight"], sd.get(f"{name}.bias"))  # noqa: E731
     rms = lambda v: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
@@ -218,7 +247,7 @@ def _manual_forward(sd, x, t, cond, variant):
     def attention(q, k, v):
         split = lambda z: z.view(B_, N, heads, 64).transpose(1, 2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = turn_pairs(q, cos, sin), turn_pairs(k, cos, sin)
         w = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1)
         return (w @ v).transpose(1, 2).reshape(B_, N, W)
 
