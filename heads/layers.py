@@ -129,10 +129,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` (..., L, head_dim) by tables (L, head_dim): each adjacent channel pair (a, b) turns by its
     angle to (a cos - b sin, a sin + b cos), in float32, returned in x's dtype.
 
-    Eager, this is one complex product over the pairs: on a CPU the real form (x cos + rotated x sin) made five
-    passes over the strided query and key views of the qkv output and took 10x as long, an eighth of a head
-    evaluation (docs/benchmarks.md#rope-as-a-complex-product). Compiled, it is the real form, which inductor
-    fuses into one kernel and which it can generate code for (it has none for complex operators)."""
+    Eager, this is one complex product over the pairs: on a CPU the real form (x cos + rotated x sin) makes five
+    passes over the strided query and key views of the qkv output, 4-6x the time of one product, which makes a
+    head evaluation 5-9% slower (docs/benchmarks.md#rope-as-a-complex-product). Compiled, it is the real form,
+    which inductor fuses into one kernel and can generate code for (it has none for complex operators)."""
     x_float = x.float()
     if torch.compiler.is_compiling():
         return (x_float * cos.float() + rotate_pairs(x_float) * sin.float()).type_as(x)

@@ -103,7 +103,7 @@ def format_table(groups: dict[str, list[dict]], timing: dict[str, float] | None 
     for model, runs in groups.items():
         row = [model, ", ".join(str(r["seed"]) for r in runs), *(cell(runs, k, f) for k, _, f in COLUMNS)]
         if timing:
-            row.append(f"{timing[model]:.1f}")
+            row.append(f"{timing[model]:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
