@@ -125,17 +125,22 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
+def rope_real_form(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in real arithmetic, x cos + rotated x sin: what :func:`apply_rope` computes under torch.compile."""
+    return x * cos + rotate_pairs(x) * sin
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (..., L, head_dim) by tables (L, head_dim): each adjacent channel pair (a, b) turns by its
     angle to (a cos - b sin, a sin + b cos), in float32, returned in x's dtype.
 
     Eager, this is one complex product over the pairs: on a CPU the real form (x cos + rotated x sin) makes five
     passes over the strided query and key views of the qkv output, 4-6x the time of one product, which makes a
-    head evaluation 5-9% slower (docs/benchmarks.md#rope-as-a-complex-product). Compiled, it is the real form,
+    head evaluation 5-14% slower (docs/benchmarks.md#rope-as-a-complex-product). Compiled, it is the real form,
     which inductor fuses into one kernel and can generate code for (it has none for complex operators)."""
     x_float = x.float()
     if torch.compiler.is_compiling():
-        return (x_float * cos.float() + rotate_pairs(x_float) * sin.float()).type_as(x)
+        return rope_real_form(x_float, cos.float(), sin.float()).type_as(x)
     rotation = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())  # (L, head_dim / 2)
     pairs = torch.view_as_complex(x_float.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

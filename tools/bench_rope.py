@@ -16,13 +16,9 @@ import torch
 
 import heads.networks
 from flowar import FlowAR, get_preset
-from heads.layers import Rope2D, apply_rope, rotate_pairs
+from heads.layers import Rope2D, apply_rope, rope_real_form
 
 DEMO_HEAD = dict(width=128, num_heads=4, head_width=128, head_depth=4)
-
-
-def real_form(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_pairs(x) * sin
 
 
 def fastest_us(first, second, *, rounds: int = 30) -> tuple[float, float]:
@@ -45,7 +41,7 @@ def main() -> None:
         cos, sin = Rope2D(64).tables((side,), "cpu")
         qkv = torch.randn(batch, tokens, 3 * width)
         q = qkv.view(batch, tokens, 3, num_heads, 64).permute(2, 0, 3, 1, 4)[0]
-        real, cplx = fastest_us(lambda: real_form(q, cos, sin), lambda: apply_rope(q, cos, sin))
+        real, cplx = fastest_us(lambda: rope_real_form(q, cos, sin), lambda: apply_rope(q, cos, sin))
         print(f"| RoPE of one query view | {tuple(q.shape)} | {real:.0f} | {cplx:.0f} | {real / cplx:.2f}x |")
 
     torch.manual_seed(0)
@@ -56,7 +52,7 @@ def main() -> None:
         velocity = head.conditioned(cond)
 
         def with_real_form():
-            with mock.patch.object(heads.networks, "apply_rope", real_form):
+            with mock.patch.object(heads.networks, "apply_rope", rope_real_form):
                 velocity(x, t)
 
         real, cplx = fastest_us(with_real_form, lambda: velocity(x, t))
