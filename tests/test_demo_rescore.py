@@ -73,9 +73,21 @@ def test_sample_seeds_score_each_seed_and_write_their_mean_and_sd(run, tmp_path)
     assert got["num_samples"] == 20
 
 
+def test_sampling_precision_bf16_scores_samples_drawn_under_autocast(run, tmp_path):
+    assert demo.main(["--rescore", str(run), "--out", str(tmp_path / "bf16"), "--per-class", "2",
+                      "--sampling-precision", "bf16"]) == 0
+    got = json.loads((tmp_path / "bf16" / "results.json").read_text())
+    report = expected_scores(run, 2, autocast_dtype=torch.bfloat16)
+    assert got["sampling_precision"] == "bf16"
+    assert got["frechet_distance"] == pytest.approx(report.frechet_distance, rel=1e-9)
+    assert got["frechet_distance"] != pytest.approx(expected_scores(run, 2).frechet_distance, rel=1e-6)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sample", "steps=20"], "--sample needs --rescore RUN"),
     (["--sample-seeds", "1,2"], "--sample-seeds needs --rescore RUN"),
+    (["--sampling-precision", "bf16"], "--sampling-precision needs --rescore RUN"),
+    (["--rescore", "{run}", "--sampling-precision", "fp16"], "--sampling-precision: invalid choice"),
     (["--rescore", "{run}", "--sample-seeds", "1,x"], "--sample-seeds takes comma-separated integers"),
     (["--rescore", "{run}", "--sample-seeds", "1,1"], "--sample-seeds takes distinct integers >= 0"),
     (["--rescore", "{run}", "--sample-seeds=-1"], "--sample-seeds takes distinct integers >= 0"),

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tools.demo_table import format_table, main, read_runs
 
@@ -113,7 +114,12 @@ def test_time_samples_each_row_at_its_own_sampling(tmp_path, monkeypatch):
     saved = write_run(tmp_path / "a", "flowar-fewstep", 0, 0.95, release="rel-a")
     rescored = write_run(tmp_path / "b", "flowar-fewstep", 0, 0.95, release="rel-a",
                          sampling=["steps=1", "solver=flow-map", "steps_list=[2,1]"])
-    timing = demo_table.time_sampling(read_runs([saved, rescored]), repeats=2, batch=4)
-    assert set(timing) == {"flowar-fewstep", "flowar-fewstep sampling steps=1 solver=flow-map steps_list=[2,1]"}
-    assert calls[:2] == [("rel-a", 4, {}), ("rel-a", 4, {"steps": 1, "solver": "flow-map", "steps_list": [2, 1]})]
-    assert len(calls) == 4  # two rounds, the rows taking turns
+    in_bf16 = write_run(tmp_path / "c", "flowar-fewstep", 0, 0.95, release="rel-a", sampling=["steps=1"],
+                        sampling_precision="bf16")
+    timing = demo_table.time_sampling(read_runs([saved, rescored, in_bf16]), repeats=2, batch=4)
+    assert set(timing) == {"flowar-fewstep", "flowar-fewstep sampling steps=1 solver=flow-map steps_list=[2,1]",
+                           "flowar-fewstep sampling steps=1 precision=bf16"}
+    assert calls[:3] == [("rel-a", 4, {"autocast_dtype": None}),
+                         ("rel-a", 4, {"steps": 1, "solver": "flow-map", "steps_list": [2, 1], "autocast_dtype": None}),
+                         ("rel-a", 4, {"steps": 1, "autocast_dtype": torch.bfloat16})]
+    assert len(calls) == 6  # two rounds, the rows taking turns

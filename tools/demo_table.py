@@ -41,7 +41,8 @@ def read_runs(folders) -> dict[str, list[dict]]:
     the model, its training precision, then its VAE's options where they differ from the demo's, its training
     overrides, its distillation ones (``train.demo --distill``), then its sampling ones, e.g. ``flowar bf16
     model.head_batch_mul=4``, ``flowar bf16 vae latent_norm=per-channel``, ``flowar-fewstep bf16 distill lr=0.001``
-    or ``flowar bf16 sampling steps=20``."""
+    or ``flowar bf16 sampling steps=20`` (``precision=bf16`` last for a row rescored with ``--sampling-precision
+    bf16``)."""
     groups: dict[str, list[dict]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -54,6 +55,8 @@ def read_runs(folders) -> dict[str, list[dict]]:
             # What the demo takes without --fid; a few-step run that distilled a FlowAR run adds that run's time.
             run["demo_minutes"] = run["minutes"] - run.get("fid_minutes", 0.0) + run.get("teacher_minutes", 0.0)
         sampling = run.get("sampling_overrides") or []
+        if run.get("sampling_precision", "fp32") != "fp32":  # rescored under autocast (train.demo --sampling-precision)
+            sampling = [*sampling, f"precision={run['sampling_precision']}"]
         precision = [run["precision"]] if run.get("precision") else []  # recorded since the demo trains in bf16
         vae = run.get("autoencoder_overrides") or []  # recorded since the demo has VAE levers
         distill = run.get("distill_overrides") or []
@@ -80,13 +83,16 @@ def cell(runs: list[dict], key: str, fmt: str) -> str:
 
 
 def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 100) -> dict[str, float]:
-    """ms/image of each row's first release at the row's sampling (a rescored row's overrides applied), the
-    rows interleaved in this process."""
+    """ms/image of each row's first release at the row's sampling (a rescored row's overrides and sampling
+    precision applied), the rows interleaved in this process."""
     from flowar import load_pipeline
+    from flowar.outputs import PRECISIONS
     from train.demo import sampling_options
 
     pipes = {model: load_pipeline(runs[0]["release"]) for model, runs in groups.items()}
-    options = {model: sampling_options(runs[0].get("sampling_overrides") or []) for model, runs in groups.items()}
+    options = {model: {**sampling_options(runs[0].get("sampling_overrides") or []),
+                       "autocast_dtype": PRECISIONS[runs[0].get("sampling_precision", "fp32")]}
+               for model, runs in groups.items()}
     labels = [i % 10 for i in range(batch)]
     best = {model: math.inf for model in pipes}
     for round_ in range(repeats):

@@ -75,7 +75,7 @@ from eval.machine import describe_cpu
 from eval.quality import DigitScorer, sample_digits
 from flowar import FlowARPipeline, load_pipeline
 from flowar.cli import parse_step_counts
-from flowar.outputs import image_grid
+from flowar.outputs import PRECISIONS as SAMPLING_PRECISIONS, image_grid
 from flowar.sampling import generate
 from heads.multistage import stages_from_ends
 from vae.files import atomic_write
@@ -219,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample", dest="sampling", action="append", default=[], metavar="KEY=VALUE",
                    help="with --rescore: a sampling option of the release to override, e.g. steps=20 or "
                         "solver=midpoint (repeatable; the value is read as JSON, else as a string)")
+    p.add_argument("--sampling-precision", choices=tuple(SAMPLING_PRECISIONS), default="fp32",
+                   help="with --rescore: sample in float32, or with the generator under bf16 autocast (the decoder "
+                        "stays float32), as tools.demo_table --time then times the row")
     args = p.parse_args(argv)
     if args.sample_seeds is not None:
         args.sample_seeds = parse_sample_seeds(p, args.sample_seeds)
@@ -229,6 +232,9 @@ def main(argv=None) -> int:
     if args.sampling:
         p.error("--sample needs --rescore RUN: a full run scores with the release's saved sampling options; "
                 "score its output folder again with --rescore OUT --sample KEY=VALUE")
+    if args.sampling_precision != "fp32":
+        p.error("--sampling-precision needs --rescore RUN: a full run scores in float32; score its output folder "
+                "again with --rescore OUT --sampling-precision bf16")
     teacher_run = None
     if args.teacher is not None:
         teacher_run = check_teacher_run(p, args)
@@ -494,15 +500,16 @@ SCORE_KEYS = ("sampling_ms_per_image", "num_samples", "class_consistency", "per_
               "real_heldout_frechet", "fid", "fid_minutes")
 
 
-def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: int, fid: bool, **sampling):
+def score(pipe, results: dict, *, classifier_dir: Path, per_class: int, seed: int, fid: bool,
+          autocast_dtype: torch.dtype | None = None, **sampling):
     """Step 5: ``per_class`` samples of each digit drawn with seed ``seed`` (a run's own: its seed + 1, the grid
     having used its seed) at the
-    release's sampling options updated by ``sampling``, scored by the digit classifier in ``classifier_dir``
+    release's sampling options updated by ``sampling``, the generator under ``autocast_dtype`` if given, scored by the digit classifier in ``classifier_dir``
     (the machine's shared classifier is copied there if absent) and, with ``fid``, against the training digits;
     the scores go into ``results``."""
     scorer = DigitScorer.load_or_train(classifier_dir, progress=False)
     began = time.perf_counter()
-    images, labels = sample_digits(pipe, per_class=per_class, seed=seed, **sampling)
+    images, labels = sample_digits(pipe, per_class=per_class, seed=seed, autocast_dtype=autocast_dtype, **sampling)
     results["sampling_ms_per_image"] = 1000 * (time.perf_counter() - began) / len(labels)
     report = scorer.score(images, labels)
     print("      " + report.summary())
@@ -578,21 +585,22 @@ def rescore(p: argparse.ArgumentParser, args) -> int:
     start = time.perf_counter()
     results = {key: value for key, value in previous.items() if key not in (*SCORE_KEYS, "minutes")}
     results.update(**describe_cpu(), **sampling_cost(pipe, **sampling), release=str(release), rescored_from=str(run),
-                   sampling_overrides=list(args.sampling))
+                   sampling_overrides=list(args.sampling), sampling_precision=args.sampling_precision)
+    autocast_dtype = SAMPLING_PRECISIONS[args.sampling_precision]
     classifier = run / "digit-classifier" if (run / "digit-classifier" / "config.json").is_file() \
         else out / "digit-classifier"
     seeds = args.sample_seeds or [previous["seed"] + 1]
-    print(f"rescoring {release} with {sampling or 'its saved sampling options'}: "
+    print(f"rescoring {release} with {sampling or 'its saved sampling options'} in {args.sampling_precision}: "
           f"{10 * args.per_class} samples at each of the samples' seeds {seeds}, the digit classifier in {classifier}")
     if args.sample_seeds is None:
         score(pipe, results, classifier_dir=classifier, per_class=args.per_class, seed=seeds[0], fid=args.fid,
-              **sampling)
+              autocast_dtype=autocast_dtype, **sampling)
     else:
         by_seed = []
         for seed in seeds:
             scored = {}
             score(pipe, scored, classifier_dir=classifier, per_class=args.per_class, seed=seed, fid=args.fid,
-                  **sampling)
+                  autocast_dtype=autocast_dtype, **sampling)
             by_seed.append({"sample_seed": seed, **scored})
         results.update(seed_summary(by_seed), by_sample_seed=by_seed)
     results["rescore_minutes"] = (time.perf_counter() - start) / 60
