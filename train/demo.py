@@ -54,6 +54,8 @@ JSON value, e.g. ``--sample steps=20`` or ``--sample 'steps=[10,8,6,4]'``), and 
 ``--sample-seeds 1,10,11,12,13,14`` scores it at each of these samples' seeds instead of the run's own (its seed
 + 1) and writes each seed's scores and their mean and sd: one draw of 1,000 samples moves the Frechet distance
 by 0.6 to 1.6 (sd) on the same release, so two releases compare best at the same several seeds, seed by seed.
+``--sampling-precision bf16`` samples for the scores with the generator under bf16 autocast (the decoder stays
+float32); on the three-seed demo runs it moved no score by more than 0.3 (docs/ablations.md#bf16-sampling).
 
 Everything a run measures is also written to ``OUT/results.json`` (``python -m tools.demo_table``, in a clone
 of the repository, puts seeds and models side by side). ``--seed`` seeds the autoencoder's and the model's
