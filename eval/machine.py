@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -72,3 +73,16 @@ def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, *, size: int = 
             if spent >= seconds and call >= 5:
                 break
     return 2 * size**3 / best / 1e12
+
+
+def fastest_in_turn(calls: Sequence[Callable[[int], object]], rounds: int) -> list[float]:
+    """Seconds of each call's fastest run over ``rounds`` rounds in which the calls take turns, each called with
+    the round's index: a drift of the machine's speed reaches every call alike, and the fastest run is the one
+    least disturbed by it."""
+    best = [float("inf")] * len(calls)
+    for round_ in range(rounds):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call(round_)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best

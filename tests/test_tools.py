@@ -47,3 +47,22 @@ def test_bench_reference_needs_a_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_reference.main(argv)
     assert exit_info.value.code == 2 and "command" in capsys.readouterr().err
+
+
+def test_fastest_in_turn_takes_turns_each_round_and_keeps_each_calls_fastest_run():
+    import time
+
+    from eval.machine import fastest_in_turn
+
+    order = []
+
+    def call(name, slow_round):
+        def run(round_):
+            order.append((round_, name))
+            if round_ == slow_round:
+                time.sleep(0.05)
+        return run
+
+    best = fastest_in_turn([call("a", 0), call("b", 1)], 3)
+    assert order == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"), (2, "b")]
+    assert len(best) == 2 and all(0 <= seconds < 0.04 for seconds in best)  # the slept rounds do not count

@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from eval import bench_sample
 from eval.bench_sample import add_peak_share, axis_options, family_options, format_table, run_isolated
+from eval.machine import fastest_in_turn
 from flowar.outputs import PRECISIONS, autocast_context
 from heads.solvers import ADAPTIVE_SOLVERS, step_schedule
 from tools import parity_flowar, parity_xar
@@ -278,12 +279,7 @@ def relative_gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def interleaved(rows: list[dict], batch: int, repeats: int) -> list[dict]:
     """Time the rows' ``run`` calls in turn, ``repeats`` rounds, the fastest call of each counting; the table's
     rows, their "flops" and "run" replaced by the speed, the work and the speed against the first row."""
-    best = [float("inf")] * len(rows)
-    for _ in range(repeats):
-        for i, row in enumerate(rows):
-            start = time.perf_counter()
-            row["run"]()
-            best[i] = min(best[i], time.perf_counter() - start)
+    best = fastest_in_turn([lambda _, run=row["run"]: run() for row in rows], repeats)
     table = []
     for row, seconds in zip(rows, best):
         row = dict(row)
@@ -408,13 +404,9 @@ def time_against_reference(reference_path: str, timm_path: str | None, preset: s
         step = our_step(model, batch, precision, device)
         flops, note = count_and_compile(step, model, compiled)
         entries.append(("ours", precision, note, checkpointing, step, flops))
-    best = [float("inf")] * len(entries)
-    for round_ in range(warmup + steps):
-        for i, entry in enumerate(entries):
-            start = time.perf_counter()
-            entry[4]()
-            if round_ >= warmup:
-                best[i] = min(best[i], time.perf_counter() - start)
+    calls = [lambda _, run=entry[4]: run() for entry in entries]
+    fastest_in_turn(calls, warmup)  # warm-up rounds, the entries in turn as in the timed ones
+    best = fastest_in_turn(calls, steps)
     return [row_of(name, precision, note, checkpointing, batch, seconds, flops, None)
             for (name, precision, note, checkpointing, _, flops), seconds in zip(entries, best)]
 

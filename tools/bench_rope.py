@@ -9,12 +9,12 @@ Prints each one's fastest of 30 interleaved rounds in microseconds, and their ra
 (docs/benchmarks.md#rope-as-a-complex-product).
 """
 
-import time
 from unittest import mock
 
 import torch
 
 import heads.networks
+from eval.machine import fastest_in_turn
 from flowar import FlowAR, get_preset
 from heads.layers import Rope2D, apply_rope, rope_real_form
 
@@ -23,13 +23,8 @@ DEMO_HEAD = dict(width=128, num_heads=4, head_width=128, head_depth=4)
 
 def fastest_us(first, second, *, rounds: int = 30) -> tuple[float, float]:
     """The fastest call of each of two functions, called in turn, in microseconds."""
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, fn in enumerate((first, second)):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], 1e6 * (time.perf_counter() - start))
-    return best[0], best[1]
+    seconds = fastest_in_turn([lambda _: first(), lambda _: second()], rounds)
+    return 1e6 * seconds[0], 1e6 * seconds[1]
 
 
 def main() -> None:

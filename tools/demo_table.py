@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -86,6 +85,7 @@ def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 1
     """ms/image of each row's first release at the row's sampling (a rescored row's overrides and sampling
     precision applied), the rows interleaved in this process."""
     from flowar import load_pipeline
+    from eval.machine import fastest_in_turn
     from flowar.outputs import PRECISIONS
     from train.demo import sampling_options
 
@@ -94,13 +94,10 @@ def time_sampling(groups: dict[str, list[dict]], *, repeats: int, batch: int = 1
                        "autocast_dtype": PRECISIONS[runs[0].get("sampling_precision", "fp32")]}
                for model, runs in groups.items()}
     labels = [i % 10 for i in range(batch)]
-    best = {model: math.inf for model in pipes}
-    for round_ in range(repeats):
-        for model, pipe in pipes.items():
-            start = time.perf_counter()
-            pipe(labels, output_type="np", generator=torch.Generator().manual_seed(round_), **options[model])
-            best[model] = min(best[model], 1000 * (time.perf_counter() - start) / batch)
-    return best
+    calls = [lambda round_, pipe=pipe, model=model: pipe(labels, output_type="np", generator=torch.Generator().manual_seed(
+        round_), **options[model]) for model, pipe in pipes.items()]
+    seconds = fastest_in_turn(calls, repeats)
+    return {model: 1000 * s / batch for model, s in zip(pipes, seconds)}
 
 
 def format_table(groups: dict[str, list[dict]], timing: dict[str, float] | None = None) -> str:
